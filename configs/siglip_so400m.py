@@ -1,0 +1,27 @@
+"""SigLIP So400m/14 at 224 px, sharded with FSDP: parameters and optimizer state split over `fsdp`.
+
+  python -m mmjax.train --config configs/siglip_so400m.py --workdir gs://bucket/so400m \
+      --config.data.captions=/data/webli/captions.jsonl --config.data.tokenizer=/data/spm32k.model
+
+Hardware: a TPU v5p-256 / v4-512 slice or 16+ nodes of 8x H100 (fsdp over all devices,
+scanned and rematerialised layers, bf16 compute). Not run here; a test builds and lowers it.
+"""
+from mmjax.config import base_config, tower
+
+
+def get_config(arg=None):
+  c = base_config()
+  c.model.image = tower(variant="So400m/14", posemb="learn", pool="map", scan=True, remat_policy="full")
+  c.model.text = tower(variant="So400m", vocab_size=32000, max_len=64, pool="last", causal=False, eos_id=2,
+                       scan=True, remat_policy="full")
+  c.model.embed_dim = 1152
+  c.model.temperature_init, c.model.bias_init = 10.0, -10.0
+  c.model.dtype = "bfloat16"
+  c.loss = dict(kind="sigmoid", impl="ring")
+  c.data.update(source="folder", image_size=224, batch_size=32768, worker_count=16)
+  c.mesh = (("data", 1), ("fsdp", -1), ("tensor", 1))
+  c.optim.update(lr=1e-3, warmup_steps=5000, weight_decay=1e-4, b2=0.95)
+  c.total_steps = 120_000
+  c.checkpoint_every, c.eval_every, c.log_every = 2000, 0, 100
+  c.evals = dict(batch_size=1024)
+  return c

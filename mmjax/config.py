@@ -1,0 +1,43 @@
+"""The full set of config keys with defaults; recipes in `configs/` start here and override.
+
+Every key a recipe may set exists here, so a locked config rejects a misspelt
+`--config.key=value` by name.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+
+def tower(**overrides) -> dict:
+  """An image or text tower: `variant` ("B/16") or explicit width/depth/mlp_dim/num_heads."""
+  base = dict(variant=None, width=None, depth=None, mlp_dim=None, num_heads=None, scan=False,
+              remat_policy="none", act="gelu_tanh", dropout=0.0)
+  base.update(overrides)
+  return base
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.task = "contrastive"
+  c.seed = 0
+  c.model = dict(
+      image=tower(patch_size=None, posemb="learn", pool="map"),
+      text=tower(vocab_size=None, max_len=32, pool="last", causal=False, eos_id=2),
+      embed_dim=128, temperature_init=10.0, bias_init=-10.0, dtype="float32", attention_impl="xla")
+  c.loss = dict(kind="sigmoid", impl="ring")
+  # twins (shapes only): every image comes with a negative differing only in its shapes.
+  c.data = dict(source="shapes", tokenizer="shapes", image_size=64, batch_size=128, held_out_fraction=0.2,
+                twins=True, captions="", image_root="", on_bad_image="skip", worker_count=0, seed=0)
+  c.mesh = (("data", -1), ("fsdp", 1), ("tensor", 1))
+  c.axis_rules = (("batch", ("data", "fsdp")), ("act_batch", ("data", "fsdp")), ("embed", "fsdp"),
+                  ("mlp", "tensor"), ("heads", "tensor"), ("vocab", "tensor"))
+  c.optim = dict(lr=1e-3, warmup_steps=100, end_lr_fraction=0.0, weight_decay=1e-4, b1=0.9, b2=0.999,
+                 clip_norm=1.0, frozen=(), lr_mults=())
+  c.total_steps = 1000
+  c.log_every = 50
+  c.checkpoint_every = 200
+  c.keep_checkpoints = 3
+  c.eval_every = 500
+  c.evals = dict(batch_size=256, zeroshot=dict(templates="shapes", per_class=10), retrieval=dict(n=512),
+                 binding=dict(n=256))
+  return c

@@ -1,0 +1,162 @@
+"""Image files on disk: captioned images (JSONL / CSV) and class folders.
+
+Both sources return None for an unreadable image when `on_bad_image="skip"`;
+`make_loader` drops those records and reports how many it dropped with every
+batch, so nothing is skipped without a count.
+"""
+import csv
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from mmjax.errors import BadImageError, ConfigError, DataError
+
+MIN_SIDE = 8  # Smaller images are placeholders (web crawls serve 1x1 pixels).
+MAX_PIXELS = 1 << 26  # Decompression-bomb guard, checked before decoding.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+BAD_IMAGE_POLICIES = ("skip", "raise")
+# Accepted (image, caption) column pairs of a CSV caption file.
+CSV_COLUMNS = (("image", "caption"), ("filepath", "title"))
+
+
+def load_image(path: str | os.PathLike) -> np.ndarray:
+  """Decodes an image file to uint8 RGB [H, W, 3]; transparency is composited on white.
+
+  Raises BadImageError naming the file for missing, corrupt, truncated, tiny or
+  oversized images.
+  """
+  try:
+    with Image.open(path) as image:
+      w, h = image.size
+      if w * h > MAX_PIXELS:
+        raise BadImageError(f"{path}: {w}x{h} image exceeds MAX_PIXELS={MAX_PIXELS}")
+      if min(w, h) < MIN_SIDE:
+        raise BadImageError(f"{path}: {w}x{h} image is smaller than MIN_SIDE={MIN_SIDE}")
+      if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        image = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image)
+      return np.asarray(image.convert("RGB"))
+  except BadImageError:
+    raise
+  except FileNotFoundError as e:
+    raise BadImageError(f"{path}: file not found") from e
+  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    raise BadImageError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from e
+
+
+def _check_policy(on_bad_image: str) -> None:
+  if on_bad_image not in BAD_IMAGE_POLICIES:
+    raise ConfigError(
+        f"data.on_bad_image={on_bad_image!r}: expected one of {BAD_IMAGE_POLICIES}")
+
+
+class _ImageFiles:
+  """Shared loading of the image at `self._paths[index]` under a bad-image policy."""
+  _paths: list[Path]
+  on_bad_image: str
+
+  def __len__(self) -> int:
+    return len(self._paths)
+
+  def _image(self, index: int) -> np.ndarray | None:
+    try:
+      return load_image(self._paths[index])
+    except BadImageError:
+      if self.on_bad_image == "raise":
+        raise
+      return None
+
+
+class CaptionFolderSource(_ImageFiles):
+  """Grain random-access source of dict(image=uint8 [H, W, 3], caption=str) or None.
+
+  `captions_path` is JSONL ({"image": path, "caption": text} per line) or CSV with
+  columns image,caption or filepath,title. Relative image paths are resolved
+  against `image_root` (default: the caption file's directory).
+  """
+
+  def __init__(self, captions_path: str | os.PathLike, image_root: str | os.PathLike | None = None,
+               on_bad_image: str = "skip"):
+    _check_policy(on_bad_image)
+    self.captions_path, self.on_bad_image = Path(captions_path), on_bad_image
+    root = Path(image_root) if image_root is not None else self.captions_path.parent
+    reader = _read_csv if self.captions_path.suffix.lower() in (".csv", ".tsv") else _read_jsonl
+    try:
+      pairs = list(reader(self.captions_path))
+    except (OSError, UnicodeDecodeError) as e:
+      raise DataError(f"{self.captions_path}: cannot read caption file ({e})") from e
+    if not pairs:
+      raise DataError(f"{self.captions_path}: caption file has no records")
+    self._paths = [root / image for image, _ in pairs]
+    self.captions = [caption for _, caption in pairs]
+
+  def __getitem__(self, index: int) -> dict | None:
+    image = self._image(index)
+    return None if image is None else dict(image=image, caption=self.captions[index])
+
+  def __repr__(self) -> str:  # Grain validates restored iterator state against it.
+    return f"CaptionFolderSource({str(self.captions_path)!r}, records={len(self)})"
+
+
+def _read_jsonl(path: Path):
+  with path.open(encoding="utf-8") as f:
+    for lineno, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from e
+      if not (isinstance(record, dict) and isinstance(record.get("image"), str)
+              and isinstance(record.get("caption"), str)):
+        raise DataError(
+            f'{path}:{lineno}: expected an object with string "image" and "caption", got {line[:80]!r}')
+      yield record["image"], record["caption"]
+
+
+def _read_csv(path: Path):
+  with path.open(encoding="utf-8", newline="") as f:
+    reader = csv.DictReader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+    header = reader.fieldnames or []
+    columns = next((c for c in CSV_COLUMNS if set(c) <= set(header)), None)
+    if columns is None:
+      raise DataError(f"{path}:1: header {header} lacks the columns of any of {CSV_COLUMNS}")
+    for row in reader:
+      image, caption = (row[c] for c in columns)
+      if not image or caption is None or None in row:
+        raise DataError(f"{path}:{reader.line_num}: expected {len(header)} fields with a "
+                        f"non-empty {columns[0]!r}, got {row}")
+      yield image, caption
+
+
+class ImageFolderSource(_ImageFiles):
+  """Grain random-access source of dict(image, label=int) or None, from root/<class>/<file>.
+
+  Classes are the sorted subdirectory names (`class_names`); files with an
+  extension outside IMAGE_EXTENSIONS are ignored.
+  """
+
+  def __init__(self, root: str | os.PathLike, on_bad_image: str = "skip"):
+    _check_policy(on_bad_image)
+    self.root, self.on_bad_image = Path(root), on_bad_image
+    if not self.root.is_dir():
+      raise DataError(f"{self.root}: image folder does not exist")
+    self.class_names = sorted(d.name for d in self.root.iterdir() if d.is_dir())
+    self._paths, self._labels = [], []
+    for label, name in enumerate(self.class_names):
+      for file in sorted((self.root / name).rglob("*")):
+        if file.suffix.lower() in IMAGE_EXTENSIONS:
+          self._paths.append(file)
+          self._labels.append(label)
+    if not self._paths:
+      raise DataError(f"{self.root}: expected class subdirectories holding {IMAGE_EXTENSIONS} files")
+
+  def __getitem__(self, index: int) -> dict | None:
+    image = self._image(index)
+    return None if image is None else dict(image=image, label=self._labels[index])
+
+  def __repr__(self) -> str:
+    return f"ImageFolderSource({str(self.root)!r}, records={len(self)})"

@@ -1,0 +1,319 @@
+"""Procedural image-caption data: coloured shapes on a dark, noisy background.
+
+Every sample is a pure function of (seed, stream, index): its randomness comes
+from `random.Random(f"{seed}:{stream}:{index}")` (stable across Python and numpy
+versions, and far cheaper per call than numpy generators on tiny draws), and the
+pixel noise is a random crop of a fixed noise texture. A fraction of colour x
+shape combinations is held out of training; the eval sets below probe zero-shot
+transfer to them, retrieval and attribute binding.
+"""
+import functools
+import random
+from typing import NamedTuple
+
+import numpy as np
+
+from mmjax.errors import ConfigError
+
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 200, 60),
+    "blue": (50, 90, 235),
+    "yellow": (235, 220, 50),
+    "purple": (150, 60, 200),
+    "orange": (245, 140, 30),
+    "white": (240, 240, 240),
+    "cyan": (40, 220, 220),
+}
+COLOUR_NAMES = tuple(COLOURS)
+SHAPES = ("circle", "square", "triangle", "star", "cross", "diamond")
+SIZES = ("small", "large")
+# Object half-extent as a fraction of the image side, indexed like SIZES.
+SIZE_FRACTIONS = (0.13, 0.18)
+GRID = 3  # Objects sit in distinct cells of a GRID x GRID layout.
+POSITIONS = ("top left", "top", "top right", "left", "center", "right",
+             "bottom left", "bottom", "bottom right")
+MAX_OBJECTS = 3
+BACKGROUND_MAX = 40  # Background channels are drawn from [0, BACKGROUND_MAX].
+NOISE = 15  # Pixel noise is uniform in [0, NOISE].
+COLOUR_JITTER = 12
+
+CLASS_TEMPLATES = (
+    "a {}",
+    "a photo of a {}",
+    "a large {}",
+    "a small {}",
+    "a {} at the center",
+    "a photo of a small {}",
+    "a photo of a large {}",
+)
+
+# Independent random streams per purpose, so eval sets never overlap training.
+_TRAIN, _ZEROSHOT, _RETRIEVAL, _BINDING, _HELD_OUT = range(5)
+
+
+class _Object(NamedTuple):
+  colour: int
+  shape: int
+  large: bool
+  cell: int  # Index into POSITIONS, row-major over the grid.
+
+
+def class_name(colour: int, shape: int) -> str:
+  return f"{COLOUR_NAMES[colour]} {SHAPES[shape]}"
+
+
+def held_out_combos(seed: int, fraction: float) -> frozenset[tuple[str, str]]:
+  """A deterministic set of (colour, shape) names kept out of training.
+
+  At most ceil(k / #colours) combos per colour and ceil(k / #shapes) per shape
+  are held out, so every colour and every shape still appears in training.
+  """
+  n_c, n_s = len(COLOUR_NAMES), len(SHAPES)
+  k = int(round(fraction * n_c * n_s))
+  cap_c, cap_s = -(-k // n_c), -(-k // n_s)
+  if not 0 <= fraction < 1 or cap_c >= n_s or cap_s >= n_c:
+    raise ConfigError(
+        f"data.held_out_fraction={fraction}: expected a value in [0, 1) that "
+        "leaves every colour and shape in some training combination.")
+  combos = [(c, s) for c in range(n_c) for s in range(n_s)]
+  _rng(seed, _HELD_OUT, 0).shuffle(combos)
+  per_colour, per_shape, chosen = [0] * n_c, [0] * n_s, []
+  for c, s in combos:
+    if len(chosen) < k and per_colour[c] < cap_c and per_shape[s] < cap_s:
+      per_colour[c] += 1
+      per_shape[s] += 1
+      chosen.append((COLOUR_NAMES[c], SHAPES[s]))
+  return frozenset(chosen)
+
+
+def _seen_combos(seed: int, fraction: float) -> list[tuple[int, int]]:
+  """(colour, shape) indices of the combinations used for training."""
+  held = held_out_combos(seed, fraction)
+  return [(c, s) for c in range(len(COLOUR_NAMES)) for s in range(len(SHAPES))
+          if (COLOUR_NAMES[c], SHAPES[s]) not in held]
+
+
+def _rng(seed: int, stream: int, index: int) -> random.Random:
+  return random.Random(f"{seed}:{stream}:{index}")
+
+
+@functools.cache
+def _mask(shape: int, radius: int) -> np.ndarray:
+  """[2r+1, 2r+1, 1] uint8 hard mask of a shape, sampled at pixel centres."""
+  t = np.arange(-radius, radius + 1) / (radius + 0.5)
+  v, u = t[:, None], t[None, :]
+  name = SHAPES[shape]
+  if name == "circle":
+    mask = u * u + v * v <= 1.0
+  elif name == "square":
+    mask = (np.abs(u) <= 0.85) & (np.abs(v) <= 0.85)
+  elif name == "triangle":  # Apex up, base at v = 0.8.
+    mask = (v <= 0.8) & (np.abs(u) <= (v + 1.0) / 1.8)
+  elif name == "star":  # Five points; radius oscillates between 0.4 and 1.
+    spikes = ((1 + np.cos(5 * np.arctan2(u, -v))) / 2) ** 2
+    mask = np.sqrt(u * u + v * v) <= 0.4 + 0.6 * spikes
+  elif name == "cross":
+    au, av = np.abs(u), np.abs(v)
+    mask = ((au <= 0.3) & (av <= 1.0)) | ((av <= 0.3) & (au <= 1.0))
+  else:  # diamond
+    mask = np.abs(u) + np.abs(v) <= 1.0
+  return mask[..., None].astype(np.uint8)
+
+
+@functools.cache
+def _noise_texture(size: int) -> np.ndarray:
+  return np.random.default_rng(0).integers(0, NOISE + 1, (3 * size, 3 * size, 3), np.uint8)
+
+
+def _render(rng: random.Random, objects: list[_Object], size: int) -> np.ndarray:
+  texture = _noise_texture(size)
+  y, x = rng.randrange(2 * size), rng.randrange(2 * size)
+  background = [rng.randint(0, BACKGROUND_MAX) for _ in range(3)]
+  # Adding a length-3 vector per pixel is slow in numpy; add whole rows instead.
+  image = (texture[y:y + size, x:x + size].reshape(size, 3 * size)
+           + np.array(background * size, np.uint8)).reshape(size, size, 3)
+  for obj in objects:
+    radius = int(size * SIZE_FRACTIONS[obj.large])
+    side = 2 * radius + 1
+    row, col = divmod(obj.cell, GRID)
+    y0, x0 = (_offset(rng, i, size, side) for i in (row, col))
+    colour = [min(max(ch + rng.randint(-COLOUR_JITTER, COLOUR_JITTER), 0), 255 - NOISE)
+              for ch in COLOURS[COLOUR_NAMES[obj.colour]]]
+    # uint8 arithmetic wraps, so this turns background + noise into colour + noise.
+    delta = np.array([(c - b) % 256 for c, b in zip(colour, background)], np.uint8)
+    image[y0:y0 + side, x0:x0 + side] += _mask(obj.shape, radius) * delta
+  return image
+
+
+def _offset(rng: random.Random, cell: int, size: int, side: int) -> int:
+  """Top/left pixel of an object of `side` pixels placed inside grid cell `cell`."""
+  lo, hi = -(-cell * size // GRID), (cell + 1) * size // GRID
+  return min(rng.randint(lo, max(lo, hi - side)), size - side)
+
+
+def _relation(a: _Object, b: _Object, rng: random.Random) -> str:
+  """A true spatial relation of `a` to `b` (they occupy different cells)."""
+  (ra, ca), (rb, cb) = divmod(a.cell, GRID), divmod(b.cell, GRID)
+  options = []
+  if ca != cb:
+    options.append("to the left of" if ca < cb else "to the right of")
+  if ra != rb:
+    options.append("above" if ra < rb else "below")
+  return rng.choice(options)
+
+
+def _phrase(obj: _Object, rng: random.Random, position_p: float) -> str:
+  words = [class_name(obj.colour, obj.shape)]
+  if rng.random() < 0.6:
+    words.insert(0, SIZES[obj.large])
+  if rng.random() < position_p:
+    words.append(f"at the {POSITIONS[obj.cell]}")
+  return " ".join(words)
+
+
+def _caption(rng: random.Random, objects: list[_Object]) -> str:
+  """One of several templates; the article is always "a" ("a orange ...") so that
+  captions match CLASS_TEMPLATES filled with plain class names."""
+  objs = rng.sample(objects, len(objects))
+  template = rng.randrange(4)
+  if len(objs) == 1:
+    prefix = ("a", "a photo of a", "an image of a", "a")[template]
+    return f"{prefix} {_phrase(objs[0], rng, 0.6)}"
+  if template == 2:  # Relation between the first two objects, no positions.
+    a, b = (_phrase(o, rng, 0.0) for o in objs[:2])
+    text = f"a {a} {_relation(objs[0], objs[1], rng)} a {b}"
+    return text + (f", and a {_phrase(objs[2], rng, 0.5)}" if len(objs) == 3 else "")
+  phrases = [f"a {_phrase(o, rng, 0.4)}" for o in objs]
+  listing = ", ".join(phrases[:-1]) + f" and {phrases[-1]}"
+  count = ("two", "three")[len(objs) - 2]
+  return {0: "", 1: "a photo of ", 3: f"{count} objects: "}[template] + listing
+
+
+def _scene(rng: random.Random, combos: list[tuple[int, int]], n: int) -> list[_Object]:
+  """`n` objects with distinct combos from `combos`, in distinct grid cells."""
+  picks = rng.sample(combos, n)
+  cells = rng.sample(range(GRID * GRID), n)
+  return [_Object(c, s, rng.random() < 0.5, p) for (c, s), p in zip(picks, cells)]
+
+
+def _sample(rng: random.Random, combos: list[tuple[int, int]], size: int) -> dict:
+  objects = _scene(rng, combos, rng.randint(1, MAX_OBJECTS))
+  return dict(image=_render(rng, objects, size), caption=_caption(rng, objects))
+
+
+def _other_shapes(objects: list[_Object], rng: random.Random, seen: set) -> list[_Object]:
+  """The same scene with shapes changed: permuted among the objects when that keeps every
+  combination seen and distinct (which swaps colour-shape bindings), else one object
+  gets another seen shape of its colour."""
+  shapes = [o.shape for o in objects]
+  for _ in range(8 if len(set(shapes)) > 1 else 0):
+    perm = rng.sample(shapes, len(shapes))
+    combos = [(o.colour, s) for o, s in zip(objects, perm)]
+    if perm != shapes and all(c in seen for c in combos) and len(set(combos)) == len(combos):
+      return [o._replace(shape=s) for o, s in zip(objects, perm)]
+  i = rng.randrange(len(objects))
+  taken = {(o.colour, o.shape) for o in objects}
+  choices = [s for s in range(len(SHAPES)) if (objects[i].colour, s) in seen - taken]
+  out = list(objects)
+  out[i] = objects[i]._replace(shape=rng.choice(choices))
+  return out
+
+
+def _twins(rng: random.Random, combos: list[tuple[int, int]], size: int) -> list[dict]:
+  """Two samples identical in layout, colours, sizes, noise and caption wording, differing
+  only in shapes: a negative that colour and position alone cannot tell apart."""
+  objects = _scene(rng, combos, rng.randint(1, MAX_OBJECTS))
+  twin = _other_shapes(objects, rng, set(combos))
+  state = rng.getstate()
+  out = []
+  for objs in (objects, twin):
+    rng.setstate(state)
+    out.append(dict(image=_render(rng, objs, size), caption=_caption(rng, objs)))
+  return out
+
+
+class ShapesSource:
+  """Grain random-access source of dict(image=uint8 [S, S, 3], caption=str).
+
+  With `twins=True` each record is a list of two such samples that differ only in their
+  shapes (`group_size = 2`); the pipeline keeps them in one batch, so the contrastive
+  loss cannot be solved from colours and positions alone.
+  """
+
+  def __init__(self, seed: int = 0, image_size: int = 64, held_out_fraction: float = 0.2,
+               num_records: int = 1_000_000, twins: bool = False):
+    self.seed, self.image_size, self.num_records = seed, image_size, num_records
+    self.held_out_fraction, self.twins = held_out_fraction, twins
+    self.group_size = 2 if twins else 1
+    self._combos = _seen_combos(seed, held_out_fraction)
+
+  def __len__(self) -> int:
+    return self.num_records // self.group_size
+
+  def __getitem__(self, index: int) -> dict | list[dict]:
+    rng = _rng(self.seed, _TRAIN, index)
+    if self.twins:
+      return _twins(rng, self._combos, self.image_size)
+    return _sample(rng, self._combos, self.image_size)
+
+  def __repr__(self) -> str:  # Grain validates restored iterator state against it.
+    return (f"ShapesSource(seed={self.seed}, image_size={self.image_size}, "
+            f"held_out_fraction={self.held_out_fraction}, num_records={self.num_records}, "
+            f"twins={self.twins})")
+
+
+def duplicate_rate(captions: list[str]) -> float:
+  """Fraction of captions that repeat an earlier caption in the list."""
+  return 1.0 - len(set(captions)) / len(captions)
+
+
+def zeroshot_set(seed: int = 0, image_size: int = 64, per_class: int = 10,
+                 held_out_fraction: float = 0.2) -> dict:
+  """Single-object images, one class per colour x shape combination.
+
+  Returns dict(images uint8 [N, S, S, 3], labels int32 [N], class_names [C],
+  seen bool [C]); class c = colour * len(SHAPES) + shape.
+  """
+  held = held_out_combos(seed, held_out_fraction)
+  classes = [(c, s) for c in range(len(COLOUR_NAMES)) for s in range(len(SHAPES))]
+  images, labels = [], []
+  for label, combo in enumerate(classes):
+    for i in range(per_class):
+      rng = _rng(seed, _ZEROSHOT, label * per_class + i)
+      images.append(_render(rng, _scene(rng, [combo], 1), image_size))
+      labels.append(label)
+  return dict(images=np.stack(images), labels=np.array(labels, np.int32),
+              class_names=[class_name(c, s) for c, s in classes],
+              seen=np.array([(COLOUR_NAMES[c], SHAPES[s]) not in held for c, s in classes]))
+
+
+def retrieval_set(seed: int = 0, image_size: int = 64, n: int = 512,
+                  held_out_fraction: float = 0.2) -> dict:
+  """Training-distribution pairs from a separate random stream: dict(images, captions)."""
+  combos = _seen_combos(seed, held_out_fraction)
+  samples = [_sample(_rng(seed, _RETRIEVAL, i), combos, image_size) for i in range(n)]
+  return dict(images=np.stack([s["image"] for s in samples]),
+              captions=[s["caption"] for s in samples])
+
+
+def binding_set(seed: int = 0, image_size: int = 64, n: int = 256,
+                held_out_fraction: float = 0.2) -> dict:
+  """Two objects with different colours and shapes (both seen combos).
+
+  Returns dict(images, true_captions, swapped_captions) where the swapped caption
+  exchanges the two colours: "a red circle and a blue square" vs
+  "a blue circle and a red square".
+  """
+  combos = _seen_combos(seed, held_out_fraction)
+  images, true, swapped = [], [], []
+  for i in range(n):
+    rng = _rng(seed, _BINDING, i)
+    while True:
+      a, b = _scene(rng, combos, 2)
+      if a.colour != b.colour and a.shape != b.shape:
+        break
+    images.append(_render(rng, [a, b], image_size))
+    true.append(f"a {class_name(a.colour, a.shape)} and a {class_name(b.colour, b.shape)}")
+    swapped.append(f"a {class_name(b.colour, a.shape)} and a {class_name(a.colour, b.shape)}")
+  return dict(images=np.stack(images), true_captions=true, swapped_captions=swapped)

@@ -1,0 +1,154 @@
+"""SentencePiece tokenizer with fixed-length, EOS-terminated, zero-padded encoding.
+
+Train the shipped shapes model (deterministic):
+  python -m mmjax.data.tokenizer train --source shapes --out mmjax/assets/shapes.model
+"""
+import argparse
+import io
+import os
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import sentencepiece as spm
+
+from mmjax.data import shapes
+from mmjax.data.folder import CaptionFolderSource
+from mmjax.errors import ConfigError, DataError
+
+PAD_ID, UNK_ID, EOS_ID = 0, 1, 2
+SHAPES_MODEL = Path(__file__).resolve().parent.parent / "assets" / "shapes.model"
+SHAPES_VOCAB_SIZE = 160
+
+
+class Tokenizer:
+  """Wraps a SentencePiece model whose pad id is 0 and which has an EOS piece."""
+
+  def __init__(self, model_proto: bytes, model_path: str | os.PathLike | None = None):
+    self.model_proto = model_proto  # Serialised model, for exports.
+    self.model_path = model_path
+    self._sp = spm.SentencePieceProcessor()
+    name = model_path or "serialised model"
+    try:
+      self._sp.LoadFromSerializedProto(model_proto)
+    except (RuntimeError, OSError) as e:
+      raise DataError(f"{name}: not a SentencePiece model ({e})") from e
+    if self._sp.pad_id() != PAD_ID or self._sp.eos_id() < 0:
+      raise DataError(f"{name}: expected pad_id={PAD_ID} and an EOS piece, got "
+                      f"pad_id={self._sp.pad_id()} eos_id={self._sp.eos_id()}")
+
+  @classmethod
+  def load(cls, path: str | os.PathLike) -> "Tokenizer":
+    try:
+      proto = Path(path).read_bytes()
+    except OSError as e:
+      raise DataError(f"{path}: cannot read tokenizer model ({e})") from e
+    return cls(proto, model_path=path)
+
+  @property
+  def vocab_size(self) -> int:
+    return self._sp.vocab_size()
+
+  @property
+  def pad_id(self) -> int:
+    return PAD_ID
+
+  @property
+  def eos_id(self) -> int:
+    return self._sp.eos_id()
+
+  def encode(self, texts: str | Sequence[str], max_len: int) -> np.ndarray:
+    """int32 [N, max_len] for a list, [max_len] for one string.
+
+    Each row is the pieces, truncated to max_len - 1, then EOS, then zero padding.
+    """
+    if max_len < 1:
+      raise ConfigError(f"max_len={max_len}: expected at least 1 (room for EOS)")
+    single = isinstance(texts, str)
+    texts = [texts] if single else texts
+    out = np.zeros((len(texts), max_len), np.int32)
+    eos = [self.eos_id]
+    for row, text in zip(out, texts):
+      # One string at a time: list input goes through a thread pool costing ~100us.
+      pieces = self._sp.EncodeAsIds(text)[:max_len - 1] + eos
+      row[:len(pieces)] = pieces
+    return out[0] if single else out
+
+  def decode(self, ids: np.ndarray | Sequence) -> str | list[str]:
+    """Inverse of `encode`: reads each row up to its first EOS, ignoring padding."""
+    ids = np.asarray(ids)
+    rows = []
+    for row in np.atleast_2d(ids).tolist():
+      row = row[:row.index(self.eos_id)] if self.eos_id in row else row
+      rows.append(self._sp.DecodeIds([i for i in row if i != PAD_ID]))
+    return rows[0] if ids.ndim == 1 else rows
+
+  def __getstate__(self) -> dict:  # Picklable for grain worker processes.
+    return dict(model_proto=self.model_proto, model_path=self.model_path)
+
+  def __setstate__(self, state: dict) -> None:
+    self.__init__(**state)
+
+
+def train_tokenizer(texts: Iterable[str], out_path: str | os.PathLike, vocab_size: int,
+                    model_type: str = "bpe") -> Tokenizer:
+  """Trains a SentencePiece model on `texts`, writes it to `out_path` and loads it.
+
+  Single-threaded with input shuffling off, so the same texts give the same bytes.
+  """
+  model = io.BytesIO()
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size,
+      model_type=model_type, pad_id=PAD_ID, unk_id=UNK_ID, bos_id=-1, eos_id=EOS_ID,
+      hard_vocab_limit=False, character_coverage=1.0, num_threads=1,
+      shuffle_input_sentence=False, minloglevel=2)
+  Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+  Path(out_path).write_bytes(model.getvalue())
+  return Tokenizer.load(out_path)
+
+
+def shapes_corpus(num_texts: int, seed: int = 0) -> list[str]:
+  """Training captions over all combinations plus every zero-shot prompt."""
+  source = shapes.ShapesSource(seed=seed, held_out_fraction=0.0)
+  names = [shapes.class_name(c, s) for c in range(len(shapes.COLOUR_NAMES))
+           for s in range(len(shapes.SHAPES))]
+  prompts = [t.format(n) for t in shapes.CLASS_TEMPLATES for n in names]
+  return [source[i]["caption"] for i in range(num_texts)] + prompts
+
+
+def default_shapes_tokenizer() -> Tokenizer:
+  """The tokenizer shipped for the shapes data (mmjax/assets/shapes.model)."""
+  if not SHAPES_MODEL.exists():
+    raise DataError(f"{SHAPES_MODEL}: missing; create it with "
+                    "`python -m mmjax.data.tokenizer train --source shapes`")
+  return Tokenizer.load(SHAPES_MODEL)
+
+
+def load_tokenizer(spec: str) -> Tokenizer:
+  """`data.tokenizer`: "shapes" for the shipped shapes model, otherwise a `.model` path."""
+  return default_shapes_tokenizer() if spec == "shapes" else Tokenizer.load(spec)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(prog="python -m mmjax.data.tokenizer")
+  commands = parser.add_subparsers(dest="command", required=True)
+  train = commands.add_parser("train", help="train a SentencePiece model")
+  train.add_argument("--source", choices=("shapes", "captions"), default="shapes")
+  train.add_argument("--captions", help="JSONL/CSV caption file (for --source captions)")
+  train.add_argument("--out", default=str(SHAPES_MODEL))
+  train.add_argument("--vocab_size", type=int, default=SHAPES_VOCAB_SIZE)
+  train.add_argument("--num_texts", type=int, default=20_000,
+                     help="captions drawn from the shapes source")
+  args = parser.parse_args(argv)
+  if args.source == "shapes":
+    texts = shapes_corpus(args.num_texts)
+  elif args.captions:
+    texts = CaptionFolderSource(args.captions).captions
+  else:
+    parser.error("--source captions needs --captions PATH")
+  tokenizer = train_tokenizer(texts, args.out, args.vocab_size)
+  print(f"wrote {args.out}: vocab_size={tokenizer.vocab_size} from {len(texts)} texts")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,1 @@
+"""Evaluators for two-tower models; each works on embedding functions and returns named scalars."""

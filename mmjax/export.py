@@ -1,0 +1,65 @@
+"""Params-only exports: `python -m mmjax.export --workdir DIR --out DIR2`, and `mmjax.load(DIR2)`.
+
+An export directory holds `params/` (an Orbax checkpoint of the parameters only),
+`model_config.json` (the resolved `config.model`, vocabulary size included) and
+`tokenizer.model` (the SentencePiece model), so a notebook needs nothing else.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import orbax.checkpoint as ocp
+from absl import app, flags
+from etils import epath
+
+from mmjax import models
+from mmjax.data.tokenizer import Tokenizer
+from mmjax.errors import CheckpointError
+
+MODEL_CONFIG = "model_config.json"
+TOKENIZER = "tokenizer.model"
+PARAMS = "params"
+
+
+def export(workdir: str, out: str, step: int | None = None) -> str:
+  from mmjax.train import load_run_config, restore_params
+  task, _, params, step = restore_params(load_run_config(workdir), workdir, step)
+  out = epath.Path(out).absolute()
+  if (out / PARAMS).exists():
+    raise CheckpointError(f"{out / PARAMS} exists already; choose an empty --out")
+  out.mkdir(parents=True, exist_ok=True)
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(out / PARAMS, jax.device_get(params))
+  if jax.process_index() == 0:
+    (out / MODEL_CONFIG).write_text(json.dumps(task.model_config, indent=2))
+    (out / TOKENIZER).write_bytes(task.tokenizer.model_proto)
+    (out / "export.json").write_text(json.dumps({"workdir": os.path.abspath(workdir), "step": step}))
+  return str(out)
+
+
+def load(path: str):
+  """`(model, params, tokenizer)` from an export directory."""
+  path = epath.Path(path).absolute()
+  missing = [n for n in (PARAMS, MODEL_CONFIG, TOKENIZER) if not (path / n).exists()]
+  if missing:
+    raise CheckpointError(f"{path} is not an mmjax export: missing {missing}")
+  model_config = json.loads((path / MODEL_CONFIG).read_text())
+  with ocp.StandardCheckpointer() as ckptr:
+    params = ckptr.restore(path / PARAMS)
+  return models.build(model_config), params, Tokenizer.load(str(path / TOKENIZER))
+
+
+def main(argv):
+  del argv
+  from mmjax.train import quiet_logs
+  quiet_logs()
+  print(f"exported to {export(flags.FLAGS.workdir, flags.FLAGS.out, flags.FLAGS.step)}")
+
+
+if __name__ == "__main__":
+  flags.DEFINE_string("workdir", None, "Training run to export.", required=True)
+  flags.DEFINE_string("out", None, "Export directory to create.", required=True)
+  flags.DEFINE_integer("step", None, "Checkpoint step; the latest by default.")
+  app.run(main)

@@ -1,0 +1,64 @@
+"""Text transformer: token + learned position embedding and the ViT's encoder blocks.
+
+CLIP style: causal mask, pooled at the end-of-text token (`pool="eos"`).
+SigLIP style: no mask, pooled at the last position (`pool="last"`) or by `map`.
+Names follow big_vision's text tower (`Embed_0`, `pos_embedding`, `Encoder_0`, `head`).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from mmjax.errors import ConfigError
+from mmjax.models.vit import Encoder, _dense, pool_tokens
+
+
+class TextTransformer(nn.Module):
+  """`(token ids [batch, seq] int32) -> (head output or pooled features, aux)`."""
+  vocab_size: int
+  width: int
+  depth: int
+  mlp_dim: int
+  num_heads: int
+  max_len: int = 64
+  pool: str = "last"
+  causal: bool = False
+  eos_id: int = 2
+  num_classes: int | None = None
+  act: str = "gelu_tanh"
+  dropout: float = 0.0
+  scan: bool = False
+  remat_policy: str = "none"
+  dtype: Any = jnp.float32
+  attention_impl: str = "xla"
+
+  @nn.compact
+  def __call__(self, text, train=False):
+    if text.shape[1] > self.max_len:
+      raise ConfigError(f"text length {text.shape[1]} exceeds model.text.max_len={self.max_len}")
+    embed = nn.Embed(self.vocab_size, self.width, dtype=self.dtype, name="Embed_0",
+                     embedding_init=nn.with_logical_partitioning(nn.initializers.normal(stddev=0.02),
+                                                                 ("vocab", "embed")))
+    x = embed(text)
+    pos = self.param("pos_embedding",
+                     nn.with_logical_partitioning(nn.initializers.normal(stddev=self.width ** -0.5),
+                                                  (None, None, "embed")), (1, self.max_len, self.width))
+    x = x + pos[:, :text.shape[1]].astype(x.dtype)
+    x = nn.Dropout(self.dropout)(x, not train)
+    x, aux = Encoder(self.depth, self.mlp_dim, self.num_heads, causal=self.causal, act=self.act,
+                     dropout=self.dropout, scan=self.scan, remat_policy=self.remat_policy,
+                     dtype=self.dtype, attention_impl=self.attention_impl, name="Encoder_0")(x, not train)
+    aux["encoded"] = x
+    if self.pool == "eos":
+      # The first end-of-text token; a sequence truncated without one pools its last position.
+      is_eos = text == self.eos_id
+      token_index = jnp.where(is_eos.any(axis=1), jnp.argmax(is_eos, axis=1), text.shape[1] - 1)
+    else:
+      token_index = {"first": 0, "last": -1}.get(self.pool, 0)
+    x = pool_tokens(self, x, self.pool, token_index)
+    aux["pre_logits"] = x
+    if self.num_classes:
+      x = _dense(self.num_classes, ("embed", "proj"), "head", self.dtype)(x)
+    return x, aux

@@ -1,0 +1,51 @@
+"""Two-tower contrastive model (CLIP, SigLIP): image tower, text tower, shared embedding space.
+
+Names follow big_vision's `two_towers`: `img`, `txt`, `t` (log temperature), `b` (bias).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+from mmjax.models.text import TextTransformer
+from mmjax.models.vit import ViT
+
+
+def _l2_normalize(x, eps=1e-8):
+  x = x.astype(jnp.float32)
+  return x / jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
+
+
+class TwoTower(nn.Module):
+  """`apply({"params": p}, image=..., text=...) -> (zimg, ztxt, aux)`; either input may be None.
+
+  `zimg`/`ztxt` are L2-normalised float32 embeddings; `aux["t"]` is the positive logit
+  scale exp(t) and `aux["b"]` the logit bias (absent when `bias_init` is None).
+  """
+  image: dict
+  text: dict
+  temperature_init: float = 10.0
+  bias_init: float | None = None
+
+  @nn.compact
+  def __call__(self, image=None, text=None, train=False):
+    aux = {}
+    zimg = ztxt = None
+    if image is not None:
+      out, img_aux = ViT(**self.image, name="img")(image, train=train)
+      aux.update({f"img/{k}": v for k, v in img_aux.items()})
+      zimg = _l2_normalize(out)
+    if text is not None:
+      out, txt_aux = TextTransformer(**self.text, name="txt")(text, train=train)
+      aux.update({f"txt/{k}": v for k, v in txt_aux.items()})
+      ztxt = _l2_normalize(out)
+    t = self.param("t", nn.with_logical_partitioning(nn.initializers.constant(np.log(self.temperature_init)),
+                                                     (None,)), (1,))
+    aux["t"] = jnp.exp(t[0])
+    if self.bias_init is not None:
+      b = self.param("b", nn.with_logical_partitioning(nn.initializers.constant(self.bias_init), (None,)), (1,))
+      aux["b"] = b[0]
+    return zimg, ztxt, aux

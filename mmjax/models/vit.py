@@ -1,0 +1,290 @@
+"""Vision Transformer, with parameter names that follow big_vision's ViT.
+
+The names (`embedding`, `pos_embedding`, `Transformer/encoderblock_N/...`,
+`MAPHead_0/probe`, `head`) match big_vision so released SigLIP `.npz` weights map
+onto this module one to one. The encoder pieces here are shared with the text tower.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mmjax.errors import ConfigError
+from mmjax.ops.attention import dot_product_attention
+
+# big_vision's ViT family: width, depth, MLP width and heads per variant name.
+VARIANTS = {
+    "mu": (32, 1, 128, 2),
+    "Ti": (192, 12, 768, 3),
+    "S": (384, 12, 1536, 6),
+    "M": (512, 12, 2048, 8),
+    "B": (768, 12, 3072, 12),
+    "L": (1024, 24, 4096, 16),
+    "So400m": (1152, 27, 4304, 16),
+    "H": (1280, 32, 5120, 16),
+    "g": (1408, 40, 6144, 16),
+    "G": (1664, 48, 8192, 16),
+}
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+ACTIVATIONS = {
+    "gelu_tanh": lambda x: nn.gelu(x, approximate=True),
+    "gelu": lambda x: nn.gelu(x, approximate=False),
+    "quick_gelu": lambda x: x * nn.sigmoid(1.702 * x),
+}
+
+ACT_AXES = ("act_batch", "act_seq", "act_embed")
+
+
+def decode_variant(variant: str | None) -> dict[str, int]:
+  """`"B/16"` -> width, depth, mlp_dim, num_heads and patch_size; `"B"` omits the patch."""
+  if variant is None:
+    return {}
+  name, _, patch = variant.partition("/")
+  if name not in VARIANTS:
+    raise ConfigError(f"model variant {variant!r}: unknown size {name!r}; known: {sorted(VARIANTS)}")
+  width, depth, mlp_dim, num_heads = VARIANTS[name]
+  out = dict(width=width, depth=depth, mlp_dim=mlp_dim, num_heads=num_heads)
+  if patch:
+    out["patch_size"] = int(patch)
+  return out
+
+
+def _dense(features, axes, name, dtype, kernel_init=nn.initializers.xavier_uniform(),
+           bias_init=nn.initializers.zeros):
+  return nn.Dense(features, dtype=dtype, name=name,
+                  kernel_init=nn.with_logical_partitioning(kernel_init, axes),
+                  bias_init=nn.with_logical_partitioning(bias_init, axes[-1:]))
+
+
+def _layer_norm(name, dtype):
+  return nn.LayerNorm(dtype=dtype, name=name,
+                      scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)))
+
+
+class MlpBlock(nn.Module):
+  mlp_dim: int
+  act: str = "gelu_tanh"
+  dropout: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, deterministic=True):
+    width = x.shape[-1]
+    normal = nn.initializers.normal(stddev=1e-6)
+    x = _dense(self.mlp_dim, ("embed", "mlp"), "Dense_0", self.dtype, bias_init=normal)(x)
+    x = ACTIVATIONS[self.act](x)
+    x = nn.Dropout(self.dropout)(x, deterministic)
+    return _dense(width, ("mlp", "embed"), "Dense_1", self.dtype, bias_init=normal)(x)
+
+
+class MultiHeadDotProductAttention(nn.Module):
+  """Multi-head attention with flax's parameter layout (`query/key/value/out`), via the door."""
+  num_heads: int
+  dtype: Any = jnp.float32
+  attention_impl: str = "xla"
+
+  @nn.compact
+  def __call__(self, x_q, x_kv=None, *, mask=None, causal=False):
+    x_kv = x_q if x_kv is None else x_kv
+    width = x_q.shape[-1]
+    if width % self.num_heads:
+      raise ConfigError(f"width {width} is not divisible by num_heads {self.num_heads}")
+    head_dim = width // self.num_heads
+    # Initialised like flax's DenseGeneral: fans over the flattened (embed) x (heads * kv) matrix.
+    qkv_init = nn.initializers.xavier_uniform(in_axis=0, out_axis=(1, 2))
+
+    def proj(name):
+      return nn.Einsum((width, self.num_heads, head_dim), "bld,dhk->blhk", dtype=self.dtype, name=name,
+                       kernel_init=nn.with_logical_partitioning(qkv_init, ("embed", "heads", "kv")),
+                       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "kv")))
+
+    q, k, v = proj("query")(x_q), proj("key")(x_kv), proj("value")(x_kv)
+    y = dot_product_attention(q, k, v, mask=mask, causal=causal, impl=self.attention_impl)
+    out_init = nn.initializers.xavier_uniform(in_axis=(0, 1), out_axis=2)
+    return nn.Einsum((self.num_heads, head_dim, width), "blhk,hkd->bld", dtype=self.dtype, name="out",
+                     kernel_init=nn.with_logical_partitioning(out_init, ("heads", "kv", "embed")),
+                     bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))(y)
+
+
+class Encoder1DBlock(nn.Module):
+  """Pre-LN block: x + attn(LN(x)), then x + mlp(LN(x)).
+
+  Returns `(x, None)`, the (carry, output) pair `nn.scan` expects.
+  """
+  mlp_dim: int
+  num_heads: int
+  causal: bool = False
+  act: str = "gelu_tanh"
+  dropout: float = 0.0
+  dtype: Any = jnp.float32
+  attention_impl: str = "xla"
+
+  @nn.compact
+  def __call__(self, x, deterministic=True):
+    x = nn.with_logical_constraint(x, ACT_AXES)
+    y = _layer_norm("LayerNorm_0", self.dtype)(x)
+    y = MultiHeadDotProductAttention(self.num_heads, self.dtype, self.attention_impl,
+                                     name="MultiHeadDotProductAttention_0")(y, causal=self.causal)
+    x = x + nn.Dropout(self.dropout)(y, deterministic)
+    y = _layer_norm("LayerNorm_1", self.dtype)(x)
+    y = MlpBlock(self.mlp_dim, self.act, self.dropout, self.dtype, name="MlpBlock_0")(y, deterministic)
+    x = x + nn.Dropout(self.dropout)(y, deterministic)
+    return nn.with_logical_constraint(x, ACT_AXES), None
+
+
+class Encoder(nn.Module):
+  """A stack of blocks and a final LayerNorm; optionally `nn.scan`ned and rematerialised."""
+  depth: int
+  mlp_dim: int
+  num_heads: int
+  causal: bool = False
+  act: str = "gelu_tanh"
+  dropout: float = 0.0
+  scan: bool = False
+  remat_policy: str = "none"
+  dtype: Any = jnp.float32
+  attention_impl: str = "xla"
+
+  @nn.compact
+  def __call__(self, x, deterministic=True):
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ConfigError(f"remat_policy={self.remat_policy!r}; known: {sorted(REMAT_POLICIES)}")
+    block_kw = dict(mlp_dim=self.mlp_dim, num_heads=self.num_heads, causal=self.causal, act=self.act,
+                    dropout=self.dropout, dtype=self.dtype, attention_impl=self.attention_impl)
+    block = Encoder1DBlock
+    if self.remat_policy != "none":
+      block = nn.remat(block, policy=REMAT_POLICIES[self.remat_policy], prevent_cse=not self.scan,
+                       static_argnums=(2,))
+    aux = {}
+    if self.scan:
+      scanned = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                        in_axes=nn.broadcast, length=self.depth,
+                        metadata_params={nn.PARTITION_NAME: "layers"})
+      x, _ = scanned(name="encoderblock", **block_kw)(x, deterministic)
+    else:
+      for i in range(self.depth):
+        x, _ = block(name=f"encoderblock_{i}", **block_kw)(x, deterministic)
+        aux[f"block{i:02d}"] = x
+    aux["pre_norm"] = x
+    return _layer_norm("encoder_norm", self.dtype)(x), aux
+
+
+
+class MAPHead(nn.Module):
+  """Multihead attention pooling: a learned probe attends over the tokens."""
+  mlp_dim: int
+  num_heads: int
+  act: str = "gelu_tanh"
+  dtype: Any = jnp.float32
+  attention_impl: str = "xla"
+
+  @nn.compact
+  def __call__(self, x):
+    batch, _, width = x.shape
+    probe = self.param("probe", nn.with_logical_partitioning(nn.initializers.xavier_uniform(),
+                                                             (None, None, "embed")), (1, 1, width))
+    probe = jnp.tile(probe, (batch, 1, 1)).astype(x.dtype)
+    x = MultiHeadDotProductAttention(self.num_heads, self.dtype, self.attention_impl,
+                                     name="MultiHeadDotProductAttention_0")(probe, x)
+    y = _layer_norm("LayerNorm_0", self.dtype)(x)
+    x = x + MlpBlock(self.mlp_dim, self.act, dtype=self.dtype, name="MlpBlock_0")(y)
+    return x[:, 0]
+
+
+def posemb_sincos_2d(h, w, width, temperature=10_000.0):
+  """Fixed 2-D sine-cosine position embedding, [1, h*w, width]."""
+  if width % 4:
+    raise ConfigError(f"sincos2d position embedding needs width divisible by 4, got {width}")
+  y, x = np.mgrid[:h, :w]
+  omega = 1.0 / temperature ** (np.arange(width // 4) / max(width // 4 - 1, 1))
+  y = y.reshape(-1)[:, None] * omega[None]
+  x = x.reshape(-1)[:, None] * omega[None]
+  emb = np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1)
+  return jnp.asarray(emb[None], jnp.float32)
+
+
+class ViT(nn.Module):
+  """ViT image encoder: `(images NHWC) -> (head output or pooled features, aux)`."""
+  width: int
+  depth: int
+  mlp_dim: int
+  num_heads: int
+  patch_size: int = 16
+  posemb: str = "learn"
+  pool: str = "map"
+  num_classes: int | None = None
+  act: str = "gelu_tanh"
+  dropout: float = 0.0
+  scan: bool = False
+  remat_policy: str = "none"
+  dtype: Any = jnp.float32
+  attention_impl: str = "xla"
+
+  @nn.compact
+  def __call__(self, image, train=False):
+    image = jnp.asarray(image, self.dtype)
+    p = self.patch_size
+    x = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype, name="embedding",
+                kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
+                                                         (None, None, None, "embed")),
+                bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))(image)
+    batch, h, w, _ = x.shape
+    x = x.reshape(batch, h * w, self.width)
+
+    if self.posemb == "learn":
+      pos = self.param("pos_embedding",
+                       nn.with_logical_partitioning(nn.initializers.normal(stddev=self.width ** -0.5),
+                                                    (None, None, "embed")), (1, h * w, self.width))
+    elif self.posemb == "sincos2d":
+      pos = posemb_sincos_2d(h, w, self.width)
+    else:
+      raise ConfigError(f"model.image.posemb={self.posemb!r}; use 'learn' or 'sincos2d'")
+    x = x + pos.astype(x.dtype)
+
+    if self.pool == "tok":
+      cls = self.param("cls", nn.with_logical_partitioning(nn.initializers.zeros, (None, None, "embed")),
+                       (1, 1, self.width))
+      x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), (batch, 1, 1)), x], axis=1)
+
+    x = nn.Dropout(self.dropout)(x, not train)
+    x, aux = Encoder(self.depth, self.mlp_dim, self.num_heads, act=self.act, dropout=self.dropout,
+                     scan=self.scan, remat_policy=self.remat_policy, dtype=self.dtype,
+                     attention_impl=self.attention_impl, name="Transformer")(x, not train)
+    aux["encoded"] = x
+    x = pool_tokens(self, x, self.pool, token_index=0)
+    aux["pre_logits"] = x
+    if self.num_classes:
+      x = _dense(self.num_classes, ("embed", "proj"), "head", self.dtype)(x)
+      aux["logits"] = x
+    return x, aux
+
+
+def pool_tokens(module: nn.Module, x, pool: str, token_index):
+  """Pools [batch, seq, width] tokens; `token_index` is an int or a per-example index array.
+
+  Called from inside a compact module so `map` creates `MAPHead_0` under it.
+  """
+  if pool == "map":
+    return MAPHead(module.mlp_dim, module.num_heads, module.act, module.dtype, module.attention_impl,
+                   name="MAPHead_0")(x)
+  if pool == "gap":
+    return jnp.mean(x, axis=1)
+  if pool == "none":
+    return x
+  if pool in ("tok", "first", "last", "eos"):
+    if isinstance(token_index, int):
+      return x[:, token_index]
+    return jnp.take_along_axis(x, token_index[:, None, None], axis=1)[:, 0]
+  raise ConfigError(f"pool={pool!r}; known: tok, first, last, eos, gap, map, none")

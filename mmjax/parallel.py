@@ -1,0 +1,104 @@
+"""Meshes, logical axis rules and global arrays: where parallelism is decided.
+
+Models annotate parameters and activations with logical axis names; the config
+holds one table mapping those names to the mesh axes `data`, `fsdp` and `tensor`.
+Everything here turns that table into `NamedSharding`s.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from mmjax.errors import MeshError
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_MESH_AXES = ("data", "fsdp")
+
+
+def make_mesh(mesh_config: Sequence[tuple[str, int]], devices: Sequence[Any] | None = None) -> Mesh:
+  """Builds a mesh from `(("data", -1), ("fsdp", 1), ...)`; one `-1` takes the remaining devices."""
+  devices = list(jax.devices() if devices is None else devices)
+  names = tuple(str(name) for name, _ in mesh_config)
+  sizes = [int(size) for _, size in mesh_config]
+  unknown = [n for n in names if n not in MESH_AXES]
+  if unknown:
+    raise MeshError(f"config.mesh names unknown axes {unknown}; allowed: {MESH_AXES}")
+  if len(set(names)) != len(names):
+    raise MeshError(f"config.mesh repeats an axis: {names}")
+  fills = [i for i, s in enumerate(sizes) if s == -1]
+  if len(fills) > 1:
+    raise MeshError(f"config.mesh may hold at most one -1, got {tuple(mesh_config)}")
+  fixed = math.prod(s for s in sizes if s != -1)
+  if any(s == 0 or s < -1 for s in sizes):
+    raise MeshError(f"config.mesh sizes must be positive or -1, got {tuple(mesh_config)}")
+  if fills:
+    if len(devices) % fixed:
+      raise MeshError(f"config.mesh {tuple(mesh_config)}: {len(devices)} devices are not divisible "
+                      f"by the fixed axes' product {fixed}")
+    sizes[fills[0]] = len(devices) // fixed
+  if math.prod(sizes) != len(devices):
+    raise MeshError(f"config.mesh {tuple(mesh_config)} needs {math.prod(sizes)} devices, "
+                    f"but {len(devices)} are available")
+  device_grid = np.asarray(devices).reshape(sizes)
+  return Mesh(device_grid, names, axis_types=(AxisType.Auto,) * len(names))
+
+
+def batch_axes(mesh: Mesh) -> tuple[str, ...]:
+  """The mesh axes the batch is split over: whichever of `data` and `fsdp` the mesh has."""
+  return tuple(a for a in BATCH_MESH_AXES if a in mesh.axis_names)
+
+
+def batch_size_divisor(mesh: Mesh) -> int:
+  return math.prod(mesh.shape[a] for a in batch_axes(mesh))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) dimension split over the batch axes, the rest replicated."""
+  return NamedSharding(mesh, P(batch_axes(mesh)))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def axis_rules(rules: Sequence[tuple[str, Any]], mesh: Mesh) -> tuple[tuple[str, Any], ...]:
+  """The config's rule table with mesh axes this mesh lacks dropped (lists become tuples).
+
+  So one table serves a ("data",) mesh on a laptop and a data x fsdp x tensor pod.
+  """
+  out = []
+  for name, target in rules:
+    targets = tuple(target) if isinstance(target, (list, tuple)) else (target,)
+    kept = tuple(t for t in targets if t in mesh.axis_names)
+    out.append((str(name), kept if len(kept) > 1 else (kept[0] if kept else None)))
+  return tuple(out)
+
+
+def logical_shardings(mesh: Mesh, rules: Sequence[tuple[str, Any]], boxed_tree: Any) -> Any:
+  """NamedShardings for a tree whose leaves carry `nn.with_logical_partitioning` metadata.
+
+  Logical names missing from `rules` are replicated, so a model can name more axes
+  than a given config chooses to shard.
+  """
+  specs = nn.get_partition_spec(boxed_tree)
+  return nn.logical_to_mesh_sharding(specs, mesh, _complete_rules(rules, specs))
+
+
+def _complete_rules(rules, specs):
+  known = {name for name, _ in rules}
+  names = set()
+  for spec in jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P)):
+    names.update(n for n in spec if isinstance(n, str))
+  return tuple(rules) + tuple((n, None) for n in sorted(names - known))
+
+
+def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """Assembles each process's slice of the batch into global arrays split over the batch axes."""
+  sharding = batch_sharding(mesh)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
+                      local_batch)

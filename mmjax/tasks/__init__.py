@@ -1,0 +1,11 @@
+"""What a training run optimises. `get(name)` returns the task class named by `config.task`."""
+from __future__ import annotations
+
+from mmjax.errors import ConfigError
+
+
+def get(name: str):
+  if name == "contrastive":
+    from mmjax.tasks.contrastive import ContrastiveTask
+    return ContrastiveTask
+  raise ConfigError(f"config.task={name!r} is not a known task; known: ['contrastive']")

@@ -1,0 +1,132 @@
+"""Contrastive image-text training (CLIP softmax or SigLIP sigmoid loss) and its evaluators."""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mmjax import losses, models, parallel
+from mmjax.data import shapes
+from mmjax.data.tokenizer import load_tokenizer
+from mmjax.errors import ConfigError
+from mmjax.evals import binding, retrieval, zeroshot
+
+LOSSES = ("sigmoid", "softmax")
+TEMPLATE_SETS = {"shapes": shapes.CLASS_TEMPLATES, "plain": ("{}",)}
+
+
+def model_config_with_vocab(model_config, tokenizer) -> dict:
+  """`config.model` as a dict, with `text.vocab_size` taken from the tokenizer when unset."""
+  cfg = model_config.to_dict() if hasattr(model_config, "to_dict") else dict(model_config)
+  cfg["text"] = dict(cfg["text"])
+  vocab = cfg["text"].get("vocab_size")
+  if vocab is None:
+    cfg["text"]["vocab_size"] = tokenizer.vocab_size
+  elif vocab < tokenizer.vocab_size:
+    raise ConfigError(f"model.text.vocab_size={vocab} is smaller than the tokenizer's {tokenizer.vocab_size}")
+  return cfg
+
+
+class ContrastiveTask:
+  """Builds the two-tower model, its loss and its evaluators from the config."""
+
+  def __init__(self, config, mesh):
+    self.config, self.mesh = config, mesh
+    if config.loss.kind not in LOSSES:
+      raise ConfigError(f"loss.kind={config.loss.kind!r}; use one of {LOSSES}")
+    self.tokenizer = load_tokenizer(config.data.tokenizer)
+    self.model_config = model_config_with_vocab(config.model, self.tokenizer)
+    # Recorded for exports: learned position embeddings fix the input resolution.
+    self.model_config["image_size"] = config.data.image_size
+    self.model = models.build(self.model_config)
+    self.max_len = self.model_config["text"]["max_len"]
+    self._embed = jax.jit(lambda p, image, text: self.model.apply({"params": p}, image=image, text=text)[:2])
+    self._eval_data = None
+
+  def dummy_batch(self, batch_size: int) -> dict[str, np.ndarray]:
+    size = self.config.data.image_size
+    return {"image": np.zeros((batch_size, size, size, 3), np.float32),
+            "text": np.zeros((batch_size, self.max_len), np.int32)}
+
+  def init(self, rng, batch):
+    """Parameters boxed with their logical axis names (unbox before use)."""
+    return self.model.init(rng, image=batch["image"], text=batch["text"])["params"]
+
+  def loss_fn(self, params, batch, rng, train=True) -> tuple[jax.Array, dict]:
+    zimg, ztxt, aux = self.model.apply({"params": params}, image=batch["image"], text=batch["text"],
+                                       train=train, rngs={"dropout": rng})
+    if self.config.loss.kind == "sigmoid":
+      if "b" not in aux:
+        raise ConfigError("loss.kind='sigmoid' needs a logit bias: set model.bias_init (e.g. -10.0)")
+      loss = losses.sigmoid_loss(zimg, ztxt, aux["t"], aux["b"], mesh=self.mesh, impl=self.config.loss.impl)
+    else:
+      loss = losses.softmax_loss(zimg, ztxt, aux["t"], mesh=self.mesh)
+    metrics = {"loss": loss, "t": aux["t"]}
+    if "b" in aux:
+      metrics["b"] = aux["b"]
+    return loss, metrics
+
+  # Evaluation -------------------------------------------------------------------------
+
+  def embed_images(self, params, images: np.ndarray) -> np.ndarray:
+    return self._embed_chunks(params, "image", np.asarray(images, np.float32) / 127.5 - 1.0)
+
+  def embed_texts(self, params, texts: list[str]) -> np.ndarray:
+    return self._embed_chunks(params, "text", self.tokenizer.encode(texts, self.max_len))
+
+  def _embed_chunks(self, params, side: str, inputs: np.ndarray) -> np.ndarray:
+    """Embeds in fixed-size chunks (one compilation), padding the last one."""
+    chunk = self.config.evals.batch_size
+    divisor = parallel.batch_size_divisor(self.mesh)
+    if chunk % divisor:
+      raise ConfigError(f"evals.batch_size={chunk} must be divisible by the {divisor} batch-sharded devices")
+    out = []
+    with jax.set_mesh(self.mesh):
+      for start in range(0, len(inputs), chunk):
+        part = inputs[start:start + chunk]
+        padded = np.concatenate([part, np.zeros((chunk - len(part),) + part.shape[1:], part.dtype)])
+        batch = parallel.global_batch({side: padded}, self.mesh)
+        zimg, ztxt = self._embed(params, **{"image": None, "text": None, **batch})
+        z = zimg if side == "image" else ztxt
+        out.append(np.asarray(jax.device_get(z))[:len(part)])
+    return np.concatenate(out)
+
+  def _eval_sets(self) -> dict[str, Any]:
+    if self._eval_data is None:
+      if self.config.data.source != "shapes":
+        raise ConfigError("evals for data.source != 'shapes' are not configured; set config.evals to {} "
+                          "or use the shapes source")
+      d, e = self.config.data, self.config.evals
+      kw = dict(seed=d.seed, image_size=d.image_size, held_out_fraction=d.held_out_fraction)
+      self._eval_data = {}
+      if "zeroshot" in e:
+        self._eval_data["zeroshot"] = shapes.zeroshot_set(per_class=e.zeroshot.per_class, **kw)
+      if "retrieval" in e:
+        self._eval_data["retrieval"] = shapes.retrieval_set(n=e.retrieval.n, **kw)
+      if "binding" in e:
+        self._eval_data["binding"] = shapes.binding_set(n=e.binding.n, **kw)
+    return self._eval_data
+
+  def evaluate(self, params) -> dict[str, float]:
+    """Every configured evaluator, as `{"zeroshot/acc_seen": ..., "retrieval/i2t_r@1": ...}`."""
+    results = {}
+    sets = self._eval_sets()
+    if "zeroshot" in sets:
+      zs = sets["zeroshot"]
+      templates = TEMPLATE_SETS[self.config.evals.zeroshot.templates]
+      zclass = zeroshot.class_embeddings(lambda t: self.embed_texts(params, t), zs["class_names"], templates)
+      zimg = self.embed_images(params, zs["images"])
+      groups = {"seen": zs["seen"], "held_out": ~zs["seen"]}
+      results.update({f"zeroshot/{k}": v for k, v in zeroshot.evaluate(zimg, zclass, zs["labels"], groups).items()})
+    if "retrieval" in sets:
+      rs = sets["retrieval"]
+      r = retrieval.evaluate(self.embed_images(params, rs["images"]), self.embed_texts(params, rs["captions"]))
+      results.update({f"retrieval/{k}": v for k, v in r.items()})
+    if "binding" in sets:
+      bs = sets["binding"]
+      r = binding.evaluate(self.embed_images(params, bs["images"]), self.embed_texts(params, bs["true_captions"]),
+                           self.embed_texts(params, bs["swapped_captions"]))
+      results.update({f"binding/{k}": v for k, v in r.items()})
+    return results

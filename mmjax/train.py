@@ -1,0 +1,212 @@
+"""The one trainer: `python -m mmjax.train --config configs/x.py[:arg] --workdir DIR [--config.k=v]`.
+
+Stages, top to bottom: mesh -> task (model, tokenizer, loss) -> data iterator ->
+sharded state (fresh or restored) -> jitted step loop with progress, metrics,
+checkpoints and evals -> summary table.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import ml_collections
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from mmjax import optim, parallel, tasks
+from mmjax.checkpoint import Checkpointer
+from mmjax.data import pipeline
+from mmjax.errors import CheckpointError, NonFiniteLossError
+from mmjax.metrics import MetricWriter, Progress
+
+CONFIG_FILE = "config.json"
+SUMMARY_FILE = "summary.json"
+
+
+def sharded_state(task, config, mesh, rules):
+  """Abstract state with shardings, the optimizer, its schedule and a jitted sharded initialiser."""
+  dummy = task.dummy_batch(parallel.batch_size_divisor(mesh))
+  boxed = jax.eval_shape(task.init, jax.random.key(0), dummy)
+  param_shardings = parallel.logical_shardings(mesh, rules, boxed)
+  # `.value`, not nn.unbox: unboxing applies sharding constraints, which need traced arrays.
+  abstract_params = jax.tree.map(lambda x: x.value, boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  tx, lr = optim.make(config.optim, config.total_steps, abstract_params)
+  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  replicated = parallel.replicated(mesh)
+  opt_shardings = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_shardings,
+                                        transform_non_params=lambda _: replicated)
+  shardings = {"params": param_shardings, "opt": opt_shardings, "step": replicated}
+
+  def init(rng):
+    params = nn.unbox(task.init(rng, dummy))
+    return {"params": params, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          jax.eval_shape(init, jax.random.key(0)), shardings)
+  return abstract, shardings, tx, lr, jax.jit(init, out_shardings=shardings)
+
+
+def load_run_config(workdir: str):
+  """The config a run in `workdir` was trained with (written by `train`)."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    raise CheckpointError(f"{path} not found: {workdir} is not an mmjax training workdir")
+  with open(path, encoding="utf-8") as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def restore_params(config, workdir: str, step: int | None = None):
+  """`(task, mesh, params, step)` from a run's checkpoint: the latest one unless `step` is given."""
+  mesh = parallel.make_mesh(config.mesh)
+  rules = parallel.axis_rules(config.axis_rules, mesh)
+  task = tasks.get(config.task)(config, mesh)
+  ckpt = Checkpointer(workdir, keep=config.keep_checkpoints)
+  step = ckpt.latest_step() if step is None else step
+  if step is None:
+    raise CheckpointError(f"no checkpoint in {ckpt.directory}")
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    abstract = sharded_state(task, config, mesh, rules)[0]
+    state = ckpt.restore(step, abstract)
+  ckpt.close()
+  return task, mesh, state["params"], step
+
+
+def make_train_step(task, tx, lr, shardings, mesh):
+  def step(state, batch, rng):
+    rng = jax.random.fold_in(rng, state["step"])
+    grad_fn = jax.value_and_grad(task.loss_fn, has_aux=True)
+    (_, metrics), grads = grad_fn(state["params"], batch, rng)
+    updates, opt = tx.update(grads, state["opt"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    metrics = dict(metrics, grad_norm=optax.tree.norm(grads), lr=lr(state["step"]))
+    return {"params": params, "opt": opt, "step": state["step"] + 1}, metrics
+
+  return jax.jit(step, in_shardings=(shardings, parallel.batch_sharding(mesh), None),
+                 out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)
+
+
+def _check_finite(step: int, metrics: dict, last_saved: int | None) -> float:
+  loss = float(metrics["loss"])
+  if not np.isfinite(loss):
+    where = f"step {last_saved}" if last_saved is not None else "none saved yet"
+    raise NonFiniteLossError(f"loss is {loss} at step {step}; stopping. Last good checkpoint: {where}. "
+                             "Lower optim.lr, raise optim.warmup_steps or check the data.")
+  return loss
+
+
+def summary_table(summary: dict) -> str:
+  width = max(len(k) for k in summary)
+  lines = [f"{'metric':<{width}}  value", f"{'-' * width}  -----"]
+  for k, v in summary.items():
+    lines.append(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
+  return "\n".join(lines)
+
+
+def train(config, workdir: str) -> dict[str, Any]:
+  """Trains (or resumes) the run in `workdir` and returns its summary."""
+  mesh = parallel.make_mesh(config.mesh)
+  rules = parallel.axis_rules(config.axis_rules, mesh)
+  task = tasks.get(config.task)(config, mesh)
+  source = pipeline.make_source(config.data)
+  loader = pipeline.make_loader(source, tokenizer=task.tokenizer, image_size=config.data.image_size,
+                                max_len=task.max_len, global_batch_size=config.data.batch_size,
+                                seed=config.seed, worker_count=config.data.worker_count)
+  data_iter = iter(loader)
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, CONFIG_FILE), "w", encoding="utf-8") as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+  ckpt = Checkpointer(workdir, keep=config.keep_checkpoints)
+  try:  # `close` waits for pending saves, so a crash keeps every checkpoint already started.
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      return _run(config, workdir, task, mesh, rules, ckpt, data_iter)
+  finally:
+    ckpt.close()
+
+
+def _run(config, workdir, task, mesh, rules, ckpt, data_iter) -> dict[str, Any]:
+  log = print if jax.process_index() == 0 else (lambda *a, **k: None)
+  abstract, shardings, tx, lr, init = sharded_state(task, config, mesh, rules)
+  start = ckpt.latest_step()
+  if start is None:
+    state, start = init(jax.random.key(config.seed)), 0
+    log(f"new run in {workdir}: {sum(x.size for x in jax.tree.leaves(state['params'])):,} parameters, "
+        f"mesh {dict(mesh.shape)}")
+  else:
+    state = ckpt.restore(start, abstract, data_iter)
+    log(f"resumed {workdir} from step {start}")
+
+  summary_path = os.path.join(workdir, SUMMARY_FILE)
+  if start >= config.total_steps and os.path.exists(summary_path):
+    with open(summary_path, encoding="utf-8") as f:
+      summary = json.load(f)
+    log(f"run complete: {workdir} already reached step {start}/{config.total_steps}")
+    log(summary_table(summary))
+    return summary
+
+  train_step = make_train_step(task, tx, lr, shardings, mesh)
+  writer = MetricWriter(workdir)
+  progress = Progress(config.total_steps, config.data.batch_size, start)
+  rng = jax.random.key(config.seed + 1)
+  last_saved = start if start else None
+  evals, pending, skipped, t0 = {}, None, 0, time.perf_counter()
+  for step in range(start + 1, config.total_steps + 1):
+    local = next(data_iter)
+    skipped += int(local.pop(pipeline.SKIPPED))
+    state, metrics = train_step(state, parallel.global_batch(local, mesh), rng)
+    # Check the previous step's loss while this one runs, so dispatch stays asynchronous.
+    if pending is not None:
+      _check_finite(*pending, last_saved)
+    pending = (step, metrics)
+    last = step == config.total_steps
+    if step % config.log_every == 0 or last:
+      loss = _check_finite(step, metrics, last_saved)
+      writer.write(step, {**jax.device_get(metrics), **progress.update(step, loss), "data/skipped": skipped})
+    if step % config.checkpoint_every == 0 or last:
+      _check_finite(step, metrics, last_saved)
+      ckpt.save(step, state, data_iter)
+      last_saved = step
+    if config.eval_every and (step % config.eval_every == 0 or last):
+      evals = task.evaluate(state["params"])
+      writer.write(step, {f"eval/{k}": v for k, v in evals.items()})
+      log(f"eval @ {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in evals.items()))
+  if not evals and config.eval_every:  # Resumed at the last step, before the final eval ran.
+    evals = task.evaluate(state["params"])
+  writer.close()
+
+  summary = {**evals, "steps": config.total_steps, "train_seconds": round(time.perf_counter() - t0, 1),
+             "skipped_images": skipped, "checkpoint": ckpt.path(config.total_steps)}
+  if jax.process_index() == 0:
+    with open(summary_path, "w", encoding="utf-8") as f:
+      json.dump(summary, f, indent=2)
+  log(summary_table(summary))
+  return summary
+
+
+def quiet_logs():
+  """Orbax and grain log every save at INFO; keep the progress line readable unless asked."""
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  quiet_logs()
+  train(flags.FLAGS.config, flags.FLAGS.workdir)
+
+
+if __name__ == "__main__":
+  # Flags are defined here, not at import, so other entry points can import this module.
+  config_flags.DEFINE_config_file("config", None, "Recipe: configs/<file>.py[:arg].", lock_config=True)
+  flags.DEFINE_string("workdir", None, "Checkpoints, metrics and the summary go here.")
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)

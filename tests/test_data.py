@@ -1,0 +1,263 @@
+"""Shapes source and eval sets, image files, and the grain loader."""
+import json
+import re
+
+import numpy as np
+import jax
+import pytest
+from PIL import Image
+
+from mmjax.checkpoint import Checkpointer
+from mmjax.data import folder, pipeline, shapes
+from mmjax.data.tokenizer import default_shapes_tokenizer
+from mmjax.errors import BadImageError, ConfigError, DataError
+
+
+# --- shapes ---------------------------------------------------------------------------
+
+def test_shapes_source_is_deterministic():
+  src = shapes.ShapesSource(seed=3, image_size=32)
+  a, b = src[7], shapes.ShapesSource(seed=3, image_size=32)[7]
+  assert a["image"].dtype == np.uint8 and a["image"].shape == (32, 32, 3)
+  np.testing.assert_array_equal(a["image"], b["image"])
+  assert a["caption"] == b["caption"]
+  assert not np.array_equal(src[8]["image"], a["image"])
+  assert not np.array_equal(shapes.ShapesSource(seed=4, image_size=32)[7]["image"], a["image"])
+
+
+def test_held_out_combos_leave_every_colour_and_shape_seen():
+  held = shapes.held_out_combos(0, 0.2)
+  assert held == shapes.held_out_combos(0, 0.2) != shapes.held_out_combos(1, 0.2)
+  assert len(held) == round(0.2 * len(shapes.COLOUR_NAMES) * len(shapes.SHAPES))
+  seen = {(c, s) for c in shapes.COLOUR_NAMES for s in shapes.SHAPES} - held
+  assert {c for c, _ in seen} == set(shapes.COLOUR_NAMES)
+  assert {s for _, s in seen} == set(shapes.SHAPES)
+  with pytest.raises(ConfigError, match="data.held_out_fraction"):
+    shapes.held_out_combos(0, 0.9)
+
+
+def test_training_captions_avoid_held_out_and_rarely_repeat():
+  src = shapes.ShapesSource(seed=0)
+  captions = [src[i]["caption"] for i in range(1024)]
+  held = [f"{c} {s}" for c, s in shapes.held_out_combos(0, 0.2)]
+  assert not [c for c in captions if any(h in c for h in held)]
+  rates = [shapes.duplicate_rate(captions[i:i + 128]) for i in range(0, 1024, 128)]
+  assert max(rates) < 0.05, rates
+  for n_objects in (1, 2, 3):  # Multi-object captions name every object.
+    assert any(sum(s in c for s in shapes.SHAPES) >= n_objects for c in captions)
+
+
+def test_zeroshot_set():
+  zs = shapes.zeroshot_set(seed=0, image_size=32, per_class=2, held_out_fraction=0.2)
+  n_classes = len(shapes.COLOUR_NAMES) * len(shapes.SHAPES)
+  assert zs["images"].shape == (2 * n_classes, 32, 32, 3) and zs["images"].dtype == np.uint8
+  assert zs["labels"].tolist() == sorted(list(range(n_classes)) * 2)
+  assert zs["class_names"][0] == "red circle" and len(zs["class_names"]) == n_classes
+  held = shapes.held_out_combos(0, 0.2)
+  assert zs["seen"].sum() == n_classes - len(held)
+  assert not zs["seen"][zs["class_names"].index(" ".join(sorted(held)[0]))]
+  np.testing.assert_array_equal(zs["images"], shapes.zeroshot_set(0, 32, 2, 0.2)["images"])
+
+
+def test_retrieval_and_binding_sets():
+  ret = shapes.retrieval_set(seed=0, image_size=32, n=16)
+  assert ret["images"].shape == (16, 32, 32, 3) and len(ret["captions"]) == 16
+  train = shapes.ShapesSource(seed=0, image_size=32)
+  assert ret["captions"] != [train[i]["caption"] for i in range(16)]
+  bind = shapes.binding_set(seed=0, image_size=32, n=8)
+  assert bind["images"].shape == (8, 32, 32, 3)
+  for true, swapped in zip(bind["true_captions"], bind["swapped_captions"]):
+    (c1, s1), (c2, s2) = (p.split() for p in true[2:].split(" and a "))
+    assert c1 != c2 and s1 != s2
+    assert swapped == f"a {c2} {s1} and a {c1} {s2}"
+
+
+# --- image files ------------------------------------------------------------------------
+
+def _write_images(d):
+  """Good and bad image files; returns (good names, bad names)."""
+  d.mkdir(parents=True, exist_ok=True)
+  rgb = np.random.default_rng(0).integers(0, 255, (20, 30, 3), np.uint8)
+  Image.fromarray(rgb).save(d / "good.jpg")
+  Image.fromarray(rgb).save(d / "good.png")
+  Image.fromarray(rgb[..., 0]).save(d / "gray.png")
+  rgba = np.zeros((16, 16, 4), np.uint8)
+  rgba[:8, :, 0] = rgba[:8, :, 3] = 255  # Top half opaque red, bottom transparent.
+  Image.fromarray(rgba, "RGBA").save(d / "rgba.png")
+  Image.fromarray(rgb).convert("CMYK").save(d / "cmyk.jpg")
+  Image.fromarray(rgb).convert("P").save(d / "palette.gif")
+  Image.fromarray(rgb[:1, :1]).save(d / "tiny.png")
+  (d / "truncated.jpg").write_bytes((d / "good.jpg").read_bytes()[:200])
+  (d / "text.jpg").write_bytes(b"this is not an image")
+  return (["good.jpg", "good.png", "gray.png", "rgba.png", "cmyk.jpg", "palette.gif"],
+          ["tiny.png", "truncated.jpg", "text.jpg", "missing.jpg"])
+
+
+def test_load_image_modes_and_failures(tmp_path, monkeypatch):
+  good, bad = _write_images(tmp_path)
+  for name in good:
+    image = folder.load_image(tmp_path / name)
+    assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3, name
+  rgba = folder.load_image(tmp_path / "rgba.png")
+  assert rgba[0, 0].tolist() == [255, 0, 0] and rgba[-1, -1].tolist() == [255, 255, 255]
+  reasons = dict(zip(bad, ["smaller than MIN_SIDE", "cannot decode", "cannot decode", "not found"]))
+  for name, reason in reasons.items():
+    with pytest.raises(BadImageError, match=reason) as e:
+      folder.load_image(tmp_path / name)
+    assert name in str(e.value)
+  monkeypatch.setattr(folder, "MAX_PIXELS", 100)
+  with pytest.raises(BadImageError, match="exceeds MAX_PIXELS"):
+    folder.load_image(tmp_path / "good.png")
+
+
+def _write_captions(tmp_path, names):
+  lines = [json.dumps(dict(image=f"imgs/{n}", caption=f"picture {n}")) for n in names]
+  path = tmp_path / "captions.jsonl"
+  path.write_text("\n".join(lines) + "\n")
+  return path
+
+
+def test_caption_folder_source_skip_and_raise(tmp_path):
+  good, bad = _write_images(tmp_path / "imgs")
+  path = _write_captions(tmp_path, good + bad)
+  src = folder.CaptionFolderSource(path, on_bad_image="skip")
+  assert len(src) == len(good) + len(bad)
+  records = [src[i] for i in range(len(src))]
+  assert sum(r is None for r in records) == len(bad)
+  assert records[0]["caption"] == "picture good.jpg" and records[0]["image"].shape == (20, 30, 3)
+  strict = folder.CaptionFolderSource(path, on_bad_image="raise")
+  with pytest.raises(BadImageError, match="tiny.png"):
+    strict[len(good)]
+  with pytest.raises(ConfigError, match="data.on_bad_image"):
+    folder.CaptionFolderSource(path, on_bad_image="ignore")
+
+
+def test_caption_csv_and_malformed_files(tmp_path):
+  _write_images(tmp_path)
+  csv_path = tmp_path / "c.csv"
+  csv_path.write_text('filepath,title\ngood.png,"a, quoted caption"\ngray.png,grey\n')
+  src = folder.CaptionFolderSource(csv_path)
+  assert src.captions == ["a, quoted caption", "grey"] and src[1]["image"].shape == (20, 30, 3)
+  cases = {
+      "bad.jsonl": ('{"image": "a.png", "caption": "x"}\n\n{"image": "b.png"\n', "bad.jsonl:3"),
+      "keys.jsonl": ('{"image": "a.png", "text": "x"}\n', "keys.jsonl:1"),
+      "cols.csv": ("path,text\na.png,x\n", "cols.csv:1"),
+      "row.csv": ("image,caption\na.png,x\nb.png\n", "row.csv:3"),
+      "empty.jsonl": ("", "no records"),
+  }
+  for name, (text, match) in cases.items():
+    (tmp_path / name).write_text(text)
+    with pytest.raises(DataError, match=match):
+      folder.CaptionFolderSource(tmp_path / name)
+  with pytest.raises(DataError, match="nope.jsonl"):
+    folder.CaptionFolderSource(tmp_path / "nope.jsonl")
+
+
+def test_image_folder_source(tmp_path):
+  _write_images(tmp_path / "cats")
+  _write_images(tmp_path / "dogs")
+  (tmp_path / "dogs" / "README.txt").write_text("not data")
+  src = folder.ImageFolderSource(tmp_path)
+  assert src.class_names == ["cats", "dogs"] and len(src) == 18
+  records = [src[i] for i in range(len(src))]
+  assert sum(r is None for r in records) == 6
+  assert {r["label"] for r in records if r} == {0, 1}
+  with pytest.raises(DataError, match="class subdirectories"):
+    folder.ImageFolderSource(tmp_path / "cats")
+
+
+# --- loader -----------------------------------------------------------------------------
+
+def _shapes_loader(**kw):
+  return pipeline.make_loader(shapes.ShapesSource(seed=0, image_size=32),
+                              tokenizer=default_shapes_tokenizer(), image_size=32, max_len=16,
+                              global_batch_size=8, seed=1, **kw)
+
+
+def test_shapes_loader_batches():
+  batch = next(iter(_shapes_loader()))
+  assert batch["image"].shape == (8, 32, 32, 3) and batch["image"].dtype == np.float32
+  assert -1 <= batch["image"].min() < batch["image"].max() <= 1
+  assert batch["text"].shape == (8, 16) and batch["text"].dtype == np.int32
+  assert batch[pipeline.SKIPPED] == 0
+
+
+def test_folder_loader_counts_skipped_records(tmp_path):
+  good, bad = _write_images(tmp_path / "imgs")
+  # Skips are reported with the next batch, so a good record comes last.
+  names = [n for pair in zip(good, bad) for n in pair] + good[len(bad):]
+  src = folder.CaptionFolderSource(_write_captions(tmp_path, names))
+  loader = pipeline.make_loader(src, tokenizer=default_shapes_tokenizer(), image_size=24,
+                                max_len=8, global_batch_size=2, seed=0, shuffle=False,
+                                num_epochs=1, drop_remainder=False)
+  batches = list(loader)
+  assert sum(len(b["image"]) for b in batches) == len(good)
+  assert sum(int(b[pipeline.SKIPPED]) for b in batches) == len(bad)
+  assert all(b["image"].shape[1:] == (24, 24, 3) for b in batches)
+
+
+def test_loader_state_restores_exact_batches():
+  it = iter(_shapes_loader())
+  for _ in range(3):
+    next(it)
+  state = it.get_state()
+  expected = [next(it) for _ in range(2)]
+  fresh = iter(_shapes_loader())
+  fresh.set_state(state)
+  for want in expected:
+    got = next(fresh)
+    for key in want:
+      np.testing.assert_array_equal(got[key], want[key])
+
+
+def test_loader_state_through_orbax(tmp_path):
+  it = iter(_shapes_loader())
+  next(it)
+  state = {"step": np.zeros((), np.int32)}
+  ckpt = Checkpointer(str(tmp_path), keep=1)
+  ckpt.save(1, state, it)
+  ckpt.wait()
+  expected = next(it)
+  fresh = iter(_shapes_loader())
+  ckpt.restore(1, jax.eval_shape(lambda: state), fresh)
+  ckpt.close()
+  np.testing.assert_array_equal(next(fresh)["text"], expected["text"])
+
+
+def test_loader_checks_batch_divides_processes(monkeypatch):
+  monkeypatch.setattr(pipeline.jax, "process_count", lambda: 3)
+  with pytest.raises(ConfigError, match="data.batch_size"):
+    _shapes_loader()
+
+
+def test_make_source(tmp_path):
+  src = pipeline.make_source(dict(source="shapes", seed=2, image_size=16, held_out_fraction=0.1))
+  assert isinstance(src, shapes.ShapesSource) and src[0]["image"].shape == (16, 16, 3)
+  captions = _write_captions(tmp_path, ["a.png"])
+  src = pipeline.make_source(dict(source="folder", captions=str(captions), on_bad_image="raise"))
+  assert isinstance(src, folder.CaptionFolderSource) and src.on_bad_image == "raise"
+  with pytest.raises(ConfigError, match="data.captions"):
+    pipeline.make_source(dict(source="folder"))
+  with pytest.raises(ConfigError, match="data.source"):
+    pipeline.make_source(dict(source="webdataset"))
+
+
+def test_twins_differ_only_in_shapes_and_share_a_batch():
+  src = shapes.ShapesSource(seed=0, image_size=32, twins=True)
+  held = shapes.held_out_combos(0, 0.2)
+  shape_words = re.compile(r"\b(" + "|".join(shapes.SHAPES) + r")\b")
+  strip = lambda caption: shape_words.sub("_", caption)
+  for i in range(50):
+    a, b = src[i]
+    assert a["caption"] != b["caption"] and strip(a["caption"]) == strip(b["caption"])
+    assert not np.array_equal(a["image"], b["image"])
+    for caption in (a["caption"], b["caption"]):
+      assert not any(f"{c} {s}" in caption for c, s in held)
+  tok = default_shapes_tokenizer()
+  loader = pipeline.make_loader(src, tokenizer=tok, image_size=32, max_len=32, global_batch_size=8, seed=1)
+  batch = next(iter(loader))
+  captions = tok.decode(batch["text"])
+  for k in range(0, 8, 2):
+    assert strip(captions[k]) == strip(captions[k + 1]) and captions[k] != captions[k + 1]
+  with pytest.raises(ConfigError, match="group size 2"):
+    pipeline.make_loader(src, tokenizer=tok, image_size=32, max_len=32, global_batch_size=7, seed=1)

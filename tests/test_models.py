@@ -1,0 +1,124 @@
+"""Model structure and behaviour: parameter counts, scan equivalence, masking, the public API."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mmjax import models
+from mmjax.errors import ConfigError
+from mmjax.models.text import TextTransformer
+from mmjax.models.vit import ViT, decode_variant
+
+TINY = dict(width=32, depth=2, mlp_dim=64, num_heads=4)
+
+
+def count(tree):
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def test_vit_b16_parameter_count_matches_the_published_model():
+  # timm's vit_base_patch16_224 has 86,567,656 parameters: minus its 1000-way head (769,000)
+  # and the class token's position embedding (768), which big_vision-style ViTs do not have.
+  vit = ViT(**decode_variant("B/16"), pool="tok", posemb="learn")
+  shapes = jax.eval_shape(vit.init, jax.random.key(0), jnp.zeros((1, 224, 224, 3)))
+  assert count(nn.unbox(shapes)) == 86_567_656 - 769_000 - 768
+
+
+def test_variant_errors_name_the_variant():
+  with pytest.raises(ConfigError, match="'Q/16'"):
+    decode_variant("Q/16")
+
+
+@pytest.mark.parametrize("pool,expected", [("tok", (2, 32)), ("gap", (2, 32)), ("map", (2, 32)),
+                                           ("none", (2, 16, 32))])
+def test_vit_pooling_shapes(pool, expected):
+  vit = ViT(**TINY, patch_size=4, pool=pool, posemb="sincos2d")
+  x = jnp.ones((2, 16, 16, 3))
+  out, aux = vit.apply(vit.init(jax.random.key(0), x), x)
+  assert out.shape == expected
+  assert aux["encoded"].shape[-1] == 32
+
+
+def test_scanned_encoder_equals_the_unrolled_one():
+  x = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
+  plain = ViT(**TINY, patch_size=4, pool="map")
+  scanned = ViT(**TINY, patch_size=4, pool="map", scan=True, remat_policy="dots")
+  params = nn.unbox(plain.init(jax.random.key(0), x))["params"]
+  blocks = [params["Transformer"].pop(f"encoderblock_{i}") for i in range(TINY["depth"])]
+  stacked = dict(params, Transformer=dict(params["Transformer"],
+                                          encoderblock=jax.tree.map(lambda *l: jnp.stack(l), *blocks)))
+  params = nn.unbox(plain.init(jax.random.key(0), x))["params"]
+  want, _ = plain.apply({"params": params}, x)
+  got, _ = scanned.apply({"params": stacked}, x)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+  # Scanned parameters carry a leading "layers" logical axis.
+  boxed = scanned.init(jax.random.key(0), x)["params"]["Transformer"]["encoderblock"]
+  assert boxed["MlpBlock_0"]["Dense_0"]["kernel"].names == ("layers", "embed", "mlp")
+
+
+def test_causal_text_tower_ignores_later_tokens_and_pools_at_eos():
+  tower = TextTransformer(vocab_size=20, max_len=8, pool="eos", causal=True, eos_id=2, **TINY)
+  a = jnp.array([[5, 6, 7, 2, 0, 0, 0, 0]])
+  b = jnp.array([[5, 6, 7, 2, 9, 9, 9, 9]])  # Differs only after the end-of-text token.
+  params = tower.init(jax.random.key(0), a)
+  out_a, aux_a = tower.apply(params, a)
+  out_b, _ = tower.apply(params, b)
+  np.testing.assert_allclose(np.asarray(out_a), np.asarray(out_b), rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(aux_a["pre_logits"]), np.asarray(aux_a["encoded"][:, 3]), rtol=1e-6)
+
+
+def test_bidirectional_text_tower_sees_every_token():
+  tower = TextTransformer(vocab_size=20, max_len=8, pool="last", causal=False, **TINY)
+  a = jnp.array([[5, 6, 7, 2, 0, 0, 0, 0]])
+  b = jnp.array([[9, 6, 7, 2, 0, 0, 0, 0]])
+  params = tower.init(jax.random.key(0), a)
+  assert not np.allclose(np.asarray(tower.apply(params, a)[0]), np.asarray(tower.apply(params, b)[0]))
+
+
+def _two_tower(**kw):
+  cfg = dict(image=dict(TINY, patch_size=4, pool="map"), text=dict(TINY, vocab_size=20, max_len=8),
+             embed_dim=16, temperature_init=10.0, bias_init=-10.0)
+  cfg.update(kw)
+  return models.build(cfg)
+
+
+def test_two_tower_api():
+  model = _two_tower()
+  image, text = jnp.ones((3, 16, 16, 3)), jnp.ones((3, 8), jnp.int32)
+  variables = model.init(jax.random.key(0), image=image, text=text)
+  zimg, ztxt, aux = model.apply(variables, image=image, text=text)
+  assert zimg.shape == ztxt.shape == (3, 16)
+  np.testing.assert_allclose(np.linalg.norm(np.asarray(zimg), axis=1), 1.0, rtol=1e-5)
+  np.testing.assert_allclose(np.linalg.norm(np.asarray(ztxt), axis=1), 1.0, rtol=1e-5)
+  assert float(aux["t"]) == pytest.approx(10.0) and float(aux["b"]) == pytest.approx(-10.0)
+  zimg_only, none, _ = model.apply(variables, image=image)
+  assert none is None
+  np.testing.assert_allclose(np.asarray(zimg_only), np.asarray(zimg), rtol=1e-6)
+  # Every parameter carries logical axis names.
+  boxed = jax.tree.leaves(variables["params"], is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  assert all(isinstance(x, nn.Partitioned) for x in boxed)
+
+
+def test_clip_style_has_no_bias():
+  model = _two_tower(bias_init=None, temperature_init=1 / 0.07)
+  variables = model.init(jax.random.key(0), image=jnp.ones((1, 16, 16, 3)), text=jnp.ones((1, 8), jnp.int32))
+  assert "b" not in variables["params"]
+  _, _, aux = model.apply(variables, text=jnp.ones((1, 8), jnp.int32))
+  assert "b" not in aux and float(aux["t"]) == pytest.approx(1 / 0.07, rel=1e-6)
+
+
+def test_bfloat16_compute_stays_close_to_float32():
+  image = jax.random.normal(jax.random.key(2), (4, 16, 16, 3))
+  text = jax.random.randint(jax.random.key(3), (4, 8), 3, 20)
+  f32 = _two_tower()
+  params = f32.init(jax.random.key(0), image=image, text=text)
+  bf16 = _two_tower(dtype="bfloat16")
+  for a, b in zip(f32.apply(params, image=image, text=text)[:2], bf16.apply(params, image=image, text=text)[:2]):
+    assert b.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=3e-2)
+
+
+def test_build_names_missing_keys():
+  with pytest.raises(ConfigError, match="model.image.depth"):
+    models.build(dict(image=dict(width=8, mlp_dim=8, num_heads=2), text=dict(TINY, vocab_size=5), embed_dim=4))

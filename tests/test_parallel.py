@@ -1,0 +1,72 @@
+"""The same tiny model trained on 1 device, 8-way data parallel and a 2x4 data x fsdp mesh."""
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from mmjax import parallel
+from mmjax.errors import MeshError
+from mmjax.tasks.contrastive import ContrastiveTask
+from mmjax.train import make_train_step, sharded_state
+from tests.helpers import tiny_config
+
+STEPS = 3
+
+
+def _batches(config, vocab):
+  rng = np.random.default_rng(0)
+  size, b, length = config.data.image_size, config.data.batch_size, config.model.text.max_len
+  return [{"image": rng.uniform(-1, 1, (b, size, size, 3)).astype(np.float32),
+           "text": rng.integers(3, vocab, (b, length)).astype(np.int32)} for _ in range(STEPS)]
+
+
+def _train(mesh_config, n_devices):
+  config = tiny_config(mesh=mesh_config)
+  mesh = parallel.make_mesh(config.mesh, devices=jax.devices()[:n_devices])
+  rules = parallel.axis_rules(config.axis_rules, mesh)
+  task = ContrastiveTask(config, mesh)
+  losses = []
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    _, shardings, tx, lr, init = sharded_state(task, config, mesh, rules)
+    state = init(jax.random.key(0))
+    step = make_train_step(task, tx, lr, shardings, mesh)
+    for batch in _batches(config, task.tokenizer.vocab_size):
+      state, metrics = step(state, parallel.global_batch(batch, mesh), jax.random.key(1))
+      losses.append((float(metrics["loss"]), float(metrics["grad_norm"])))
+  return np.array(losses), state
+
+
+@pytest.fixture(scope="module")
+def single():
+  return _train((("data", 1),), 1)
+
+
+@pytest.mark.parametrize("mesh_config", [
+    (("data", -1), ("fsdp", 1), ("tensor", 1)),
+    (("data", 2), ("fsdp", 4), ("tensor", 1)),
+], ids=["data8", "data2xfsdp4"])
+def test_sharded_training_matches_one_device(single, mesh_config):
+  losses_1, state_1 = single
+  losses_n, state_n = _train(mesh_config, 8)
+  assert losses_1[0, 0] != losses_1[-1, 0]  # The model trains, so the comparison means something.
+  # Loss and gradient norm per step (Adam would hide a wrongly scaled gradient from the loss).
+  np.testing.assert_allclose(losses_n, losses_1, rtol=1e-5)
+  # atol: attention key biases have an exactly zero gradient, so Adam turns float noise
+  # into lr-sized steps whose sign depends on the reduction order.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4),
+               state_n["params"], state_1["params"])
+  kernel = state_n["params"]["img"]["MAPHead_0"]["MlpBlock_0"]["Dense_0"]["kernel"]
+  mu = state_n["opt"][2].inner_states["1.0"].inner_state[0].mu["img"]["MAPHead_0"]["MlpBlock_0"]["Dense_0"]["kernel"]
+  fsdp = dict(mesh_config)["fsdp"]
+  # Parameters and their Adam moments are split over fsdp: 1/fsdp of the rows per device.
+  assert kernel.addressable_shards[0].data.shape == (32 // fsdp, 64)
+  assert mu.sharding == kernel.sharding
+
+
+def test_mesh_errors_name_the_problem():
+  with pytest.raises(MeshError, match="needs 6 devices"):
+    parallel.make_mesh((("data", 2), ("fsdp", 3)), devices=jax.devices()[:8])
+  with pytest.raises(MeshError, match="unknown axes"):
+    parallel.make_mesh((("model", -1),))
+  with pytest.raises(MeshError, match="at most one -1"):
+    parallel.make_mesh((("data", -1), ("fsdp", -1)))

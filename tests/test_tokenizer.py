@@ -1,0 +1,77 @@
+"""SentencePiece tokenizer: encoding layout, training, the shipped shapes model, the CLI."""
+import json
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from mmjax.data import shapes, tokenizer
+from mmjax.errors import ConfigError, DataError
+
+TEXTS = ["a red circle", "a small blue square at the top left", "two objects: a cat and a dog",
+         "the quick brown fox jumps over the lazy dog"] * 20
+
+
+@pytest.fixture(scope="module")
+def shapes_tok():
+  return tokenizer.default_shapes_tokenizer()
+
+
+def test_shapes_tokenizer_round_trips_captions(shapes_tok):
+  assert (shapes_tok.pad_id, shapes_tok.eos_id, shapes_tok.vocab_size) == (0, 2, 160)
+  src = shapes.ShapesSource(seed=5)
+  captions = [src[i]["caption"] for i in range(64)] + shapes.binding_set(n=4)["swapped_captions"]
+  ids = shapes_tok.encode(captions, 32)
+  assert ids.shape == (len(captions), 32) and ids.dtype == np.int32
+  assert not (ids == 1).any()  # No unknown pieces.
+  assert shapes_tok.decode(ids) == captions
+
+
+def test_encode_pads_appends_eos_and_truncates(shapes_tok):
+  ids = shapes_tok.encode("a red circle", 16)
+  assert ids.shape == (16,)
+  n = int((ids != 0).sum())
+  assert ids[n - 1] == shapes_tok.eos_id and not ids[n:].any()
+  short = shapes_tok.encode("a red circle", 2)
+  assert short.tolist() == [ids[0], shapes_tok.eos_id]
+  assert shapes_tok.decode(short) == shapes_tok.decode(ids[:1])
+  assert shapes_tok.encode(["a", "a red circle"], 4).shape == (2, 4)
+  with pytest.raises(ConfigError, match="max_len"):
+    shapes_tok.encode("a", 0)
+
+
+def test_train_is_deterministic_and_picklable(tmp_path):
+  tok = tokenizer.train_tokenizer(TEXTS, tmp_path / "a.model", vocab_size=64)
+  tokenizer.train_tokenizer(TEXTS, tmp_path / "b.model", vocab_size=64)
+  assert (tmp_path / "a.model").read_bytes() == (tmp_path / "b.model").read_bytes()
+  assert tok.model_proto == (tmp_path / "a.model").read_bytes()
+  assert tok.decode(tok.encode(TEXTS[:4], 64)) == TEXTS[:4]
+  clone = pickle.loads(pickle.dumps(tok))
+  np.testing.assert_array_equal(clone.encode(TEXTS[:4], 64), tok.encode(TEXTS[:4], 64))
+
+
+def test_shipped_model_matches_training_code(tmp_path):
+  out = tmp_path / "shapes.model"
+  tokenizer.main(["train", "--source", "shapes", "--out", str(out)])
+  assert out.read_bytes() == tokenizer.SHAPES_MODEL.read_bytes()
+
+
+def test_cli_trains_on_caption_file(tmp_path):
+  captions = tmp_path / "c.jsonl"
+  captions.write_text("\n".join(json.dumps(dict(image=f"{i}.jpg", caption=t))
+                                for i, t in enumerate(TEXTS)))
+  out = tmp_path / "tok" / "c.model"
+  subprocess.run([sys.executable, "-m", "mmjax.data.tokenizer", "train", "--source", "captions",
+                  "--captions", str(captions), "--out", str(out), "--vocab_size", "48"],
+                 check=True, capture_output=True)
+  assert tokenizer.Tokenizer.load(out).decode(tokenizer.Tokenizer.load(out).encode(TEXTS[0], 32)) == TEXTS[0]
+
+
+def test_load_rejects_bad_models(tmp_path):
+  (tmp_path / "junk.model").write_bytes(b"not a model")
+  with pytest.raises(DataError, match="junk.model"):
+    tokenizer.Tokenizer.load(tmp_path / "junk.model")
+  with pytest.raises(DataError, match="missing.model"):
+    tokenizer.Tokenizer.load(tmp_path / "missing.model")

@@ -1,0 +1,132 @@
+"""The trainer end to end on a tiny model: checkpoints, exact resume, NaN stop, evaluate, export."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+import mmjax
+from mmjax import parallel, train as train_lib
+from mmjax.checkpoint import Checkpointer
+from mmjax.errors import CheckpointError, NonFiniteLossError
+from mmjax.evaluate import evaluate
+from mmjax.export import export
+from tests.helpers import tiny_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(**overrides):
+  return tiny_config(**{"total_steps": 6, "checkpoint_every": 2, "log_every": 2, "eval_every": 6, **overrides})
+
+
+def _params(workdir):
+  return jax.device_get(train_lib.restore_params(train_lib.load_run_config(workdir), workdir)[2])
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("run"))
+  summary = train_lib.train(_config(), workdir)
+  return workdir, summary
+
+
+def test_run_writes_checkpoints_metrics_and_summary(finished_run, capsys):
+  workdir, summary = finished_run
+  assert Checkpointer(workdir, keep=3).latest_step() == 6
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints")), key=int) == ["2", "4", "6"]
+  steps = [json.loads(line)["step"] for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  assert steps[:3] == [2, 4, 6]
+  assert os.listdir(os.path.join(workdir, "tensorboard"))
+  for key in ("zeroshot/acc_seen", "zeroshot/acc_held_out", "retrieval/i2t_r1", "retrieval/t2i_r5",
+              "binding/acc"):
+    assert 0.0 <= summary[key] <= 1.0
+  assert summary["checkpoint"].endswith(os.path.join("checkpoints", "6"))
+  # Running the finished run again reports it instead of training.
+  again = train_lib.train(_config(), workdir)
+  assert again == summary
+  assert "run complete" in capsys.readouterr().out
+
+
+def test_killed_run_resumes_to_the_same_parameters(finished_run, tmp_path, monkeypatch):
+  workdir = str(tmp_path)
+  real_global_batch = parallel.global_batch
+  calls = []
+
+  def dies_at_step_5(batch, mesh):
+    calls.append(1)
+    if len(calls) == 5:
+      raise KeyboardInterrupt("killed")
+    return real_global_batch(batch, mesh)
+
+  monkeypatch.setattr(parallel, "global_batch", dies_at_step_5)
+  with pytest.raises(KeyboardInterrupt):
+    train_lib.train(_config(eval_every=0), workdir)
+  monkeypatch.setattr(parallel, "global_batch", real_global_batch)
+  assert Checkpointer(workdir, keep=3).latest_step() == 4
+  train_lib.train(_config(eval_every=0), workdir)  # Resumes at step 4 with the data iterator's state.
+  want, got = _params(finished_run[0]), _params(workdir)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), got, want)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+  real_global_batch = parallel.global_batch
+  calls = []
+
+  def nan_images_at_step_3(batch, mesh):
+    calls.append(1)
+    if len(calls) == 3:
+      batch = dict(batch, image=np.full_like(batch["image"], np.nan))
+    return real_global_batch(batch, mesh)
+
+  monkeypatch.setattr(parallel, "global_batch", nan_images_at_step_3)
+  with pytest.raises(NonFiniteLossError, match=r"at step 3.*Last good checkpoint: step 2"):
+    train_lib.train(_config(eval_every=0), str(tmp_path))
+  assert Checkpointer(str(tmp_path), keep=3).latest_step() == 2
+  params = _params(str(tmp_path))
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
+def test_evaluate_and_export_load(finished_run, tmp_path):
+  workdir, summary = finished_run
+  results = evaluate(train_lib.load_run_config(workdir), workdir)
+  assert results["step"] == 6
+  assert results["zeroshot/acc_seen"] == pytest.approx(summary["zeroshot/acc_seen"])
+
+  out = export(workdir, str(tmp_path / "export"))
+  model, params, tokenizer = mmjax.load(out)
+  want = _params(workdir)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), params, want)
+  text = tokenizer.encode(["a red circle"], 16)
+  ztxt = model.apply({"params": params}, text=text)[1]
+  assert ztxt.shape == (1, 16)
+  with pytest.raises(CheckpointError, match="not an mmjax export"):
+    mmjax.load(str(tmp_path))
+
+
+def test_cli_rejects_an_unknown_config_key(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, "-m", "mmjax.train", "--config", os.path.join(REPO, "configs", "siglip_shapes.py"),
+       "--workdir", str(tmp_path), "--config.model.image.widht=64"],
+      capture_output=True, text=True, cwd=REPO, timeout=300)
+  assert proc.returncode != 0
+  assert "widht" in proc.stderr
+
+
+def test_zero_shot_notebook_runs_on_an_export(finished_run, tmp_path):
+  import nbclient
+  import nbformat
+  out = export(finished_run[0], str(tmp_path / "export"))
+  notebook = nbformat.read(os.path.join(REPO, "notebooks", "zero_shot.ipynb"), as_version=4)
+  os.environ["MMJAX_EXPORT"] = out
+  try:
+    nbclient.NotebookClient(notebook, timeout=300, kernel_name="python3",
+                            resources={"metadata": {"path": str(tmp_path)}}).execute()
+  finally:
+    del os.environ["MMJAX_EXPORT"]
+  outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
+  assert any("accuracy" in o.get("text", "") for o in outputs)
+  assert sum("image/png" in o.get("data", {}) for o in outputs) == 2  # The grid and the heatmap.
