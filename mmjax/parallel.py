@@ -15,6 +15,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from mmjax.errors import MeshError
+from mmjax.rules import path_str
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_MESH_AXES = ("data", "fsdp")
@@ -95,6 +96,25 @@ def _complete_rules(rules, specs):
   for spec in jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P)):
     names.update(n for n in spec if isinstance(n, str))
   return tuple(rules) + tuple((n, None) for n in sorted(names - known))
+
+
+def follow_param_shardings(tree: Any, abstract_params: Any, param_shardings: Any, mesh: Mesh) -> Any:
+  """Shardings for an optimizer state: a leaf whose path ends in a parameter's path and has
+  its shape (Adam's `mu/img/.../kernel`) is sharded like that parameter; the rest
+  (step counts, empty groups) is replicated."""
+  table = {}
+  jax.tree_util.tree_map_with_path(lambda p, a, s: table.__setitem__(path_str(p), (a.shape, s)),
+                                   abstract_params, param_shardings)
+
+  def pick(path, leaf):
+    keys = path_str(path).split("/")
+    for i in range(len(keys)):
+      shape, sharding = table.get("/".join(keys[i:]), (None, None))
+      if shape == leaf.shape:
+        return sharding
+    return replicated(mesh)
+
+  return jax.tree_util.tree_map_with_path(pick, tree)
 
 
 def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

@@ -15,7 +15,7 @@ from mmjax.errors import ConfigError
 
 
 def path_str(path) -> str:
-  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+  return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
 
 
 def tree_paths(tree) -> Any:

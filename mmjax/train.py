@@ -39,10 +39,8 @@ def sharded_state(task, config, mesh, rules):
   abstract_params = jax.tree.map(lambda x: x.value, boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
   tx, lr = optim.make(config.optim, config.total_steps, abstract_params)
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
-  replicated = parallel.replicated(mesh)
-  opt_shardings = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_shardings,
-                                        transform_non_params=lambda _: replicated)
-  shardings = {"params": param_shardings, "opt": opt_shardings, "step": replicated}
+  opt_shardings = parallel.follow_param_shardings(abstract_opt, abstract_params, param_shardings, mesh)
+  shardings = {"params": param_shardings, "opt": opt_shardings, "step": parallel.replicated(mesh)}
 
   def init(rng):
     params = nn.unbox(task.init(rng, dummy))

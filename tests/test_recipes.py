@@ -13,7 +13,7 @@ from mmjax.tasks.contrastive import ContrastiveTask
 from mmjax.train import make_train_step, sharded_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RECIPES = sorted(glob.glob(os.path.join(REPO, "configs", "*_*.py")))
+RECIPES = sorted(glob.glob(os.path.join(REPO, "configs", "[a-z]*.py")))
 
 
 def _load(path):

@@ -34,6 +34,9 @@ GRID = 3  # Objects sit in distinct cells of a GRID x GRID layout.
 POSITIONS = ("top left", "top", "top right", "left", "center", "right",
              "bottom left", "bottom", "bottom right")
 MAX_OBJECTS = 3
+# Relative frequency of 1, 2, 3 objects per training image: half are single objects, whose
+# captions isolate colour and shape; more objects teach relations and binding.
+OBJECT_COUNT_WEIGHTS = (3, 2, 1)
 BACKGROUND_MAX = 40  # Background channels are drawn from [0, BACKGROUND_MAX].
 NOISE = 15  # Pixel noise is uniform in [0, NOISE].
 COLOUR_JITTER = 12
@@ -197,8 +200,12 @@ def _scene(rng: random.Random, combos: list[tuple[int, int]], n: int) -> list[_O
   return [_Object(c, s, rng.random() < 0.5, p) for (c, s), p in zip(picks, cells)]
 
 
+def _object_count(rng: random.Random) -> int:
+  return rng.choices(range(1, MAX_OBJECTS + 1), weights=OBJECT_COUNT_WEIGHTS)[0]
+
+
 def _sample(rng: random.Random, combos: list[tuple[int, int]], size: int) -> dict:
-  objects = _scene(rng, combos, rng.randint(1, MAX_OBJECTS))
+  objects = _scene(rng, combos, _object_count(rng))
   return dict(image=_render(rng, objects, size), caption=_caption(rng, objects))
 
 
@@ -223,7 +230,7 @@ def _other_shapes(objects: list[_Object], rng: random.Random, seen: set) -> list
 def _twins(rng: random.Random, combos: list[tuple[int, int]], size: int) -> list[dict]:
   """Two samples identical in layout, colours, sizes, noise and caption wording, differing
   only in shapes: a negative that colour and position alone cannot tell apart."""
-  objects = _scene(rng, combos, rng.randint(1, MAX_OBJECTS))
+  objects = _scene(rng, combos, _object_count(rng))
   twin = _other_shapes(objects, rng, set(combos))
   state = rng.getstate()
   out = []
