@@ -14,7 +14,8 @@ class Checkpointer:
   """Saves `{"params", "opt", "step"}` plus the grain iterator state every N steps, keeps the last K."""
 
   def __init__(self, workdir: str, *, keep: int, async_save: bool = True):
-    self.directory = epath.Path(workdir) / "checkpoints"
+    # Orbax's tensorstore backend rejects relative paths such as `--workdir runs/x`.
+    self.directory = epath.Path(workdir).absolute() / "checkpoints"
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=async_save)
     self.manager = ocp.CheckpointManager(self.directory, options=options)

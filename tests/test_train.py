@@ -52,7 +52,8 @@ def test_run_writes_checkpoints_metrics_and_summary(finished_run, capsys):
 
 
 def test_killed_run_resumes_to_the_same_parameters(finished_run, tmp_path, monkeypatch):
-  workdir = str(tmp_path)
+  monkeypatch.chdir(tmp_path)
+  workdir = "run"  # Relative, as `make train` passes it.
   real_global_batch = parallel.global_batch
   calls = []
 
