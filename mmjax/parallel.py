@@ -102,9 +102,8 @@ def follow_param_shardings(tree: Any, abstract_params: Any, param_shardings: Any
   """Shardings for an optimizer state: a leaf whose path ends in a parameter's path and has
   its shape (Adam's `mu/img/.../kernel`) is sharded like that parameter; the rest
   (step counts, empty groups) is replicated."""
-  table = {}
-  jax.tree_util.tree_map_with_path(lambda p, a, s: table.__setitem__(path_str(p), (a.shape, s)),
-                                   abstract_params, param_shardings)
+  table = {path_str(path): (leaf.shape, sharding) for (path, leaf), sharding in
+           zip(jax.tree_util.tree_leaves_with_path(abstract_params), jax.tree.leaves(param_shardings))}
 
   def pick(path, leaf):
     keys = path_str(path).split("/")

@@ -1,5 +1,4 @@
 """The attention door against a float64 NumPy softmax-attention reference."""
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

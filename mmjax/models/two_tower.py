@@ -4,8 +4,6 @@ Names follow big_vision's `two_towers`: `img`, `txt`, `t` (log temperature), `b`
 """
 from __future__ import annotations
 
-from typing import Any
-
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
