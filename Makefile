@@ -19,6 +19,7 @@ test: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/loss_memory.py
+	$(PY) benchmarks/attention.py
 
 clean:
 	rm -rf runs .pytest_cache

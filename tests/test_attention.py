@@ -16,13 +16,18 @@ def reference(q, k, v, mask=None, causal=False):
     allowed &= np.arange(kn)[None, :] <= np.arange(qn)[:, None] + (kn - qn)
   if mask is not None:
     allowed &= np.broadcast_to(mask, logits.shape)
-  logits = np.where(allowed, logits, -np.inf)
-  p = np.exp(logits - logits.max(-1, keepdims=True))
-  p /= p.sum(-1, keepdims=True)
-  return np.einsum("bhqk,bkhd->bqhd", p, v)
+  return np.einsum("bhqk,bkhd->bqhd", masked_softmax(logits, allowed), v)
 
 
-@pytest.mark.parametrize("impl", ["xla", "cudnn"])
+def masked_softmax(logits, allowed):
+  """Softmax over the allowed entries of the last axis; a row with none allowed is all zeros."""
+  shifted = np.where(allowed, logits - np.where(allowed, logits, -np.inf).max(-1, keepdims=True), -np.inf)
+  p = np.where(allowed, np.exp(np.where(allowed, shifted, 0.0)), 0.0)
+  total = p.sum(-1, keepdims=True)
+  return p / np.where(total > 0, total, 1.0)
+
+
+@pytest.mark.parametrize("impl", ["xla", "cudnn", "pallas"])
 @pytest.mark.parametrize("q_len,kv_len,causal,use_mask", [
     (7, 7, False, False), (7, 7, True, False), (5, 9, False, True), (9, 9, True, True)])
 def test_matches_reference(impl, q_len, kv_len, causal, use_mask):
@@ -46,6 +51,12 @@ def test_bias_is_added_to_logits():
   bias[..., 1:] = -1e9  # Everything attends to key 0 only.
   out = dot_product_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), bias=jnp.asarray(bias))
   np.testing.assert_allclose(np.asarray(out), np.broadcast_to(v[:, :1], out.shape), rtol=1e-6)
+
+
+def test_row_with_no_key_outputs_zeros():
+  x = jnp.ones((1, 3, 1, 4))
+  mask = jnp.zeros((1, 1, 1, 3), bool)
+  np.testing.assert_array_equal(np.asarray(dot_product_attention(x, x, x, mask=mask)), 0.0)
 
 
 def test_unknown_impl_names_it():

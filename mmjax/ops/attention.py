@@ -2,21 +2,38 @@
 
 Layout is `[batch, seq, heads, head_dim]`; a boolean `mask` broadcastable to
 `[batch, heads, q_len, kv_len]` marks the pairs that may attend (True = attend).
+A query row with nothing to attend to outputs zeros in the `xla` and `pallas` paths.
 """
 from __future__ import annotations
 
+import warnings
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from mmjax.errors import ConfigError
+from mmjax.ops.flash_attention import flash_attention
 
-IMPLS = ("xla", "cudnn")
+IMPLS = ("xla", "cudnn", "pallas")
+# Logical names of the [batch, seq, heads, head_dim] activations, resolved by the config's rules.
+ACTIVATION_AXES = ("act_batch", None, "heads", None)
+_warned: set[str] = set()
 
 
 def dot_product_attention(q, k, v, *, bias=None, mask=None, causal=False, impl="xla"):
   """Softmax(q·kᵀ/√d + bias, masked) · v, with softmax statistics in float32."""
   if impl not in IMPLS:
     raise ConfigError(f"attention impl={impl!r} is not one of {IMPLS}")
+  if impl == "pallas":
+    kv_mask, unsupported = _key_padding(mask, q.shape[0], k.shape[1])
+    if bias is not None:
+      unsupported = "an additive bias"
+    if unsupported is None:
+      return _sharded_flash(q, k, v, kv_mask, causal)
+    _warn_once(f"attention impl='pallas' does not support {unsupported}; using impl='xla' for it")
+    impl = "xla"
   if impl == "cudnn":
     # cuDNN's fused kernel exists only on NVIDIA GPUs; elsewhere JAX picks its XLA path.
     backend_impl = "cudnn" if jax.default_backend() == "gpu" else None
@@ -31,7 +48,44 @@ def dot_product_attention(q, k, v, *, bias=None, mask=None, causal=False, impl="
     # Queries are aligned to the end of the keys, as when decoding with a cache.
     allowed = jnp.tril(jnp.ones((q_len, kv_len), bool), k=kv_len - q_len)
     mask = allowed if mask is None else jnp.logical_and(mask, allowed)
-  if mask is not None:
-    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+  probs = jax.nn.softmax(logits if mask is None else jnp.where(mask, logits, jnp.finfo(jnp.float32).min), axis=-1)
+  if mask is not None:  # A row with no key to attend to outputs zeros, not the mean of all values.
+    probs = jnp.where(jnp.any(mask, axis=-1, keepdims=True), probs, 0.0)
+  return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
+
+
+def _key_padding(mask, batch: int, kv_len: int):
+  """`(kv_mask [batch, kv_len] or None, None)` when `mask` only masks keys per example,
+  else `(None, description of what the kernel cannot take)`."""
+  if mask is None:
+    return None, None
+  mask = jnp.asarray(mask)
+  if mask.ndim > 4:
+    raise ConfigError(f"attention mask has shape {mask.shape}; expected at most 4 dims [batch, heads, q, kv]")
+  shape = (1,) * (4 - mask.ndim) + mask.shape
+  if shape[1] != 1 or shape[2] != 1:
+    return None, f"a mask of shape {mask.shape} (only key-padding masks [batch, 1, 1, kv_len] run in the kernel)"
+  return jnp.broadcast_to(mask.reshape(shape[0], shape[3]), (batch, kv_len)), None
+
+
+def _warn_once(message: str):
+  if message not in _warned:
+    _warned.add(message)
+    warnings.warn(message, stacklevel=3)
+
+
+def _sharded_flash(q, k, v, kv_mask, causal):
+  """The kernel, per device under a mesh: shard_map over the batch and heads axes that the
+  logical axis rules assign to the activations (a kernel cannot be auto-partitioned)."""
+  run = lambda q, k, v, kv_mask: flash_attention(q, k, v, causal=causal, kv_mask=kv_mask)
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return run(q, k, v, kv_mask)
+  batch_axes, _, head_axes, _ = nn.logical_to_mesh_axes(ACTIVATION_AXES)
+  spec = P(batch_axes, None, head_axes, None)
+  mask_spec = P(batch_axes, None)
+  if kv_mask is None:
+    return jax.shard_map(lambda q, k, v: run(q, k, v, None), mesh=mesh, in_specs=(spec, spec, spec),
+                         out_specs=spec, check_vma=False)(q, k, v)
+  return jax.shard_map(run, mesh=mesh, in_specs=(spec, spec, spec, mask_spec), out_specs=spec,
+                       check_vma=False)(q, k, v, kv_mask)
