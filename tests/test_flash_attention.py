@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import AxisType
 
 from mmjax import models, parallel
 from mmjax.errors import ConfigError
@@ -105,8 +106,9 @@ def test_bad_block_size_is_named():
     flash_attention(x, x, x, block_q=24)
 
 
-def test_door_under_8_device_mesh_shards_the_kernel():
-  mesh = parallel.make_mesh((("data", 4), ("fsdp", 1), ("tensor", 2)))
+@pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit])
+def test_door_under_8_device_mesh_shards_the_kernel(axis_type):
+  mesh = jax.make_mesh((4, 1, 2), ("data", "fsdp", "tensor"), axis_types=(axis_type,) * 3)
   rules = parallel.axis_rules((("act_batch", ("data", "fsdp")), ("heads", "tensor")), mesh)
   rng = np.random.default_rng(4)
   q, k, v, dout = inputs(rng, 8, 24, 24, 2, 64, jnp.float32)
@@ -159,3 +161,26 @@ def test_models_with_pallas_match_xla():
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got_g), jax.tree.leaves(want_g)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5, err_msg=str(path))
+
+
+def test_door_falls_back_when_the_batch_does_not_split_over_the_mesh():
+  attention._warned.clear()
+  mesh = parallel.make_mesh((("data", 4), ("fsdp", 1), ("tensor", 2)))
+  rules = parallel.axis_rules((("act_batch", ("data", "fsdp")), ("heads", "tensor")), mesh)
+  rng = np.random.default_rng(7)
+  q, k, v, _ = inputs(rng, 6, 10, 10, 2, 8, jnp.float32)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules), warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    out = jax.jit(lambda q, k, v: dot_product_attention(q, k, v, impl="pallas"))(q, k, v)
+  assert any("do not split evenly" in str(w.message) for w in caught)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(dot_product_attention(q, k, v)), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dim", [64, 320])
+def test_lowers_to_triton_for_gpu(dim):
+  """Forward and backward lower for CUDA through Pallas's Triton backend, from this CPU host."""
+  spec = jax.ShapeDtypeStruct((1, 45, 2, dim), jnp.bfloat16)
+  grads = jax.grad(lambda q, k, v: flash_attention(q, k, v, causal=True, interpret=False).astype(jnp.float32).sum(),
+                   argnums=(0, 1, 2))
+  text = jax.jit(grads).trace(spec, spec, spec).lower(lowering_platforms=("cuda",)).as_text()
+  assert text.count("custom_call @__gpu$xla.gpu.triton") == 3  # forward, dq, dk/dv

@@ -6,12 +6,13 @@ A query row with nothing to attend to outputs zeros in the `xla` and `pallas` pa
 """
 from __future__ import annotations
 
+import math
 import warnings
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec as P
+from jax.sharding import AxisType, PartitionSpec as P
 
 from mmjax.errors import ConfigError
 from mmjax.ops.flash_attention import flash_attention
@@ -31,7 +32,10 @@ def dot_product_attention(q, k, v, *, bias=None, mask=None, causal=False, impl="
     if bias is not None:
       unsupported = "an additive bias"
     if unsupported is None:
-      return _sharded_flash(q, k, v, kv_mask, causal)
+      out = _sharded_flash(q, k, v, kv_mask, causal)
+      if out is not None:
+        return out
+      unsupported = f"batch {q.shape[0]} / {q.shape[2]} heads that do not split evenly over the mesh"
     _warn_once(f"attention impl='pallas' does not support {unsupported}; using impl='xla' for it")
     impl = "xla"
   if impl == "cudnn":
@@ -76,16 +80,30 @@ def _warn_once(message: str):
 
 def _sharded_flash(q, k, v, kv_mask, causal):
   """The kernel, per device under a mesh: shard_map over the batch and heads axes that the
-  logical axis rules assign to the activations (a kernel cannot be auto-partitioned)."""
+  logical axis rules assign to the activations (a kernel cannot be auto-partitioned).
+
+  Returns None when the shapes do not split evenly over those axes."""
   run = lambda q, k, v, kv_mask: flash_attention(q, k, v, causal=causal, kv_mask=kv_mask)
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1:
     return run(q, k, v, kv_mask)
   batch_axes, _, head_axes, _ = nn.logical_to_mesh_axes(ACTIVATION_AXES)
-  spec = P(batch_axes, None, head_axes, None)
-  mask_spec = P(batch_axes, None)
+  if batch_axes is None and head_axes is None:
+    _warn_once("attention impl='pallas' under a mesh without logical axis rules for 'act_batch' or "
+               "'heads': every device computes the whole attention")
+  for dim, axes in ((q.shape[0], batch_axes), (q.shape[2], head_axes)):
+    if dim % math.prod(mesh.shape[a] for a in _as_tuple(axes)):
+      return None
+  spec, mask_spec = P(batch_axes, None, head_axes, None), P(batch_axes, None)
+  if any(t == AxisType.Explicit for t in mesh.axis_types):  # shard_map wants inputs laid out as its specs
+    q, k, v = (jax.sharding.reshard(x, spec) for x in (q, k, v))
+    kv_mask = None if kv_mask is None else jax.sharding.reshard(kv_mask, mask_spec)
   if kv_mask is None:
     return jax.shard_map(lambda q, k, v: run(q, k, v, None), mesh=mesh, in_specs=(spec, spec, spec),
                          out_specs=spec, check_vma=False)(q, k, v)
   return jax.shard_map(run, mesh=mesh, in_specs=(spec, spec, spec, mask_spec), out_specs=spec,
                        check_vma=False)(q, k, v, kv_mask)
+
+
+def _as_tuple(axes) -> tuple:
+  return () if axes is None else tuple(axes) if isinstance(axes, (tuple, list)) else (axes,)

@@ -30,7 +30,7 @@ from mmjax.errors import ConfigError
 
 # Finite stand-in for -inf: exp(MASK - max) underflows to 0, and fully masked rows stay finite.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
-HEAD_DIMS = (64, 128, 256)
+HEAD_DIMS = (64, 128, 256)  # Native tile widths; other head dims are zero-padded up to a power of two.
 # (block_q, block_k) per backend: GPU tiles sized for shared memory; in interpret mode
 # larger blocks mean fewer interpreted grid steps.
 DEFAULT_BLOCKS = {"gpu": (128, 64), "tpu": (128, 128), "cpu": (128, 128)}
@@ -45,8 +45,8 @@ def flash_attention(q, k, v, *, causal: bool = False, kv_mask=None, kv_lengths=N
   Masks (any combination): `kv_mask` bool [B, Sk] (True = attend), `kv_lengths` int [B]
   (keys at positions >= length are masked), or non-negative int segment ids
   `q_segment_ids` [B, Sq] with `kv_segment_ids` [B, Sk] (attend within a segment).
-  Any Sq, Sk and D: inputs are padded to block multiples and to a head dim in
-  HEAD_DIMS (or a multiple of 128 beyond), and the result is sliced back.
+  Any Sq, Sk and D: inputs are padded to block multiples and the head dim to a power
+  of two (at least 64), and the result is sliced back.
   """
   batch, q_len, heads, head_dim = q.shape
   kv_len = k.shape[1]
@@ -92,10 +92,8 @@ def _fit_block(block: int, length: int, name: str) -> int:
 
 
 def _padded_head_dim(head_dim: int) -> int:
-  for size in HEAD_DIMS:
-    if head_dim <= size:
-      return size
-  return -(-head_dim // 128) * 128
+  """64, 128, 256, ...: Triton tiles must be powers of two."""
+  return max(HEAD_DIMS[0], pl.next_power_of_2(head_dim))
 
 
 class _Static(NamedTuple):
@@ -109,7 +107,8 @@ class _Static(NamedTuple):
 
 
 def _compiler_params(interpret: bool, head_dim: int):
-  if interpret or jax.default_backend() != "gpu":
+  # Triton is named explicitly: JAX's default GPU backend for pallas_call is Mosaic GPU.
+  if interpret or jax.default_backend() == "tpu":
     return None
   from jax.experimental.pallas import triton as pl_triton
   return pl_triton.CompilerParams(num_warps=4 if head_dim <= 64 else 8, num_stages=2)
