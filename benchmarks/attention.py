@@ -24,9 +24,14 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from mmjax.ops.attention import dot_product_attention  # noqa: E402
-from mmjax.ops.flash_attention import attention_flops  # noqa: E402
 
 MIB = 2 ** 20
+
+
+def attention_flops(batch, heads, q_len, kv_len, head_dim, backward):
+  """4·B·H·Sq·Sk·D for the forward; forward + backward counts 2.5x that."""
+  forward = 4 * batch * heads * q_len * kv_len * head_dim
+  return forward * (2.5 if backward else 1.0)
 
 
 def implementations():

@@ -83,10 +83,11 @@ def _sharded_flash(q, k, v, kv_mask, causal):
   logical axis rules assign to the activations (a kernel cannot be auto-partitioned).
 
   Returns None when the shapes do not split evenly over those axes."""
-  run = lambda q, k, v, kv_mask: flash_attention(q, k, v, causal=causal, kv_mask=kv_mask)
+  mask_args = () if kv_mask is None else (kv_mask,)
+  run = lambda q, k, v, kv_mask=None: flash_attention(q, k, v, causal=causal, kv_mask=kv_mask)
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1:
-    return run(q, k, v, kv_mask)
+    return run(q, k, v, *mask_args)
   batch_axes, _, head_axes, _ = nn.logical_to_mesh_axes(ACTIVATION_AXES)
   if batch_axes is None and head_axes is None:
     _warn_once("attention impl='pallas' under a mesh without logical axis rules for 'act_batch' or "
@@ -94,15 +95,11 @@ def _sharded_flash(q, k, v, kv_mask, causal):
   for dim, axes in ((q.shape[0], batch_axes), (q.shape[2], head_axes)):
     if dim % math.prod(mesh.shape[a] for a in _as_tuple(axes)):
       return None
-  spec, mask_spec = P(batch_axes, None, head_axes, None), P(batch_axes, None)
+  specs = (P(batch_axes, None, head_axes, None),) * 3 + (P(batch_axes, None),) * len(mask_args)
+  args = (q, k, v) + mask_args
   if any(t == AxisType.Explicit for t in mesh.axis_types):  # shard_map wants inputs laid out as its specs
-    q, k, v = (jax.sharding.reshard(x, spec) for x in (q, k, v))
-    kv_mask = None if kv_mask is None else jax.sharding.reshard(kv_mask, mask_spec)
-  if kv_mask is None:
-    return jax.shard_map(lambda q, k, v: run(q, k, v, None), mesh=mesh, in_specs=(spec, spec, spec),
-                         out_specs=spec, check_vma=False)(q, k, v)
-  return jax.shard_map(run, mesh=mesh, in_specs=(spec, spec, spec, mask_spec), out_specs=spec,
-                       check_vma=False)(q, k, v, kv_mask)
+    args = tuple(jax.sharding.reshard(x, spec) for x, spec in zip(args, specs))
+  return jax.shard_map(run, mesh=mesh, in_specs=specs, out_specs=specs[0], check_vma=False)(*args)
 
 
 def _as_tuple(axes) -> tuple:

@@ -30,7 +30,7 @@ from mmjax.errors import ConfigError
 
 # Finite stand-in for -inf: exp(MASK - max) underflows to 0, and fully masked rows stay finite.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
-HEAD_DIMS = (64, 128, 256)  # Native tile widths; other head dims are zero-padded up to a power of two.
+_MIN_HEAD_DIM = 64  # Smaller head dims are zero-padded up to it; larger ones to a power of two.
 # (block_q, block_k) per backend: GPU tiles sized for shared memory; in interpret mode
 # larger blocks mean fewer interpreted grid steps.
 DEFAULT_BLOCKS = {"gpu": (128, 64), "tpu": (128, 128), "cpu": (128, 128)}
@@ -93,7 +93,7 @@ def _fit_block(block: int, length: int, name: str) -> int:
 
 def _padded_head_dim(head_dim: int) -> int:
   """64, 128, 256, ...: Triton tiles must be powers of two."""
-  return max(HEAD_DIMS[0], pl.next_power_of_2(head_dim))
+  return max(_MIN_HEAD_DIM, pl.next_power_of_2(head_dim))
 
 
 class _Static(NamedTuple):
@@ -132,17 +132,6 @@ def _first_q_block_for(j, s: _Static):
   return jnp.where(j == 0, 0, jnp.maximum(0, (j * s.block_k - s.offset) // s.block_q))
 
 
-def _logits(q, k, q_seg, kv_seg, q_start, k_start, s: _Static):
-  """Scaled, masked float32 logits of a [block_q, block_k] tile."""
-  logits = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * s.scale
-  allowed = q_seg[:, None] == kv_seg[None, :]
-  if s.causal:
-    rows = q_start + jax.lax.broadcasted_iota(jnp.int32, logits.shape, 0)
-    cols = k_start + jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1)
-    allowed = allowed & (cols <= rows + s.offset)
-  return jnp.where(allowed, logits, MASK_VALUE)
-
-
 def _matmul(a, b):
   return jnp.dot(a, b, preferred_element_type=jnp.float32)
 
@@ -155,6 +144,17 @@ def _matmul_tn(a, b):
 def _matmul_nt(a, b):
   """a·bᵀ without materialising the transpose."""
   return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _logits(q, k, q_seg, kv_seg, q_start, k_start, s: _Static):
+  """Scaled, masked float32 logits of a [block_q, block_k] tile."""
+  logits = _matmul_nt(q, k) * s.scale
+  allowed = q_seg[:, None] == kv_seg[None, :]
+  if s.causal:
+    rows = q_start + jax.lax.broadcasted_iota(jnp.int32, logits.shape, 0)
+    cols = k_start + jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1)
+    allowed = allowed & (cols <= rows + s.offset)
+  return jnp.where(allowed, logits, MASK_VALUE)
 
 
 # Forward --------------------------------------------------------------------------------
@@ -184,19 +184,31 @@ def _fwd_kernel(q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, o_ref, lse_ref, *, s
   lse_ref[...] = jnp.where(empty, jnp.inf, m + jnp.log(l))
 
 
+class _QueryMajorSpecs(NamedTuple):
+  """BlockSpecs of the grid (batch, heads, query blocks) that the forward and dq kernels share:
+  one query block (and its rows of lse/delta) per program, all keys and values."""
+  q: pl.BlockSpec
+  kv: pl.BlockSpec
+  q_seg: pl.BlockSpec
+  kv_seg: pl.BlockSpec
+  rows: pl.BlockSpec
+
+  @classmethod
+  def make(cls, kv_len: int, dim: int, s: _Static):
+    return cls(q=pl.BlockSpec((pl.squeezed, s.block_q, pl.squeezed, dim), lambda b, h, i: (b, i, h, 0)),
+               kv=pl.BlockSpec((pl.squeezed, kv_len, pl.squeezed, dim), lambda b, h, i: (b, 0, h, 0)),
+               q_seg=pl.BlockSpec((pl.squeezed, s.block_q), lambda b, h, i: (b, i)),
+               kv_seg=pl.BlockSpec((pl.squeezed, kv_len), lambda b, h, i: (b, 0)),
+               rows=pl.BlockSpec((pl.squeezed, pl.squeezed, s.block_q), lambda b, h, i: (b, h, i)))
+
+
 def _forward(q, k, v, q_seg, kv_seg, s: _Static):
   batch, q_len, heads, dim = q.shape
-  kv_len = k.shape[1]
-  grid = (batch, heads, q_len // s.block_q)
-  q_spec = pl.BlockSpec((pl.squeezed, s.block_q, pl.squeezed, dim), lambda b, h, i: (b, i, h, 0))
-  kv_spec = pl.BlockSpec((pl.squeezed, kv_len, pl.squeezed, dim), lambda b, h, i: (b, 0, h, 0))
-  q_seg_spec = pl.BlockSpec((pl.squeezed, s.block_q), lambda b, h, i: (b, i))
-  kv_seg_spec = pl.BlockSpec((pl.squeezed, kv_len), lambda b, h, i: (b, 0))
-  lse_spec = pl.BlockSpec((pl.squeezed, pl.squeezed, s.block_q), lambda b, h, i: (b, h, i))
+  spec = _QueryMajorSpecs.make(k.shape[1], dim, s)
   return pl.pallas_call(
-      functools.partial(_fwd_kernel, s=s), grid=grid,
-      in_specs=[q_spec, kv_spec, kv_spec, q_seg_spec, kv_seg_spec],
-      out_specs=[q_spec, lse_spec],
+      functools.partial(_fwd_kernel, s=s), grid=(batch, heads, q_len // s.block_q),
+      in_specs=[spec.q, spec.kv, spec.kv, spec.q_seg, spec.kv_seg],
+      out_specs=[spec.q, spec.rows],
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct((batch, heads, q_len), jnp.float32)],
       interpret=s.interpret, compiler_params=_compiler_params(s.interpret, dim),
@@ -259,14 +271,11 @@ def _backward(q, k, v, q_seg, kv_seg, out, lse, do, s: _Static):
   params = _compiler_params(s.interpret, dim)
   args = (q, k, v, q_seg, kv_seg, do, lse, delta)
 
-  q_block = pl.BlockSpec((pl.squeezed, s.block_q, pl.squeezed, dim), lambda b, h, i: (b, i, h, 0))
-  kv_full = pl.BlockSpec((pl.squeezed, kv_len, pl.squeezed, dim), lambda b, h, i: (b, 0, h, 0))
-  row_block = pl.BlockSpec((pl.squeezed, pl.squeezed, s.block_q), lambda b, h, i: (b, h, i))
+  spec = _QueryMajorSpecs.make(kv_len, dim, s)
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, s=s), grid=(batch, heads, q_len // s.block_q),
-      in_specs=[q_block, kv_full, kv_full, pl.BlockSpec((pl.squeezed, s.block_q), lambda b, h, i: (b, i)),
-                pl.BlockSpec((pl.squeezed, kv_len), lambda b, h, i: (b, 0)), q_block, row_block, row_block],
-      out_specs=q_block, out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+      in_specs=[spec.q, spec.kv, spec.kv, spec.q_seg, spec.kv_seg, spec.q, spec.rows, spec.rows],
+      out_specs=spec.q, out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
       interpret=s.interpret, compiler_params=params, cost_estimate=_cost(q, k, passes=3),
       name="mmjax_flash_dq")(*args)
 
@@ -300,9 +309,3 @@ def _flash_bwd(s: _Static, residuals, do):
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
-
-
-def attention_flops(batch: int, heads: int, q_len: int, kv_len: int, head_dim: int, backward: bool) -> float:
-  """4·B·H·Sq·Sk·D for the forward; forward + backward counts 2.5x that."""
-  forward = 4 * batch * heads * q_len * kv_len * head_dim
-  return forward * (2.5 if backward else 1.0)
