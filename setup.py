@@ -34,5 +34,15 @@ setup(
             "ipykernel>=6.29",
             "matplotlib>=3.8",
         ],
+        # Converters from open_clip / HF transformers checkpoints and their parity tests (CPU torch).
+        "interop": [
+            "torch>=2.4",
+            "torchvision>=0.19",
+            "open_clip_torch>=3.0",
+            "transformers>=4.45",
+            "safetensors>=0.4",
+            "ftfy>=6.0",
+            "regex>=2023.0",
+        ],
     },
 )

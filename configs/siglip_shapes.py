@@ -10,7 +10,8 @@ from mmjax.config import base_config, tower
 
 def get_config(arg=None):
   c = base_config()
-  c.model.image = tower(width=96, depth=2, mlp_dim=192, num_heads=4, patch_size=8, posemb="learn", pool="map")
+  c.model.image = tower(width=96, depth=2, mlp_dim=192, num_heads=4, patch_size=8, posemb="learn", pool="map",
+                        head="none")
   c.model.text = tower(vocab_size=None, max_len=32, width=96, depth=1, mlp_dim=192, num_heads=4,
                        pool="last", causal=False, eos_id=2)
   c.model.embed_dim = 96

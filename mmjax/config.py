@@ -10,7 +10,7 @@ import ml_collections
 
 def tower(**overrides) -> dict:
   """An image or text tower: `variant` ("B/16") or explicit width/depth/mlp_dim/num_heads."""
-  base = dict(variant=None, width=None, depth=None, mlp_dim=None, num_heads=None, scan=False,
+  base = dict(variant=None, width=None, depth=None, mlp_dim=None, num_heads=None, head="dense", scan=False,
               remat_policy="none", act="gelu_tanh", dropout=0.0)
   base.update(overrides)
   return base
@@ -21,9 +21,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.task = "contrastive"
   c.seed = 0
   c.model = dict(
-      image=tower(patch_size=None, posemb="learn", pool="map"),
+      image=tower(patch_size=None, posemb="learn", pool="map", pre_norm=False),
       text=tower(vocab_size=None, max_len=32, pool="last", causal=False, eos_id=2),
-      embed_dim=128, temperature_init=10.0, bias_init=-10.0, dtype="float32", attention_impl="xla")
+      embed_dim=128, temperature_init=10.0, bias_init=-10.0, dtype="float32", attention_impl="xla",
+      norm_eps=1e-6)
   c.loss = dict(kind="sigmoid", impl="ring")
   # twins (shapes only): every image comes with a negative differing only in its shapes.
   c.data = dict(source="shapes", tokenizer="shapes", image_size=64, batch_size=128, held_out_fraction=0.2,

@@ -27,3 +27,7 @@ class CheckpointError(MMJaxError, RuntimeError):
 
 class NonFiniteLossError(MMJaxError, FloatingPointError):
   """The training loss became NaN or Inf; the last good checkpoint is left intact."""
+
+
+class ConversionError(MMJaxError, ValueError):
+  """A foreign checkpoint (open_clip, HF, big_vision) does not match the model it converts to."""

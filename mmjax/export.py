@@ -1,8 +1,10 @@
 """Params-only exports: `python -m mmjax.export --workdir DIR --out DIR2`, and `mmjax.load(DIR2)`.
 
 An export directory holds `params/` (an Orbax checkpoint of the parameters only),
-`model_config.json` (the resolved `config.model`, vocabulary size included) and
-`tokenizer.model` (the SentencePiece model), so a notebook needs nothing else.
+`model_config.json` (the resolved `config.model`, vocabulary size included),
+`tokenizer.json` with the tokenizer's files (its kind, padding and cleaning rules) and
+`export.json` (where it came from), so a notebook needs nothing else. `python -m
+mmjax.convert` writes the same layout from open_clip, HF and big_vision checkpoints.
 """
 from __future__ import annotations
 
@@ -15,17 +17,16 @@ from absl import app, flags
 from etils import epath
 
 from mmjax import models
-from mmjax.data.tokenizer import Tokenizer
+from mmjax.data.tokenizer import load_saved_tokenizer
 from mmjax.errors import CheckpointError
 
 MODEL_CONFIG = "model_config.json"
-TOKENIZER = "tokenizer.model"
+TOKENIZER = "tokenizer.json"
 PARAMS = "params"
 
 
-def export(workdir: str, out: str, step: int | None = None) -> str:
-  from mmjax.train import load_run_config, restore_params
-  task, _, params, step = restore_params(load_run_config(workdir), workdir, step)
+def write_export(out: str, model_config: dict, params, tokenizer, origin: dict) -> str:
+  """Writes an export directory; `origin` (JSON) records where the parameters came from."""
   out = epath.Path(out).absolute()
   if (out / PARAMS).exists():
     raise CheckpointError(f"{out / PARAMS} exists already; choose an empty --out")
@@ -33,10 +34,17 @@ def export(workdir: str, out: str, step: int | None = None) -> str:
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(out / PARAMS, jax.device_get(params))
   if jax.process_index() == 0:
-    (out / MODEL_CONFIG).write_text(json.dumps(task.model_config, indent=2))
-    (out / TOKENIZER).write_bytes(task.tokenizer.model_proto)
-    (out / "export.json").write_text(json.dumps({"workdir": os.path.abspath(workdir), "step": step}))
+    (out / MODEL_CONFIG).write_text(json.dumps(model_config, indent=2))
+    tokenizer.save(out)
+    (out / "export.json").write_text(json.dumps(origin))
   return str(out)
+
+
+def export(workdir: str, out: str, step: int | None = None) -> str:
+  from mmjax.train import load_run_config, restore_params
+  task, _, params, step = restore_params(load_run_config(workdir), workdir, step)
+  return write_export(out, task.model_config, params, task.tokenizer,
+                      {"workdir": os.path.abspath(workdir), "step": step})
 
 
 def load(path: str):
@@ -48,7 +56,7 @@ def load(path: str):
   model_config = json.loads((path / MODEL_CONFIG).read_text())
   with ocp.StandardCheckpointer() as ckptr:
     params = ckptr.restore(path / PARAMS)
-  return models.build(model_config), params, Tokenizer.load(str(path / TOKENIZER))
+  return models.build(model_config), params, load_saved_tokenizer(str(path))
 
 
 def main(argv):

@@ -103,7 +103,7 @@ def test_evaluate_and_export_load(finished_run, tmp_path):
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), params, want)
   text = tokenizer.encode(["a red circle"], 16)
   ztxt = model.apply({"params": params}, text=text)[1]
-  assert ztxt.shape == (1, 16)
+  assert ztxt.shape == (1, 32)
   with pytest.raises(CheckpointError, match="not an mmjax export"):
     mmjax.load(str(tmp_path))
 
@@ -131,3 +131,22 @@ def test_zero_shot_notebook_runs_on_an_export(finished_run, tmp_path):
   outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
   assert any("accuracy" in o.get("text", "") for o in outputs)
   assert sum("image/png" in o.get("data", {}) for o in outputs) == 2  # The grid and the heatmap.
+
+
+def test_trained_model_exports_to_hf_and_back(finished_run):
+  pytest.importorskip("torch", reason="HF export needs torch: pip install -e '.[interop]'")
+  from mmjax.interop import from_hf, to_hf
+  from tests.test_interop import hf_outputs, mmjax_outputs, rel_err
+  task, _, params, _ = train_lib.restore_params(train_lib.load_run_config(finished_run[0]), finished_run[0])
+  params = jax.device_get(params)
+  hf = to_hf(task.model_config, params)
+  assert type(hf).__name__ == "SiglipModel"
+  images = np.random.default_rng(0).uniform(-1, 1, (4, 32, 32, 3)).astype(np.float32)
+  text = task.tokenizer.encode(["a red circle", "a small blue square at the top", "two objects", ""], 16)
+  ours = mmjax_outputs(task.model_config, params, images, text)
+  for a, b in zip(ours, hf_outputs(hf, images, text)):
+    assert rel_err(a, b) <= 1e-5
+  config_back, params_back = from_hf(hf)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), params_back, params)
+  for a, b in zip(ours, mmjax_outputs(config_back, params_back, images, text)):
+    np.testing.assert_array_equal(a, b)

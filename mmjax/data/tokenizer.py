@@ -1,11 +1,14 @@
-"""SentencePiece tokenizer with fixed-length, EOS-terminated, zero-padded encoding.
+"""SentencePiece tokenizer with fixed-length, EOS-terminated, padded encoding; saved tokenizer specs.
 
 Train the shipped shapes model (deterministic):
   python -m mmjax.data.tokenizer train --source shapes --out mmjax/assets/shapes.model
 """
 import argparse
 import io
+import json
 import os
+import re
+import string
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -19,31 +22,65 @@ from mmjax.errors import ConfigError, DataError
 PAD_ID, UNK_ID, EOS_ID = 0, 1, 2
 SHAPES_MODEL = Path(__file__).resolve().parent.parent / "assets" / "shapes.model"
 SHAPES_VOCAB_SIZE = 160
+SPEC_FILE = "tokenizer.json"  # What `save` writes next to the tokenizer's own file(s).
+SENTENCEPIECE_FILE = "tokenizer.model"
+PAD_MODES = ("zero", "eos")
+_ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
+_NO_PUNCTUATION = str.maketrans("", "", string.punctuation)
+CLEANERS = {
+    "none": lambda text: text,
+    "lower": lambda text: text.translate(_ASCII_LOWER),
+    "canonicalize": lambda text: re.sub(r"\s+", " ", text.lower().translate(_NO_PUNCTUATION)).strip(),
+}
 
 
 class Tokenizer:
-  """Wraps a SentencePiece model whose pad id is 0 and which has an EOS piece."""
+  """Wraps a SentencePiece model that has an EOS piece.
 
-  def __init__(self, model_proto: bytes, model_path: str | os.PathLike | None = None):
+  pad="zero" (mmjax's own models) pads with id 0 and needs the model's pad id to be 0. pad="eos" pads with
+  the EOS id, SigLIP's convention (big_vision `tokenize(max_len=64, eos="sticky", pad_value=1)` with
+  c4_en/Gemma models, whose EOS is 1), and loads any model with an EOS piece. Either way a row ends in EOS,
+  also when the text is cut.
+
+  clean, applied to each text before SentencePiece:
+    "none": as is.
+    "lower": ASCII letters lower-cased, nothing else ("ÉCOLE" -> "École"): big_vision's `lower=True`
+      (`tf.strings.lower`, ASCII by default), what SigLIP's training captions went through.
+    "canonicalize": as HF `SiglipTokenizer.canonicalize_text`: `str.lower()` (all of Unicode), every ASCII
+      punctuation character deleted (`string.punctuation`, "_" included), runs of (Unicode) whitespace
+      collapsed to one space, stripped. HF applies it to every text; big_vision only to zero-shot prompts,
+      and its version turns "_" into a space and keeps "," in class names.
+  Unlike HF `SiglipTokenizer`, literal "</s>" or "<unk>" in a text are encoded as text, not as their
+  special ids: big_vision calls SentencePiece directly, which never matches control pieces in text.
+  """
+
+  def __init__(self, model_proto: bytes, model_path: str | os.PathLike | None = None, pad: str = "zero",
+               clean: str = "none"):
+    if pad not in PAD_MODES:
+      raise ConfigError(f"pad={pad!r}: expected one of {PAD_MODES}")
+    if clean not in CLEANERS:
+      raise ConfigError(f"clean={clean!r}: expected one of {tuple(CLEANERS)}")
     self.model_proto = model_proto  # Serialised model, for exports.
     self.model_path = model_path
+    self.pad, self.clean = pad, clean
+    self._clean = CLEANERS[clean]
     self._sp = spm.SentencePieceProcessor()
     name = model_path or "serialised model"
     try:
       self._sp.LoadFromSerializedProto(model_proto)
     except (RuntimeError, OSError) as e:
       raise DataError(f"{name}: not a SentencePiece model ({e})") from e
-    if self._sp.pad_id() != PAD_ID or self._sp.eos_id() < 0:
-      raise DataError(f"{name}: expected pad_id={PAD_ID} and an EOS piece, got "
-                      f"pad_id={self._sp.pad_id()} eos_id={self._sp.eos_id()}")
+    if self._sp.eos_id() < 0 or (pad == "zero" and self._sp.pad_id() != PAD_ID):
+      needs = "an EOS piece" if pad == "eos" else f"pad_id={PAD_ID} and an EOS piece (or pad='eos')"
+      raise DataError(f"{name}: expected {needs}, got pad_id={self._sp.pad_id()} eos_id={self._sp.eos_id()}")
 
   @classmethod
-  def load(cls, path: str | os.PathLike) -> "Tokenizer":
+  def load(cls, path: str | os.PathLike, pad: str = "zero", clean: str = "none") -> "Tokenizer":
     try:
       proto = Path(path).read_bytes()
     except OSError as e:
       raise DataError(f"{path}: cannot read tokenizer model ({e})") from e
-    return cls(proto, model_path=path)
+    return cls(proto, model_path=path, pad=pad, clean=clean)
 
   @property
   def vocab_size(self) -> int:
@@ -51,7 +88,7 @@ class Tokenizer:
 
   @property
   def pad_id(self) -> int:
-    return PAD_ID
+    return self.eos_id if self.pad == "eos" else PAD_ID
 
   @property
   def eos_id(self) -> int:
@@ -60,17 +97,17 @@ class Tokenizer:
   def encode(self, texts: str | Sequence[str], max_len: int) -> np.ndarray:
     """int32 [N, max_len] for a list, [max_len] for one string.
 
-    Each row is the pieces, truncated to max_len - 1, then EOS, then zero padding.
+    Each row is the pieces of the cleaned text, truncated to max_len - 1, then EOS, then `pad_id`.
     """
     if max_len < 1:
       raise ConfigError(f"max_len={max_len}: expected at least 1 (room for EOS)")
     single = isinstance(texts, str)
     texts = [texts] if single else texts
-    out = np.zeros((len(texts), max_len), np.int32)
+    out = np.full((len(texts), max_len), self.pad_id, np.int32)
     eos = [self.eos_id]
     for row, text in zip(out, texts):
       # One string at a time: list input goes through a thread pool costing ~100us.
-      pieces = self._sp.EncodeAsIds(text)[:max_len - 1] + eos
+      pieces = self._sp.EncodeAsIds(self._clean(text))[:max_len - 1] + eos
       row[:len(pieces)] = pieces
     return out[0] if single else out
 
@@ -80,11 +117,18 @@ class Tokenizer:
     rows = []
     for row in np.atleast_2d(ids).tolist():
       row = row[:row.index(self.eos_id)] if self.eos_id in row else row
-      rows.append(self._sp.DecodeIds([i for i in row if i != PAD_ID]))
+      rows.append(self._sp.DecodeIds([i for i in row if i != self.pad_id]))
     return rows[0] if ids.ndim == 1 else rows
 
+  def save(self, directory: str | os.PathLike) -> None:
+    """Writes the model as `tokenizer.model` into `directory`, with its `tokenizer.json`."""
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    (Path(directory) / SENTENCEPIECE_FILE).write_bytes(self.model_proto)
+    write_spec(directory, {"kind": "sentencepiece", "file": SENTENCEPIECE_FILE, "pad": self.pad,
+                           "clean": self.clean})
+
   def __getstate__(self) -> dict:  # Picklable for grain worker processes.
-    return dict(model_proto=self.model_proto, model_path=self.model_path)
+    return dict(model_proto=self.model_proto, model_path=self.model_path, pad=self.pad, clean=self.clean)
 
   def __setstate__(self, state: dict) -> None:
     self.__init__(**state)
@@ -127,6 +171,37 @@ def default_shapes_tokenizer() -> Tokenizer:
 def load_tokenizer(spec: str) -> Tokenizer:
   """`data.tokenizer`: "shapes" for the shipped shapes model, otherwise a `.model` path."""
   return default_shapes_tokenizer() if spec == "shapes" else Tokenizer.load(spec)
+
+
+def write_spec(directory: str | os.PathLike, spec: dict) -> None:
+  """Writes `tokenizer.json`: the tokenizer's kind, its file relative to `directory`, its options."""
+  (Path(directory) / SPEC_FILE).write_text(json.dumps(spec, indent=2) + "\n")
+
+
+def load_saved_tokenizer(directory: str | os.PathLike):
+  """The tokenizer that `save(directory)` wrote, of whichever kind (`Tokenizer`, `ClipBpeTokenizer`)."""
+  from mmjax.data.clip_bpe import ClipBpeTokenizer  # Not at the top: clip_bpe imports this module.
+  path = Path(directory) / SPEC_FILE
+  try:
+    spec = json.loads(path.read_text())
+  except OSError as e:
+    raise DataError(f"{path}: cannot read tokenizer spec ({e}); not a saved tokenizer directory") from e
+  except ValueError as e:
+    raise DataError(f"{path}: not valid JSON ({e})") from e
+  kinds = {"sentencepiece": (Tokenizer.load, ("pad", "clean")), "clip_bpe": (ClipBpeTokenizer, ())}
+  if not isinstance(spec, dict) or not isinstance(spec.get("file"), str):
+    raise DataError(f'{path}: expected {{"kind": ..., "file": ..., options}}, got {spec!r}')
+  if spec.get("kind") not in kinds:
+    raise DataError(f"{path}: unknown tokenizer kind {spec.get('kind')!r}; expected one of {tuple(kinds)}")
+  build, option_names = kinds[spec["kind"]]
+  options = {k: v for k, v in spec.items() if k not in ("kind", "file")}
+  if unknown := set(options) - set(option_names):
+    raise DataError(f"{path}: unknown options {sorted(unknown)} for kind {spec['kind']!r}; "
+                    f"expected some of {option_names}")
+  try:
+    return build(Path(directory) / spec["file"], **options)
+  except ConfigError as e:
+    raise DataError(f"{path}: {e}") from e
 
 
 def main(argv: Sequence[str] | None = None) -> None:

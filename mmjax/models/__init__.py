@@ -11,7 +11,7 @@ from mmjax.models.two_tower import TwoTower
 from mmjax.models.vit import ViT, decode_variant
 
 _TOWER_SHAPE_KEYS = ("width", "depth", "mlp_dim", "num_heads")
-_SHARED_KEYS = ("dtype", "attention_impl")
+_SHARED_KEYS = ("dtype", "attention_impl", "norm_eps")
 
 
 def _tower_kwargs(tower: Mapping[str, Any], shared: Mapping[str, Any], embed_dim, prefix: str):
@@ -25,6 +25,8 @@ def _tower_kwargs(tower: Mapping[str, Any], shared: Mapping[str, Any], embed_dim
   for k in _SHARED_KEYS:
     kw.setdefault(k, shared[k])
   kw["dtype"] = jnp.dtype(kw["dtype"])
+  if kw.get("head") == "none" and kw["width"] != embed_dim:
+    raise ConfigError(f"{prefix}.head='none' needs {prefix}.width ({kw['width']}) == model.embed_dim ({embed_dim})")
   kw["num_classes"] = embed_dim
   return kw
 
@@ -32,7 +34,8 @@ def _tower_kwargs(tower: Mapping[str, Any], shared: Mapping[str, Any], embed_dim
 def build(model_config: Mapping[str, Any]):
   """A two-tower module from `config.model` (a ConfigDict or a plain dict)."""
   cfg = model_config.to_dict() if hasattr(model_config, "to_dict") else dict(model_config)
-  shared = {"dtype": cfg.get("dtype", "float32"), "attention_impl": cfg.get("attention_impl", "xla")}
+  shared = {"dtype": cfg.get("dtype", "float32"), "attention_impl": cfg.get("attention_impl", "xla"),
+            "norm_eps": float(cfg.get("norm_eps", 1e-6))}
   for key in ("image", "text", "embed_dim"):
     if key not in cfg:
       raise ConfigError(f"model.{key} is required")

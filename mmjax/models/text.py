@@ -1,6 +1,7 @@
 """Text transformer: token + learned position embedding and the ViT's encoder blocks.
 
-CLIP style: causal mask, pooled at the end-of-text token (`pool="eos"`).
+CLIP style: causal mask, pooled at the end-of-text token (`pool="eos"`, or `"argmax"`: the
+highest token id, open_clip's rule for OpenAI's vocabulary).
 SigLIP style: no mask, pooled at the last position (`pool="last"`) or by `map`.
 Names follow big_vision's text tower (`Embed_0`, `pos_embedding`, `Encoder_0`, `head`).
 """
@@ -12,7 +13,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from mmjax.errors import ConfigError
-from mmjax.models.vit import Encoder, _dense, pool_tokens
+from mmjax.models.vit import Encoder, pool_tokens, tower_head
 
 
 class TextTransformer(nn.Module):
@@ -27,12 +28,14 @@ class TextTransformer(nn.Module):
   causal: bool = False
   eos_id: int = 2
   num_classes: int | None = None
+  head: str = "dense"
   act: str = "gelu_tanh"
   dropout: float = 0.0
   scan: bool = False
   remat_policy: str = "none"
   dtype: Any = jnp.float32
   attention_impl: str = "xla"
+  norm_eps: float = 1e-6
 
   @nn.compact
   def __call__(self, text, train=False):
@@ -49,16 +52,17 @@ class TextTransformer(nn.Module):
     x = nn.Dropout(self.dropout)(x, not train)
     x, aux = Encoder(self.depth, self.mlp_dim, self.num_heads, causal=self.causal, act=self.act,
                      dropout=self.dropout, scan=self.scan, remat_policy=self.remat_policy,
-                     dtype=self.dtype, attention_impl=self.attention_impl, name="Encoder_0")(x, not train)
+                     dtype=self.dtype, attention_impl=self.attention_impl, norm_eps=self.norm_eps,
+                     name="Encoder_0")(x, not train)
     aux["encoded"] = x
     if self.pool == "eos":
       # The first end-of-text token; a sequence truncated without one pools its last position.
       is_eos = text == self.eos_id
       token_index = jnp.where(is_eos.any(axis=1), jnp.argmax(is_eos, axis=1), text.shape[1] - 1)
+    elif self.pool == "argmax":  # open_clip's default: OpenAI's end-of-text has the highest id.
+      token_index = jnp.argmax(text, axis=1)
     else:
       token_index = {"first": 0, "last": -1}.get(self.pool, 0)
     x = pool_tokens(self, x, self.pool, token_index)
     aux["pre_logits"] = x
-    if self.num_classes:
-      x = _dense(self.num_classes, ("embed", "proj"), "head", self.dtype)(x)
-    return x, aux
+    return tower_head(self, x), aux

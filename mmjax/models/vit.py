@@ -61,14 +61,28 @@ def decode_variant(variant: str | None) -> dict[str, int]:
 
 
 def _dense(features, axes, name, dtype, kernel_init=nn.initializers.xavier_uniform(),
-           bias_init=nn.initializers.zeros):
-  return nn.Dense(features, dtype=dtype, name=name,
+           bias_init=nn.initializers.zeros, use_bias=True):
+  return nn.Dense(features, dtype=dtype, name=name, use_bias=use_bias,
                   kernel_init=nn.with_logical_partitioning(kernel_init, axes),
                   bias_init=nn.with_logical_partitioning(bias_init, axes[-1:]))
 
 
-def _layer_norm(name, dtype):
-  return nn.LayerNorm(dtype=dtype, name=name,
+# Output projection of a tower: "dense" (with bias, big_vision), "linear" (no bias, CLIP's
+# `proj`) or "none" (the pooled features are the embedding, SigLIP's image tower).
+HEADS = ("dense", "linear", "none")
+
+
+def tower_head(module: nn.Module, x):
+  """Applies `module.head` projecting to `module.num_classes` (None: no projection)."""
+  if module.head not in HEADS:
+    raise ConfigError(f"head={module.head!r}; known: {HEADS}")
+  if module.head == "none" or not module.num_classes:
+    return x
+  return _dense(module.num_classes, ("embed", "proj"), "head", module.dtype, use_bias=module.head == "dense")(x)
+
+
+def _layer_norm(name, dtype, eps):
+  return nn.LayerNorm(epsilon=eps, dtype=dtype, name=name,
                       scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
                       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)))
 
@@ -130,15 +144,16 @@ class Encoder1DBlock(nn.Module):
   dropout: float = 0.0
   dtype: Any = jnp.float32
   attention_impl: str = "xla"
+  norm_eps: float = 1e-6
 
   @nn.compact
   def __call__(self, x, deterministic=True):
     x = nn.with_logical_constraint(x, ACT_AXES)
-    y = _layer_norm("LayerNorm_0", self.dtype)(x)
+    y = _layer_norm("LayerNorm_0", self.dtype, self.norm_eps)(x)
     y = MultiHeadDotProductAttention(self.num_heads, self.dtype, self.attention_impl,
                                      name="MultiHeadDotProductAttention_0")(y, causal=self.causal)
     x = x + nn.Dropout(self.dropout)(y, deterministic)
-    y = _layer_norm("LayerNorm_1", self.dtype)(x)
+    y = _layer_norm("LayerNorm_1", self.dtype, self.norm_eps)(x)
     y = MlpBlock(self.mlp_dim, self.act, self.dropout, self.dtype, name="MlpBlock_0")(y, deterministic)
     x = x + nn.Dropout(self.dropout)(y, deterministic)
     return nn.with_logical_constraint(x, ACT_AXES), None
@@ -156,13 +171,15 @@ class Encoder(nn.Module):
   remat_policy: str = "none"
   dtype: Any = jnp.float32
   attention_impl: str = "xla"
+  norm_eps: float = 1e-6
 
   @nn.compact
   def __call__(self, x, deterministic=True):
     if self.remat_policy not in REMAT_POLICIES:
       raise ConfigError(f"remat_policy={self.remat_policy!r}; known: {sorted(REMAT_POLICIES)}")
     block_kw = dict(mlp_dim=self.mlp_dim, num_heads=self.num_heads, causal=self.causal, act=self.act,
-                    dropout=self.dropout, dtype=self.dtype, attention_impl=self.attention_impl)
+                    dropout=self.dropout, dtype=self.dtype, attention_impl=self.attention_impl,
+                    norm_eps=self.norm_eps)
     block = Encoder1DBlock
     if self.remat_policy != "none":
       block = nn.remat(block, policy=REMAT_POLICIES[self.remat_policy], prevent_cse=not self.scan,
@@ -178,7 +195,7 @@ class Encoder(nn.Module):
         x, _ = block(name=f"encoderblock_{i}", **block_kw)(x, deterministic)
         aux[f"block{i:02d}"] = x
     aux["pre_norm"] = x
-    return _layer_norm("encoder_norm", self.dtype)(x), aux
+    return _layer_norm("encoder_norm", self.dtype, self.norm_eps)(x), aux
 
 
 
@@ -189,6 +206,7 @@ class MAPHead(nn.Module):
   act: str = "gelu_tanh"
   dtype: Any = jnp.float32
   attention_impl: str = "xla"
+  norm_eps: float = 1e-6
 
   @nn.compact
   def __call__(self, x):
@@ -198,7 +216,7 @@ class MAPHead(nn.Module):
     probe = jnp.tile(probe, (batch, 1, 1)).astype(x.dtype)
     x = MultiHeadDotProductAttention(self.num_heads, self.dtype, self.attention_impl,
                                      name="MultiHeadDotProductAttention_0")(probe, x)
-    y = _layer_norm("LayerNorm_0", self.dtype)(x)
+    y = _layer_norm("LayerNorm_0", self.dtype, self.norm_eps)(x)
     x = x + MlpBlock(self.mlp_dim, self.act, dtype=self.dtype, name="MlpBlock_0")(y)
     return x[:, 0]
 
@@ -224,13 +242,16 @@ class ViT(nn.Module):
   patch_size: int = 16
   posemb: str = "learn"
   pool: str = "map"
+  pre_norm: bool = False  # CLIP's `ln_pre`: a LayerNorm on the tokens before the encoder.
   num_classes: int | None = None
+  head: str = "dense"
   act: str = "gelu_tanh"
   dropout: float = 0.0
   scan: bool = False
   remat_policy: str = "none"
   dtype: Any = jnp.float32
   attention_impl: str = "xla"
+  norm_eps: float = 1e-6
 
   @nn.compact
   def __call__(self, image, train=False):
@@ -257,17 +278,17 @@ class ViT(nn.Module):
       cls = self.param("cls", nn.with_logical_partitioning(nn.initializers.zeros, (None, None, "embed")),
                        (1, 1, self.width))
       x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), (batch, 1, 1)), x], axis=1)
+    if self.pre_norm:
+      x = _layer_norm("pre_norm", self.dtype, self.norm_eps)(x)
 
     x = nn.Dropout(self.dropout)(x, not train)
     x, aux = Encoder(self.depth, self.mlp_dim, self.num_heads, act=self.act, dropout=self.dropout,
                      scan=self.scan, remat_policy=self.remat_policy, dtype=self.dtype,
-                     attention_impl=self.attention_impl, name="Transformer")(x, not train)
+                     attention_impl=self.attention_impl, norm_eps=self.norm_eps, name="Transformer")(x, not train)
     aux["encoded"] = x
     x = pool_tokens(self, x, self.pool, token_index=0)
     aux["pre_logits"] = x
-    if self.num_classes:
-      x = _dense(self.num_classes, ("embed", "proj"), "head", self.dtype)(x)
-      aux["logits"] = x
+    x = tower_head(self, x)
     return x, aux
 
 
@@ -278,13 +299,13 @@ def pool_tokens(module: nn.Module, x, pool: str, token_index):
   """
   if pool == "map":
     return MAPHead(module.mlp_dim, module.num_heads, module.act, module.dtype, module.attention_impl,
-                   name="MAPHead_0")(x)
+                   module.norm_eps, name="MAPHead_0")(x)
   if pool == "gap":
     return jnp.mean(x, axis=1)
   if pool == "none":
     return x
-  if pool in ("tok", "first", "last", "eos"):
+  if pool in ("tok", "first", "last", "eos", "argmax"):
     if isinstance(token_index, int):
       return x[:, token_index]
     return jnp.take_along_axis(x, token_index[:, None, None], axis=1)[:, 0]
-  raise ConfigError(f"pool={pool!r}; known: tok, first, last, eos, gap, map, none")
+  raise ConfigError(f"pool={pool!r}; known: tok, first, last, eos, argmax, gap, map, none")
