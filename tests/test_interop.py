@@ -290,10 +290,34 @@ def test_convert_cli_open_clip_and_hf_to_exports(tmp_path, capsys):
   for a, b in zip(ours, reference):
     assert rel_err(a, b) <= RTOL
 
-  hf = hf_model("siglip")
+  # HF directory (safetensors); OpenAI's vocabulary size selects the CLIP BPE tokenizer.
+  hf = hf_model("clip", vocab_size=49408, eos_token_id=49407)
   hf.save_pretrained(tmp_path / "hf")
+  convert.main(["--from", "hf", "--source", str(tmp_path / "hf"), "--out", str(tmp_path / "hf_export")])
+  model, params, tokenizer = mmjax.load(str(tmp_path / "hf_export"))
+  text = tokenizer.encode(["a photo of a dog", "a red circle"], 16)
+  ours = model.apply({"params": params}, image=images, text=text)[:2]
+  for a, b in zip(ours, hf_outputs(hf, images, text)[:2]):
+    assert rel_err(a, b) <= RTOL
+  hf_siglip = hf_model("siglip")
+  hf_siglip.save_pretrained(tmp_path / "hf_siglip")
   with pytest.raises(ConversionError, match="pass --tokenizer"):
-    convert.convert("hf", str(tmp_path / "hf"), str(tmp_path / "no_tok"))
+    convert.convert("hf", str(tmp_path / "hf_siglip"), str(tmp_path / "no_tok"))
+
+
+def test_convert_cli_big_vision_with_a_sentencepiece_tokenizer(tmp_path):
+  from mmjax.data.tokenizer import SHAPES_MODEL
+  hf = hf_model("siglip", vocab_size=160, eos_token_id=2)
+  npz = big_vision_npz(hf, tmp_path / "siglip.npz")
+  convert.main(["--from", "big_vision", "--source", str(npz), "--tokenizer", str(SHAPES_MODEL),
+                "--out", str(tmp_path / "export")])
+  model, params, tokenizer = mmjax.load(str(tmp_path / "export"))
+  assert (tokenizer.pad, tokenizer.clean) == ("eos", "lower")
+  text = tokenizer.encode(["A Red Circle", "two objects: a blue star and a green cross"], 16)
+  assert text[0, -1] == tokenizer.eos_id  # Padded with EOS, SigLIP's convention.
+  images, _ = inputs(32, 100, 16, eos=99, batch=2)
+  for a, b in zip(model.apply({"params": params}, image=images, text=text)[:2], hf_outputs(hf, images, text)[:2]):
+    assert rel_err(a, b) <= RTOL
 
 
 class Arbitrary:

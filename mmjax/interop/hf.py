@@ -182,11 +182,11 @@ def to_hf(model_config: Mapping, params):
   text = dict(_hf_tower(txt, eps), vocab_size=txt["vocab_size"], max_position_embeddings=txt["max_len"])
   if kind == "clip":
     eos = 2 if txt["pool"] == "argmax" else int(txt["eos_id"])
-    text.update(eos_token_id=eos, bos_token_id=0, pad_token_id=0)
+    text.update(eos_token_id=eos, bos_token_id=None, pad_token_id=0)
     config = transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=mc["embed_dim"])
     model = transformers.CLIPModel(config)
   else:
-    text.update(projection_size=mc["embed_dim"])
+    text.update(projection_size=mc["embed_dim"], eos_token_id=int(txt["eos_id"]), bos_token_id=None, pad_token_id=0)
     config = transformers.SiglipConfig(text_config=text, vision_config=vision)
     model = transformers.SiglipModel(config)
   flat = common.flatten(params)
