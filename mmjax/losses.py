@@ -16,7 +16,6 @@ addition to the diagonal (e.g. images whose captions are identical).
 from __future__ import annotations
 
 import functools
-import math
 from typing import NamedTuple
 
 import jax
@@ -24,7 +23,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from mmjax.errors import ConfigError
-from mmjax.parallel import batch_axes
+from mmjax.parallel import axes_size, batch_axes
 
 SIGMOID_IMPLS = ("ring", "all_gather", "dense")
 
@@ -108,7 +107,7 @@ def _scalar(v):
 
 
 def _num_shards(mesh, axes, batch):
-  size = math.prod(mesh.shape[a] for a in axes)
+  size = axes_size(mesh, axes)
   if batch % size:
     raise ConfigError(f"batch size {batch} is not divisible by D={size}, the number of "
                       f"devices on the batch axes {axes}")

@@ -54,8 +54,14 @@ def batch_axes(mesh: Mesh) -> tuple[str, ...]:
   return tuple(a for a in BATCH_MESH_AXES if a in mesh.axis_names)
 
 
+def axes_size(mesh, axes) -> int:
+  """Devices along `axes` of `mesh`: a mesh axis name, a tuple of them, or None (1)."""
+  axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+  return math.prod(mesh.shape[a] for a in axes)
+
+
 def batch_size_divisor(mesh: Mesh) -> int:
-  return math.prod(mesh.shape[a] for a in batch_axes(mesh))
+  return axes_size(mesh, batch_axes(mesh))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

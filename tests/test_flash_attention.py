@@ -18,7 +18,7 @@ from mmjax.errors import ConfigError
 from mmjax.ops import attention
 from mmjax.ops.attention import dot_product_attention
 from mmjax.ops.flash_attention import flash_attention
-from tests.test_attention import masked_softmax, reference
+from tests.test_attention import masked_softmax, reference, runs_pallas_kernel
 
 TOLERANCES = {jnp.float32: dict(rtol=2e-5, atol=2e-5), jnp.bfloat16: dict(rtol=3e-2, atol=3e-2)}
 
@@ -157,6 +157,7 @@ def test_models_with_pallas_match_xla():
 
   (want, want_z), want_g = jax.value_and_grad(lambda p: loss(xla, p), has_aux=True)(params)
   (got, got_z), got_g = jax.value_and_grad(lambda p: loss(pallas, p), has_aux=True)(params)
+  assert runs_pallas_kernel(lambda p: loss(pallas, p), params)
   for a, b in zip(got_z, want_z):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got_g), jax.tree.leaves(want_g)):

@@ -178,7 +178,7 @@ def test_to_hf_folds_a_clip_patch_bias_into_the_positions():
 def test_to_hf_refuses_architectures_hf_lacks():
   model_config, params = from_hf(hf_model("siglip"))
   model_config["image"]["pool"] = "gap"
-  with pytest.raises(ConversionError, match=r"model.image.pool='gap' \(needs 'map'\)"):
+  with pytest.raises(ConversionError, match=r"image.pool='gap' \(needs 'map'\)"):
     to_hf(model_config, params)
 
 

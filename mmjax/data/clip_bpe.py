@@ -15,7 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
-from mmjax.data.tokenizer import write_spec
+from mmjax.data.tokenizer import encode_rows, write_spec
 from mmjax.errors import ConfigError, DataError
 
 try:
@@ -131,18 +131,13 @@ class ClipBpeTokenizer:
 
   def encode(self, texts: str | Sequence[str], max_len: int) -> np.ndarray:
     """int32 [N, max_len] for a list, [max_len] for one string, as `open_clip.tokenize(texts, max_len)`."""
-    if max_len < 1:
-      raise ConfigError(f"max_len={max_len}: expected at least 1 (room for <end_of_text>)")
-    single = isinstance(texts, str)
-    texts = [texts] if single else texts
-    out = np.zeros((len(texts), max_len), np.int32)
-    for row, text in zip(out, texts):
-      ids = [self.sot_id]
-      for word in self._pattern.findall(self._clean(text)):
-        ids.extend(self._word_ids(word))
-      ids = ids[:max_len - 1] + [self.eos_id]
-      row[:len(ids)] = ids
-    return out[0] if single else out
+    return encode_rows(texts, max_len, self._ids_of, self.eos_id, self.pad_id)
+
+  def _ids_of(self, text: str) -> list[int]:
+    ids = [self.sot_id]
+    for word in self._pattern.findall(self._clean(text)):
+      ids.extend(self._word_ids(word))
+    return ids
 
   def decode(self, ids: np.ndarray | Sequence) -> str | list[str]:
     """Text of each row between `<start_of_text>` and the first `<end_of_text>`, words space-separated."""

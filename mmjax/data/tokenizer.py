@@ -34,6 +34,20 @@ CLEANERS = {
 }
 
 
+def encode_rows(texts: str | Sequence[str], max_len: int, ids_of, eos_id: int, pad_id: int) -> np.ndarray:
+  """int32 [N, max_len] for a list, [max_len] for one string: each row is `ids_of(text)` cut to
+  max_len - 1 ids, then EOS, then `pad_id`. Every tokenizer kind encodes through this."""
+  if max_len < 1:
+    raise ConfigError(f"max_len={max_len}: expected at least 1 (room for EOS)")
+  single = isinstance(texts, str)
+  texts = [texts] if single else texts
+  out = np.full((len(texts), max_len), pad_id, np.int32)
+  for row, text in zip(out, texts):
+    ids = list(ids_of(text))[:max_len - 1] + [eos_id]
+    row[:len(ids)] = ids
+  return out[0] if single else out
+
+
 class Tokenizer:
   """Wraps a SentencePiece model that has an EOS piece.
 
@@ -99,17 +113,9 @@ class Tokenizer:
 
     Each row is the pieces of the cleaned text, truncated to max_len - 1, then EOS, then `pad_id`.
     """
-    if max_len < 1:
-      raise ConfigError(f"max_len={max_len}: expected at least 1 (room for EOS)")
-    single = isinstance(texts, str)
-    texts = [texts] if single else texts
-    out = np.full((len(texts), max_len), self.pad_id, np.int32)
-    eos = [self.eos_id]
-    for row, text in zip(out, texts):
-      # One string at a time: list input goes through a thread pool costing ~100us.
-      pieces = self._sp.EncodeAsIds(self._clean(text))[:max_len - 1] + eos
-      row[:len(pieces)] = pieces
-    return out[0] if single else out
+    # One string at a time: list input goes through a thread pool costing ~100us.
+    return encode_rows(texts, max_len, lambda text: self._sp.EncodeAsIds(self._clean(text)), self.eos_id,
+                       self.pad_id)
 
   def decode(self, ids: np.ndarray | Sequence) -> str | list[str]:
     """Inverse of `encode`: reads each row up to its first EOS, ignoring padding."""

@@ -41,14 +41,12 @@ def model_config_from_big_vision(flat: dict) -> dict:
   for key in ("img/embedding/kernel", "txt/Embed_0/embedding", "t"):
     if key not in flat:
       raise ConversionError(f"not a big_vision two-tower checkpoint: no {key!r} (has e.g. {sorted(flat)[:5]})")
-  patch, _, _, width = flat["img/embedding/kernel"].shape
+  if "img/pos_embedding" not in flat:
+    raise ConversionError("img/pos_embedding missing: image towers with fixed sincos2d positions are not supported")
+  patch = flat["img/embedding/kernel"].shape[0]
+  grid = math.isqrt(flat["img/pos_embedding"].shape[1])
   image = _tower(flat, "img", "Transformer", "image tower")
-  if "img/pos_embedding" in flat:
-    grid = math.isqrt(flat["img/pos_embedding"].shape[1])
-    image["posemb"] = "learn"
-  else:
-    raise ConversionError("img/pos_embedding missing: sincos2d image towers need --model-config with image_size")
-  image.update(patch_size=patch, pool=image.get("pool", "tok" if "img/cls" in flat else "gap"))
+  image.update(patch_size=patch, posemb="learn", pool=image.get("pool", "tok" if "img/cls" in flat else "gap"))
   vocab, _ = flat["txt/Embed_0/embedding"].shape
   text = _tower(flat, "txt", "Encoder_0", "text tower")
   text.update(vocab_size=vocab, max_len=flat["txt/pos_embedding"].shape[1], pool=text.get("pool", "last"),

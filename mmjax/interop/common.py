@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmjax import models
+from mmjax.config import base_config
 from mmjax.errors import ConversionError
 
 
@@ -51,9 +52,17 @@ def heads_in(w, num_heads):
   return w.T.reshape(w.shape[1], num_heads, -1)
 
 
+def heads_in_inverse(k):
+  return k.reshape(k.shape[0], -1).T
+
+
 def heads_out(w, num_heads):
   """torch output projection weight [out, in=heads*head_dim] -> kernel [heads, head_dim, out]."""
   return w.T.reshape(num_heads, -1, w.shape[0])
+
+
+def heads_out_inverse(k):
+  return k.reshape(-1, k.shape[-1]).T
 
 
 def attention(mm: str, src: str, num_heads: int, fused: bool) -> list[Rule]:
@@ -71,7 +80,7 @@ def attention(mm: str, src: str, num_heads: int, fused: bool) -> list[Rule]:
 
     def join(*a):
       kernels, biases = a[:3], a[3:]
-      return (np.concatenate([k.reshape(k.shape[0], -1).T for k in kernels]),
+      return (np.concatenate([heads_in_inverse(k) for k in kernels]),
               np.concatenate([b.reshape(-1) for b in biases]))
 
     rules = [Rule(tuple(f"{mm}/{n}/kernel" for n in names) + tuple(f"{mm}/{n}/bias" for n in names),
@@ -79,11 +88,9 @@ def attention(mm: str, src: str, num_heads: int, fused: bool) -> list[Rule]:
   else:
     rules = []
     for n, t in zip(names, ("q_proj", "k_proj", "v_proj")):
-      rules.append(same(f"{mm}/{n}/kernel", f"{src}.{t}.weight", lambda w: heads_in(w, h),
-                        lambda k: k.reshape(k.shape[0], -1).T))
+      rules.append(same(f"{mm}/{n}/kernel", f"{src}.{t}.weight", lambda w: heads_in(w, h), heads_in_inverse))
       rules.append(same(f"{mm}/{n}/bias", f"{src}.{t}.bias", lambda b: b.reshape(h, -1), lambda b: b.reshape(-1)))
-  rules.append(same(f"{mm}/out/kernel", f"{src}.out_proj.weight", lambda w: heads_out(w, h),
-                    lambda k: k.reshape(-1, k.shape[-1]).T))
+  rules.append(same(f"{mm}/out/kernel", f"{src}.out_proj.weight", lambda w: heads_out(w, h), heads_out_inverse))
   rules.append(same(f"{mm}/out/bias", f"{src}.out_proj.bias"))
   return rules
 
@@ -112,8 +119,7 @@ def expected_shapes(model_config: Mapping) -> dict[str, tuple[int, ...]]:
   image = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
   text = jax.ShapeDtypeStruct((1, int(model_config["text"]["max_len"])), jnp.int32)
   shapes = jax.eval_shape(lambda i, t: model.init(jax.random.PRNGKey(0), image=i, text=t)["params"], image, text)
-  shapes = flax.linen.meta.unbox(shapes)
-  return {"/".join(k): tuple(v.shape) for k, v in flax.traverse_util.flatten_dict(shapes).items()}
+  return {k: tuple(v.shape) for k, v in flatten(shapes).items()}
 
 
 def apply_rules(rules: Sequence[Rule], source: Mapping[str, np.ndarray], *, inverse: bool = False,
@@ -167,9 +173,9 @@ def nest(flat: Mapping[str, np.ndarray]) -> dict:
                                             for k, v in flat.items()})
 
 
-def flatten(params) -> dict[str, np.ndarray]:
-  params = flax.linen.meta.unbox(params)
-  return {"/".join(k): np.asarray(v) for k, v in flax.traverse_util.flatten_dict(params).items()}
+def flatten(params) -> dict:
+  """Nested (possibly boxed) parameters -> 'a/b/c' -> leaf."""
+  return {"/".join(k): v for k, v in flax.traverse_util.flatten_dict(flax.linen.meta.unbox(params)).items()}
 
 
 def to_numpy(state_dict: Mapping) -> dict[str, np.ndarray]:
@@ -228,7 +234,6 @@ def class_token_rule(class_embedding: str, positions: str) -> Rule:
 def model_config(*, image: dict, text: dict, embed_dim: int, image_size: int, temperature_init: float,
                  bias_init: float | None) -> dict:
   """A complete `config.model` dict for `mmjax.models.build`, towers on mmjax's defaults."""
-  from mmjax.config import base_config
   base = base_config().model.to_dict()
   towers = {side: {**base[side], **overrides} for side, overrides in (("image", image), ("text", text))}
   return {**base, **towers, "embed_dim": int(embed_dim), "image_size": int(image_size),

@@ -1,12 +1,14 @@
 """HF transformers `CLIPModel` and `SiglipModel` <-> mmjax, both directions from one rule table."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from typing import Any, Mapping
 
 import numpy as np
 
+from mmjax import models
 from mmjax.errors import ConversionError
 from mmjax.interop import common
 
@@ -128,25 +130,31 @@ def from_hf(model_or_state_dict, hf_config=None) -> tuple[dict, dict]:
   return common.convert(rules_for(mc), state_dict, mc, ignore=_IGNORE, what="HF state dict")
 
 
-def _tower_kind(mc: Mapping) -> str:
-  """'clip' or 'siglip' when the mmjax config has exactly that architecture, else an error."""
-  txt = mc["text"]
-  checks = {
-      "clip": dict(image=dict(pool="tok", pre_norm=True, head="linear", posemb="learn"),
-                   text=dict(causal=True, head="linear")),
-      "siglip": dict(image=dict(pool="map", pre_norm=False, head="none", posemb="learn"),
-                     text=dict(causal=False, pool="last", head="dense")),
-  }
+# The mmjax architectures HF has, as allowed values of the architecture's keys (see `_architecture`).
+_HF_ARCHITECTURES = {
+    "clip": {"image.pool": ("tok",), "image.pre_norm": (True,), "image.head": ("linear",),
+             "image.posemb": ("learn",), "text.causal": (True,), "text.pool": ("argmax", "eos"),
+             "text.head": ("linear",), "logit bias": (False,)},
+    "siglip": {"image.pool": ("map",), "image.pre_norm": (False,), "image.head": ("none",),
+               "image.posemb": ("learn",), "text.causal": (False,), "text.pool": ("last",),
+               "text.head": ("dense",), "logit bias": (True,)},
+}
+
+
+def _with_module_defaults(module_cls, tower: Mapping) -> dict:
+  defaults = {f.name: f.default for f in dataclasses.fields(module_cls) if f.default is not dataclasses.MISSING}
+  return {**defaults, **tower}
+
+
+def _architecture(img: Mapping, txt: Mapping, bias_init) -> str:
+  """'clip' or 'siglip' when the resolved towers have exactly that architecture, else an error."""
+  img, txt = _with_module_defaults(models.ViT, img), _with_module_defaults(models.TextTransformer, txt)
+  have = {"image.pool": img["pool"], "image.pre_norm": img["pre_norm"], "image.head": img["head"],
+          "image.posemb": img["posemb"], "text.causal": txt["causal"], "text.pool": txt["pool"],
+          "text.head": txt["head"], "logit bias": bias_init is not None}
   problems = {}
-  for kind, want in checks.items():
-    bad = [f"model.{side}.{k}={mc[side].get(k)!r} (needs {v!r})" for side in ("image", "text")
-           for k, v in want[side].items() if mc[side].get(k, False if k == "pre_norm" else None) != v]
-    if kind == "clip" and txt.get("pool") not in ("argmax", "eos"):
-      bad.append(f"model.text.pool={txt.get('pool')!r} (needs 'argmax' or 'eos')")
-    if kind == "clip" and mc.get("bias_init") is not None:
-      bad.append(f"model.bias_init={mc['bias_init']!r} (needs None)")
-    if kind == "siglip" and mc.get("bias_init") is None:
-      bad.append("model.bias_init=None (SigLIP needs a logit bias)")
+  for kind, allowed in _HF_ARCHITECTURES.items():
+    bad = [f"{k}={have[k]!r} (needs {' or '.join(map(repr, v))})" for k, v in allowed.items() if have[k] not in v]
     if not bad:
       return kind
     problems[kind] = bad
@@ -154,32 +162,27 @@ def _tower_kind(mc: Mapping) -> str:
                         + "\n  ".join(f"{k}: {', '.join(v)}" for k, v in problems.items()))
 
 
-def _hf_tower(side: Mapping, eps) -> dict[str, Any]:
+def _hf_tower(side: Mapping) -> dict[str, Any]:
   if side["act"] not in _ACT_TO_HF:
     raise ConversionError(f"activation {side['act']!r} has no HF equivalent")
   return dict(hidden_size=side["width"], num_hidden_layers=side["depth"], intermediate_size=side["mlp_dim"],
               num_attention_heads=side["num_heads"], hidden_act=_ACT_TO_HF[side["act"]],
-              layer_norm_eps=float(side.get("norm_eps", eps)))
+              layer_norm_eps=side["norm_eps"])
 
 
 def to_hf(model_config: Mapping, params):
   """A HF `CLIPModel` or `SiglipModel` (torch, eval mode) holding `params`.
 
-  The architecture must be one HF has (see `_tower_kind`); a CLIP model's patch bias is
+  The architecture must be one HF has (`_HF_ARCHITECTURES`); a CLIP model's patch bias is
   folded into its position embeddings, which HF's CLIP lacks a bias for.
   """
   import torch
   import transformers
-  from mmjax import models
   mc = dict(model_config)
-  for side in ("image", "text"):
-    mc[side] = {**models.decode_variant(mc[side].get("variant")),
-                **{k: v for k, v in mc[side].items() if v is not None}}
-  kind = _tower_kind(mc)
-  img, txt = mc["image"], mc["text"]
-  eps = mc.get("norm_eps", 1e-6)
-  vision = dict(_hf_tower(img, eps), image_size=int(mc["image_size"]), patch_size=img["patch_size"])
-  text = dict(_hf_tower(txt, eps), vocab_size=txt["vocab_size"], max_position_embeddings=txt["max_len"])
+  img, txt = mc["image"], mc["text"] = models.resolve_tower(mc, "image"), models.resolve_tower(mc, "text")
+  kind = _architecture(img, txt, mc.get("bias_init"))
+  vision = dict(_hf_tower(img), image_size=int(mc["image_size"]), patch_size=img["patch_size"])
+  text = dict(_hf_tower(txt), vocab_size=txt["vocab_size"], max_position_embeddings=txt["max_len"])
   if kind == "clip":
     eos = 2 if txt["pool"] == "argmax" else int(txt["eos_id"])
     text.update(eos_token_id=eos, bos_token_id=None, pad_token_id=0)

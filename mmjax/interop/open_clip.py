@@ -58,10 +58,10 @@ def model_config_from_open_clip(cfg: Mapping[str, Any]) -> dict:
   if not isinstance(vision.get("layers", 12), int):
     raise ConversionError(f"vision_cfg.layers={vision['layers']!r}: ResNet image towers are not supported")
   size = vision.get("image_size", 224)
-  size = size if isinstance(size, int) else tuple(size)
-  if not isinstance(size, int) and len(set(size)) != 1:
+  sides = {size} if isinstance(size, int) else set(size)
+  if len(sides) != 1:
     raise ConversionError(f"vision_cfg.image_size={size}: only square images are supported")
-  size = size if isinstance(size, int) else size[0]
+  size = sides.pop()
   width, t_width = vision.get("width", 768), text.get("width", 512)
   eps = lambda side: float((side.get("norm_kwargs") or {}).get("eps", 1e-5))
   image = dict(width=width, depth=vision.get("layers", 12), mlp_dim=int(width * vision.get("mlp_ratio", 4.0)),
@@ -103,14 +103,12 @@ def _config_from_model(model) -> dict:
 
   quick = type(v_block.mlp.gelu).__name__ == "QuickGELU"
   proj = model.text_projection
-  vision = dict(image_size=visual.image_size[0], patch_size=visual.patch_size[0], width=visual.conv1.out_channels,
+  vision = dict(image_size=list(visual.image_size), patch_size=visual.patch_size[0], width=visual.conv1.out_channels,
                 layers=len(visual.transformer.resblocks),
                 head_width=visual.conv1.out_channels // v_block.attn.num_heads,
                 mlp_ratio=v_block.mlp.c_fc.out_features / visual.conv1.out_channels,
                 no_ln_pre=isinstance(visual.ln_pre, tnn.Identity), pool_type=visual.pool_type,
                 norm_kwargs={"eps": visual.ln_post.eps}, act_kwargs=act_kwargs(v_block))
-  if visual.image_size[0] != visual.image_size[1]:
-    raise ConversionError(f"image_size={visual.image_size}: only square images are supported")
   text = dict(context_length=model.context_length, vocab_size=model.vocab_size,
               width=model.token_embedding.embedding_dim, heads=t_block.attn.num_heads,
               layers=len(model.transformer.resblocks),

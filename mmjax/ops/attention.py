@@ -6,7 +6,6 @@ A query row with nothing to attend to outputs zeros in the `xla` and `pallas` pa
 """
 from __future__ import annotations
 
-import math
 import warnings
 
 import flax.linen as nn
@@ -14,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import AxisType, PartitionSpec as P
 
+from mmjax import parallel
 from mmjax.errors import ConfigError
 from mmjax.ops.flash_attention import flash_attention
 
@@ -52,9 +52,8 @@ def dot_product_attention(q, k, v, *, bias=None, mask=None, causal=False, impl="
     # Queries are aligned to the end of the keys, as when decoding with a cache.
     allowed = jnp.tril(jnp.ones((q_len, kv_len), bool), k=kv_len - q_len)
     mask = allowed if mask is None else jnp.logical_and(mask, allowed)
-  probs = jax.nn.softmax(logits if mask is None else jnp.where(mask, logits, jnp.finfo(jnp.float32).min), axis=-1)
-  if mask is not None:  # A row with no key to attend to outputs zeros, not the mean of all values.
-    probs = jnp.where(jnp.any(mask, axis=-1, keepdims=True), probs, 0.0)
+  # Masked entries get probability 0, so a row with no key to attend to outputs zeros.
+  probs = jax.nn.softmax(logits, axis=-1, where=mask)
   return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
 
 
@@ -93,14 +92,10 @@ def _sharded_flash(q, k, v, kv_mask, causal):
     _warn_once("attention impl='pallas' under a mesh without logical axis rules for 'act_batch' or "
                "'heads': every device computes the whole attention")
   for dim, axes in ((q.shape[0], batch_axes), (q.shape[2], head_axes)):
-    if dim % math.prod(mesh.shape[a] for a in _as_tuple(axes)):
+    if dim % parallel.axes_size(mesh, axes):
       return None
   specs = (P(batch_axes, None, head_axes, None),) * 3 + (P(batch_axes, None),) * len(mask_args)
   args = (q, k, v) + mask_args
   if any(t == AxisType.Explicit for t in mesh.axis_types):  # shard_map wants inputs laid out as its specs
     args = tuple(jax.sharding.reshard(x, spec) for x, spec in zip(args, specs))
   return jax.shard_map(run, mesh=mesh, in_specs=specs, out_specs=specs[0], check_vma=False)(*args)
-
-
-def _as_tuple(axes) -> tuple:
-  return () if axes is None else tuple(axes) if isinstance(axes, (tuple, list)) else (axes,)
