@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 import grain
+import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -32,8 +33,17 @@ class Checkpointer:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
     self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
+  def has_data_state(self, step: int) -> bool:
+    """Whether `step` holds an iterator state for this process under the current process
+    count (grain writes `process_<i>-of-<n>.json`); a run restored on another process
+    count repositions its iterator from the step instead."""
+    name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    return (self.directory / str(step) / "data" / name).exists()
+
   def restore(self, step: int, abstract_state: Any, data_iterator=None) -> Any:
-    """Restores onto `abstract_state`'s shapes and shardings; the iterator is restored in place."""
+    """Restores onto `abstract_state`'s shapes and shardings, which may differ from the saving
+    run's mesh (Orbax reshards). The iterator, if given, is restored in place; check
+    `has_data_state` first."""
     items = {"state": ocp.args.StandardRestore(abstract_state)}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)

@@ -31,3 +31,7 @@ class NonFiniteLossError(MMJaxError, FloatingPointError):
 
 class ConversionError(MMJaxError, ValueError):
   """A foreign checkpoint (open_clip, HF, big_vision) does not match the model it converts to."""
+
+
+class PreemptedError(MMJaxError, RuntimeError):
+  """The run was asked to stop (SIGTERM, preemption) and saved a checkpoint first."""

@@ -1,29 +1,103 @@
-"""Meshes, logical axis rules and global arrays: where parallelism is decided.
+"""Processes, meshes, logical axis rules and global arrays: where parallelism is decided.
 
 Models annotate parameters and activations with logical axis names; the config
 holds one table mapping those names to the mesh axes `data`, `fsdp` and `tensor`.
 Everything here turns that table into `NamedSharding`s.
+
+Several hosts run the same program (JAX's multi-controller model): `initialize` joins
+them, each process feeds its slice of every global batch (`global_batch`), and
+`check_same_config` stops a run whose processes were started with different configs.
 """
 from __future__ import annotations
 
+import json
 import math
-from typing import Any, Sequence
+import os
+from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from mmjax.errors import MeshError
+from mmjax.errors import ConfigError, MeshError
 from mmjax.rules import path_str
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_MESH_AXES = ("data", "fsdp")
+# Set to 1 to let `jax.distributed.initialize()` detect the cluster (TPU pod metadata,
+# SLURM, Open MPI, ...) where the variables below do not reveal it.
+DISTRIBUTED_ENV = "MMJAX_DISTRIBUTED"
+
+
+def cluster_kind(environ: Mapping[str, str] = os.environ) -> str | None:
+  """"slurm" or "tpu" when the environment describes a multi-process job, else None."""
+  if int(environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_STEP_ID" in environ:
+    return "slurm"  # Inside `srun` with several tasks.
+  if len([h for h in environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1:
+    return "tpu"
+  if environ.get(DISTRIBUTED_ENV, "") not in ("", "0"):
+    return "auto"
+  return None
+
+
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None) -> bool:
+  """Joins a multi-process run and returns True, or does nothing and returns False.
+
+  Explicit arguments (the trainer's `--coordinator_address/--num_processes/--process_id`)
+  win; otherwise SLURM, TPU pod or `MMJAX_DISTRIBUTED=1` environments are joined with
+  JAX's own cluster detection. A single CPU or GPU host needs nothing. Call it before
+  anything touches a JAX device.
+  """
+  explicit = {"coordinator_address": coordinator_address, "num_processes": num_processes,
+              "process_id": process_id}
+  if any(v is not None for v in explicit.values()):
+    missing = [k for k, v in explicit.items() if v is None]
+    if missing:
+      raise ConfigError(f"--{', --'.join(missing)}: required with the other multi-process flags {explicit}")
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    return True
+  if cluster_kind() is None:
+    return False
+  jax.distributed.initialize()
+  return True
+
+
+def check_same_config(config_json: str) -> None:
+  """Raises the same ConfigError on every process unless all processes hold this config.
+
+  Every process gathers every config, so all of them name the same differing keys
+  (and none is left waiting in a collective the others never reach).
+  """
+  if jax.process_count() == 1:
+    return
+  data = np.frombuffer(config_json.encode("utf-8"), np.uint8)
+  lengths = np.asarray(multihost_utils.process_allgather(np.array([len(data)], np.int32))).reshape(-1)
+  padded = np.zeros(int(lengths.max()), np.uint8)
+  padded[:len(data)] = data
+  rows = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(lengths), -1)
+  configs = [{path_str(path): value for path, value in
+              jax.tree_util.tree_leaves_with_path(json.loads(bytes(row[:n]).decode("utf-8")))}
+             for row, n in zip(rows, lengths)]
+  lines = []
+  for index, other in enumerate(configs[1:], 1):
+    for key in sorted(set(configs[0]) | set(other)):
+      if configs[0].get(key) != other.get(key):
+        lines.append(f"  {key}: {configs[0].get(key)!r} on process 0, {other.get(key)!r} on process {index}")
+  if lines:
+    raise ConfigError("the processes of this run were started with different configs; "
+                      "start every process with the same command:\n" + "\n".join(lines))
 
 
 def make_mesh(mesh_config: Sequence[tuple[str, int]], devices: Sequence[Any] | None = None) -> Mesh:
-  """Builds a mesh from `(("data", -1), ("fsdp", 1), ...)`; one `-1` takes the remaining devices."""
-  devices = list(jax.devices() if devices is None else devices)
+  """Builds a mesh from `(("data", -1), ("fsdp", 1), ...)`; one `-1` takes the remaining devices.
+
+  Devices are ordered by process, so each process's devices hold a contiguous block of
+  the outer (batch) axes: its slice of every global batch.
+  """
+  devices = sorted(jax.devices() if devices is None else devices, key=lambda d: (d.process_index, d.id))
   names = tuple(str(name) for name, _ in mesh_config)
   sizes = [int(size) for _, size in mesh_config]
   unknown = [n for n in names if n not in MESH_AXES]

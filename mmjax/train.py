@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import sys
 import time
 from typing import Any
 
@@ -18,12 +20,13 @@ import numpy as np
 import optax
 import ml_collections
 from absl import app, flags, logging
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from mmjax import optim, parallel, tasks
 from mmjax.checkpoint import Checkpointer
 from mmjax.data import pipeline
-from mmjax.errors import CheckpointError, NonFiniteLossError
+from mmjax.errors import CheckpointError, MMJaxError, NonFiniteLossError, PreemptedError
 from mmjax.metrics import MetricWriter, Progress
 
 CONFIG_FILE = "config.json"
@@ -99,6 +102,30 @@ def _check_finite(step: int, metrics: dict, last_saved: int | None) -> float:
   return loss
 
 
+class PreemptionWatch:
+  """Whether the run should checkpoint and stop at a step.
+
+  One process: SIGTERM (what schedulers send before killing) sets a flag. Several
+  processes: JAX's preemption sync point, so that every process stops at the same step.
+  """
+
+  def __init__(self):
+    self.requested = False
+    self._multi = jax.process_count() > 1
+    if not self._multi:
+      self._previous = signal.signal(signal.SIGTERM, self._on_signal)
+
+  def _on_signal(self, signum, frame):
+    self.requested = True
+
+  def __call__(self, step: int) -> bool:
+    return multihost_utils.reached_preemption_sync_point(step) if self._multi else self.requested
+
+  def close(self):
+    if not self._multi:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
 def summary_table(summary: dict) -> str:
   width = max(len(k) for k in summary)
   lines = [f"{'metric':<{width}}  value", f"{'-' * width}  -----"]
@@ -108,39 +135,50 @@ def summary_table(summary: dict) -> str:
 
 
 def train(config, workdir: str) -> dict[str, Any]:
-  """Trains (or resumes) the run in `workdir` and returns its summary."""
+  """Trains (or resumes) the run in `workdir` and returns its summary.
+
+  Raises PreemptedError after saving a checkpoint when the run is asked to stop.
+  """
+  parallel.check_same_config(config.to_json_best_effort(sort_keys=True))
   mesh = parallel.make_mesh(config.mesh)
   rules = parallel.axis_rules(config.axis_rules, mesh)
   task = tasks.get(config.task)(config, mesh)
   source = pipeline.make_source(config.data)
-  loader = pipeline.make_loader(source, tokenizer=task.tokenizer, image_size=config.data.image_size,
-                                max_len=task.max_len, global_batch_size=config.data.batch_size,
-                                seed=config.seed, worker_count=config.data.worker_count)
-  data_iter = iter(loader)
+  loader = pipeline.Loader(source, tokenizer=task.tokenizer, image_size=config.data.image_size,
+                           max_len=task.max_len, global_batch_size=config.data.batch_size,
+                           seed=config.seed, worker_count=config.data.worker_count)
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, CONFIG_FILE), "w", encoding="utf-8") as f:
       f.write(config.to_json_best_effort(indent=2))
 
   ckpt = Checkpointer(workdir, keep=config.keep_checkpoints)
+  preempted = PreemptionWatch()
   try:  # `close` waits for pending saves, so a crash keeps every checkpoint already started.
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-      return _run(config, workdir, task, mesh, rules, ckpt, data_iter)
+      return _run(config, workdir, task, mesh, rules, ckpt, loader, preempted)
   finally:
+    preempted.close()
     ckpt.close()
 
 
-def _run(config, workdir, task, mesh, rules, ckpt, data_iter) -> dict[str, Any]:
+def _run(config, workdir, task, mesh, rules, ckpt, loader, preempted) -> dict[str, Any]:
   log = print if jax.process_index() == 0 else (lambda *a, **k: None)
   abstract, shardings, tx, lr, init = sharded_state(task, config, mesh, rules)
   start = ckpt.latest_step()
   if start is None:
-    state, start = init(jax.random.key(config.seed)), 0
+    state, start, data_iter = init(jax.random.key(config.seed)), 0, loader.make_iterator()
     log(f"new run in {workdir}: {sum(x.size for x in jax.tree.leaves(state['params'])):,} parameters, "
         f"mesh {dict(mesh.shape)}")
-  else:
+  elif ckpt.has_data_state(start):
+    data_iter = loader.make_iterator()
     state = ckpt.restore(start, abstract, data_iter)
     log(f"resumed {workdir} from step {start}")
+  else:
+    data_iter = loader.make_iterator(start_batch=start)
+    state = ckpt.restore(start, abstract)
+    log(f"resumed {workdir} from step {start} on a new process count ({jax.process_count()}): "
+        f"data continues at global batch {start}")
 
   summary_path = os.path.join(workdir, SUMMARY_FILE)
   if start >= config.total_steps and os.path.exists(summary_path):
@@ -168,10 +206,15 @@ def _run(config, workdir, task, mesh, rules, ckpt, data_iter) -> dict[str, Any]:
     if step % config.log_every == 0 or last:
       loss = _check_finite(step, metrics, last_saved)
       writer.write(step, {**jax.device_get(metrics), **progress.update(step, loss), "data/skipped": skipped})
-    if step % config.checkpoint_every == 0 or last:
+    stop = preempted(step)
+    if step % config.checkpoint_every == 0 or last or stop:
       _check_finite(step, metrics, last_saved)
       ckpt.save(step, state, data_iter)
       last_saved = step
+    if stop:
+      ckpt.wait()
+      raise PreemptedError(f"stopped at step {step} on request (SIGTERM or preemption); checkpoint "
+                           f"{ckpt.path(step)} is saved. Run the same command to resume.")
     if config.eval_every and (step % config.eval_every == 0 or last):
       evals = task.evaluate(state["params"])
       writer.write(step, {f"eval/{k}": v for k, v in evals.items()})
@@ -199,12 +242,25 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   quiet_logs()
-  train(flags.FLAGS.config, flags.FLAGS.workdir)
+  f = flags.FLAGS
+  parallel.initialize(f.coordinator_address, f.num_processes, f.process_id)
+  try:
+    train(f.config, f.workdir)
+  except PreemptedError as e:
+    logging.warning("process %d: %s", jax.process_index(), e)
+    sys.exit(143)  # 128 + SIGTERM: what a scheduler expects from a job it asked to stop.
+  except MMJaxError as e:  # Every process reports its own error; process 0 is not the only one.
+    logging.error("process %d of %d: %s: %s", jax.process_index(), jax.process_count(), type(e).__name__, e)
+    raise
 
 
 if __name__ == "__main__":
   # Flags are defined here, not at import, so other entry points can import this module.
   config_flags.DEFINE_config_file("config", None, "Recipe: configs/<file>.py[:arg].", lock_config=True)
   flags.DEFINE_string("workdir", None, "Checkpoints, metrics and the summary go here.")
+  flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-process runs "
+                      "outside SLURM or TPU pods (see mmjax.parallel.initialize).")
+  flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-process run.")
+  flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
   flags.mark_flags_as_required(["config", "workdir"])
   app.run(main)

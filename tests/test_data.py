@@ -169,7 +169,7 @@ def test_image_folder_source(tmp_path):
 # --- loader -----------------------------------------------------------------------------
 
 def _shapes_loader(**kw):
-  return pipeline.make_loader(shapes.ShapesSource(seed=0, image_size=32),
+  return pipeline.Loader(shapes.ShapesSource(seed=0, image_size=32),
                               tokenizer=default_shapes_tokenizer(), image_size=32, max_len=16,
                               global_batch_size=8, seed=1, **kw)
 
@@ -187,7 +187,7 @@ def test_folder_loader_counts_skipped_records(tmp_path):
   # Skips are reported with the next batch, so a good record comes last.
   names = [n for pair in zip(good, bad) for n in pair] + good[len(bad):]
   src = folder.CaptionFolderSource(_write_captions(tmp_path, names))
-  loader = pipeline.make_loader(src, tokenizer=default_shapes_tokenizer(), image_size=24,
+  loader = pipeline.Loader(src, tokenizer=default_shapes_tokenizer(), image_size=24,
                                 max_len=8, global_batch_size=2, seed=0, shuffle=False,
                                 num_epochs=1, drop_remainder=False)
   batches = list(loader)
@@ -254,10 +254,62 @@ def test_twins_differ_only_in_shapes_and_share_a_batch():
     for caption in (a["caption"], b["caption"]):
       assert not any(f"{c} {s}" in caption for c, s in held)
   tok = default_shapes_tokenizer()
-  loader = pipeline.make_loader(src, tokenizer=tok, image_size=32, max_len=32, global_batch_size=8, seed=1)
+  loader = pipeline.Loader(src, tokenizer=tok, image_size=32, max_len=32, global_batch_size=8, seed=1)
   batch = next(iter(loader))
   captions = tok.decode(batch["text"])
   for k in range(0, 8, 2):
     assert strip(captions[k]) == strip(captions[k + 1]) and captions[k] != captions[k + 1]
-  with pytest.raises(ConfigError, match="group size 2"):
-    pipeline.make_loader(src, tokenizer=tok, image_size=32, max_len=32, global_batch_size=7, seed=1)
+  with pytest.raises(ConfigError, match=r"group size \(2\)"):
+    pipeline.Loader(src, tokenizer=tok, image_size=32, max_len=32, global_batch_size=7, seed=1)
+
+
+class _Indexed:
+  """A random-access source whose record i carries label i (to count records exactly)."""
+
+  def __init__(self, n):
+    self.n = n
+
+  def __len__(self):
+    return self.n
+
+  def __getitem__(self, i):
+    return dict(image=np.full((8, 8, 3), i % 256, np.uint8), label=i)
+
+
+def _as_process(monkeypatch, index, count):
+  monkeypatch.setattr(pipeline.jax, "process_index", lambda: index)
+  monkeypatch.setattr(pipeline.jax, "process_count", lambda: count)
+
+
+def test_process_slices_form_the_single_process_batches(monkeypatch):
+  src = shapes.ShapesSource(seed=0, image_size=16, twins=True)
+  kw = dict(tokenizer=default_shapes_tokenizer(), image_size=16, max_len=16, global_batch_size=8, seed=3)
+  it = iter(pipeline.Loader(src, **kw))
+  whole = [next(it) for _ in range(3)]
+  parts = []
+  for p in range(2):
+    _as_process(monkeypatch, p, 2)
+    it = iter(pipeline.Loader(src, **kw))
+    parts.append([next(it) for _ in range(3)])
+  for k in range(3):
+    for key in ("image", "text"):
+      np.testing.assert_array_equal(np.concatenate([parts[0][k][key], parts[1][k][key]]), whole[k][key])
+  # A run restored on another process count continues at the global batch of its step.
+  _as_process(monkeypatch, 1, 2)
+  later = next(pipeline.Loader(src, **kw).make_iterator(start_batch=2))
+  np.testing.assert_array_equal(later["text"], whole[2]["text"][4:])
+
+
+@pytest.mark.parametrize("processes", [1, 2, 3])
+def test_finite_loader_sees_every_record_once_per_epoch(monkeypatch, processes):
+  src = _Indexed(23)
+  labels = []
+  for p in range(processes):
+    _as_process(monkeypatch, p, processes)
+    loader = pipeline.Loader(src, tokenizer=None, image_size=8, max_len=0, global_batch_size=6, seed=5,
+                             num_epochs=2, drop_remainder=False)
+    for batch in loader:
+      assert len(batch["label"]) == 6 // processes
+      labels.extend(batch["label"][batch[pipeline.VALID]].tolist())
+  counts = np.bincount(labels, minlength=23)
+  np.testing.assert_array_equal(counts, np.full(23, 2))

@@ -1,17 +1,29 @@
-"""Grain loaders: source -> drop unreadable records -> preprocess -> per-process batches.
+"""Grain pipelines: source -> this process's share of each global batch -> preprocess -> batches.
+
+Global batch k is records [k * R, (k + 1) * R) of one seeded, per-epoch shuffle of the
+source (R records per global batch); process p of P reads only its contiguous slice of
+R / P of them. Which examples form a global batch, and their order, therefore does not
+depend on how many processes read it: 2 processes x 4 devices train on exactly the
+batches of 1 process x 8 devices, and a run restored on another process count
+continues with the batches it would have seen (`make_iterator(start_batch=step)`).
 
 Every batch is a dict of numpy arrays {"image": float32 [b, S, S, 3], "text": int32
 [b, L]} (or "label" for class folders) plus SKIPPED, an int32 scalar counting the
 records dropped as unreadable while assembling that batch. The count travels
 with the batch, so it is exact with worker processes too; pop it before turning
 the batch into a global array, and sum it over steps (and processes) for logs.
-Records skipped after the last batch of a finite loader (`num_epochs` set) are
-not reported; training loaders are infinite.
+Finite loaders that keep the remainder (`num_epochs` set, `drop_remainder=False`)
+pad the last global batch with repeated records and add VALID, a bool per example,
+so every record counts exactly once.
 
 The iterator's state is checkpointed with the training state by
 `mmjax.checkpoint.Checkpointer` (grain's Orbax handler; one file per JAX process).
 """
+from __future__ import annotations
+
 import dataclasses
+import math
+import sys
 
 import grain
 import jax
@@ -20,21 +32,82 @@ import numpy as np
 from mmjax.data.folder import CaptionFolderSource
 from mmjax.data.shapes import ShapesSource
 from mmjax.data.tokenizer import Tokenizer
-from mmjax.data.transforms import NormalizeImage, RandomFlip, ResizeImage, Tokenize
+from mmjax.data.transforms import NormalizeImage, ResizeImage, Tokenize
 from mmjax.errors import ConfigError, DataError
 
 SKIPPED = "skipped"
+VALID = "valid"
 SOURCES = ("shapes", "folder")
 
 
-class _DropBad(grain.transforms.Filter):
-  """Drops records a source returned as None, counting them until the next batch."""
+class _UnreadableRecord:
+  """Stands in for a record the source returned as None, so that it reaches the counter
+  (grain's iterators drop None silently)."""
+
+
+_UNREADABLE = _UnreadableRecord()
+
+
+class _ProcessSlice(grain.MapDataset):
+  """This process's records of every global batch, as `(record, valid)`.
+
+  Local index i is global position (start_batch + i // r) * R + process * r + i % r,
+  with r = R / processes. Positions past the end of a finite parent pad the last
+  batch (`pad=True`, valid=False, a repeated record) or are cut off (`pad=False`).
+  """
+
+  def __init__(self, parent: grain.MapDataset, records_per_batch: int, process_index: int,
+               process_count: int, start_batch: int, pad: bool):
+    super().__init__(parent)
+    self._global, self._local = records_per_batch, records_per_batch // process_count
+    self._offset, self._start, self._total = process_index * self._local, start_batch, len(parent)
+    if self._total >= sys.maxsize:
+      batches = sys.maxsize // records_per_batch - start_batch
+    else:
+      batches = (math.ceil if pad else math.floor)(self._total / records_per_batch) - start_batch
+    self._len = max(batches, 0) * self._local
+
+  def __len__(self) -> int:
+    return self._len
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    batch, row = divmod(index, self._local)
+    position = (self._start + batch) * self._global + self._offset + row
+    valid = position < self._total
+    return self._parent[position if valid else position % self._total], valid
+
+  def __str__(self) -> str:
+    return f"ProcessSlice(records_per_batch={self._global}, offset={self._offset})"
+
+
+@dataclasses.dataclass
+class _Preprocess:
+  """(record or group of records, valid) -> list of model-ready examples, or _UNREADABLE."""
+  ops: list
+  with_valid: bool
+
+  def __call__(self, element):
+    record, valid = element
+    if record is None:
+      return _UNREADABLE
+    examples = []
+    for example in (record if isinstance(record, list) else [record]):
+      for op in self.ops:
+        example = op.map(example)
+      examples.append(example | {VALID: valid} if self.with_valid else example)
+    return examples
+
+
+class _DropUnreadable(grain.transforms.Filter):
+  """Drops unreadable records, counting them until the next batch."""
 
   def __init__(self, source_name: str, limit: int):
     self.source_name, self.limit, self.count = source_name, limit, 0
 
   def filter(self, element) -> bool:
-    if element is not None:
+    if element is not _UNREADABLE:
       return True
     self.count += 1
     if self.count >= self.limit:  # Otherwise an infinite loader would spin forever.
@@ -43,68 +116,68 @@ class _DropBad(grain.transforms.Filter):
     return False
 
 
-class _Ungroup(grain.experimental.FlatMapTransform):
-  """Splits a record that is a group of related samples (e.g. hard-negative twins)."""
-
-  def __init__(self, group_size: int):
-    self.max_fan_out = group_size
-
-  def flat_map(self, element):
-    return element
-
-
 @dataclasses.dataclass
 class _Collate:
-  """Stacks a batch and attaches the number of records dropped while collecting it."""
-  drop_bad: _DropBad
+  """Stacks a batch (groups flattened in order) and attaches the number of records dropped
+  while collecting it."""
+  drop: _DropUnreadable
 
-  def __call__(self, elements: list[dict]) -> dict:
-    batch = {key: np.stack([e[key] for e in elements]) for key in elements[0]}
-    batch[SKIPPED] = np.int32(self.drop_bad.count)
-    self.drop_bad.count = 0
+  def __call__(self, groups: list[list[dict]]) -> dict:
+    examples = [example for group in groups for example in group]
+    batch = {key: np.stack([e[key] for e in examples]) for key in examples[0]}
+    batch[SKIPPED] = np.int32(self.drop.count)
+    self.drop.count = 0
     return batch
 
 
-def make_loader(source, *, tokenizer: Tokenizer | None, image_size: int, max_len: int,
-                global_batch_size: int, seed: int, shuffle: bool = True,
-                num_epochs: int | None = None, worker_count: int = 0,
-                drop_remainder: bool = True, random_flip: bool = False,
-                read_threads: int = 0) -> grain.DataLoader:
-  """A DataLoader yielding this process's share of each global batch.
+@dataclasses.dataclass
+class Loader:
+  """Builds iterators over this process's share of each global batch (see the module doc)."""
+  source: object
+  tokenizer: Tokenizer | None
+  image_size: int
+  max_len: int
+  global_batch_size: int
+  seed: int
+  shuffle: bool = True
+  num_epochs: int | None = None
+  worker_count: int = 0
+  drop_remainder: bool = True
 
-  `tokenizer=None` keeps the source's non-caption fields as they are (e.g. class
-  labels); `random_flip` must stay off for shapes, whose captions name positions.
-  `read_threads` > 0 reads records ahead in threads. That only pays off for
-  sources that release the GIL (file decoding on slow storage): for the shapes
-  renderer on 2 cores, 16 threads are 3-4x slower than reading on demand. Use
-  `worker_count` processes for parallelism.
-  """
-  processes = jax.process_count()
-  if global_batch_size % processes:
-    raise ConfigError(f"data.batch_size={global_batch_size}: expected a multiple of the "
-                      f"number of JAX processes ({processes})")
-  shard = grain.sharding.ShardByJaxProcess(drop_remainder=True)
-  sampler = grain.samplers.IndexSampler(len(source), shard_options=shard, shuffle=shuffle,
-                                        num_epochs=num_epochs, seed=seed)
-  drop_bad = _DropBad(repr(source), limit=len(source))
-  ops = [drop_bad]
-  group_size = getattr(source, "group_size", 1)
-  if group_size > 1:
-    if (global_batch_size // processes) % group_size:
-      raise ConfigError(f"data.batch_size={global_batch_size}: each process's share must be a "
-                        f"multiple of the source's group size {group_size}, so groups stay in one batch")
-    ops.append(_Ungroup(group_size))
-  ops.append(ResizeImage(image_size))
-  if random_flip:
-    ops.append(RandomFlip())
-  ops.append(NormalizeImage())
-  if tokenizer is not None:
-    ops.append(Tokenize(tokenizer, max_len))
-  ops.append(grain.transforms.Batch(global_batch_size // processes, drop_remainder,
-                                    batch_fn=_Collate(drop_bad)))
-  return grain.DataLoader(data_source=source, sampler=sampler, operations=ops,
-                          worker_count=worker_count, shard_options=shard,
-                          read_options=grain.ReadOptions(num_threads=read_threads))
+  def __post_init__(self):
+    processes = jax.process_count()
+    self.group_size = getattr(self.source, "group_size", 1)
+    if self.global_batch_size % (processes * self.group_size):
+      raise ConfigError(
+          f"data.batch_size={self.global_batch_size}: expected a multiple of the number of JAX "
+          f"processes ({processes}) times the source's group size ({self.group_size}), so each "
+          "process holds whole groups")
+    self.local_batch_size = self.global_batch_size // processes
+
+  def make_iterator(self, start_batch: int = 0) -> grain.DatasetIterator:
+    """An iterator starting at global batch `start_batch` of the (first) epoch sequence."""
+    ds = grain.MapDataset.source(self.source)
+    if self.shuffle:
+      ds = ds.shuffle(seed=self.seed)
+    ds = ds.repeat(self.num_epochs)  # Each epoch is reshuffled.
+    pad = not self.drop_remainder and self.num_epochs is not None
+    ds = _ProcessSlice(ds, self.global_batch_size // self.group_size, jax.process_index(),
+                       jax.process_count(), start_batch, pad)
+    ops = [ResizeImage(self.image_size), NormalizeImage()]
+    if self.tokenizer is not None:
+      ops.append(Tokenize(self.tokenizer, self.max_len))
+    drop = _DropUnreadable(repr(self.source), limit=len(self.source))
+    ds = (ds.map(_Preprocess(ops, with_valid=pad))
+          .to_iter_dataset(grain.ReadOptions(num_threads=0))
+          .filter(drop)
+          .batch(self.local_batch_size // self.group_size, drop_remainder=self.drop_remainder,
+                 batch_fn=_Collate(drop)))
+    if self.worker_count:
+      ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.worker_count))
+    return iter(ds)
+
+  def __iter__(self):
+    return self.make_iterator()
 
 
 def make_source(data_config):

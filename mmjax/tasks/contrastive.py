@@ -41,7 +41,9 @@ class ContrastiveTask:
     self.model_config["image_size"] = config.data.image_size
     self.model = models.build(self.model_config)
     self.max_len = self.model_config["text"]["max_len"]
-    self._embed = jax.jit(lambda p, image, text: self.model.apply({"params": p}, image=image, text=text)[:2])
+    # Replicated outputs: every process reads all embeddings of the rows it fed a slice of.
+    self._embed = jax.jit(lambda p, image, text: self.model.apply({"params": p}, image=image, text=text)[:2],
+                          out_shardings=parallel.replicated(mesh))
     self._eval_data = None
 
   def dummy_batch(self, batch_size: int) -> dict[str, np.ndarray]:
@@ -76,17 +78,20 @@ class ContrastiveTask:
     return self._embed_chunks(params, "text", self.tokenizer.encode(texts, self.max_len))
 
   def _embed_chunks(self, params, side: str, inputs: np.ndarray) -> np.ndarray:
-    """Embeds in fixed-size chunks (one compilation), padding the last one."""
+    """Embeds in fixed-size chunks (one compilation), padding the last one and dropping the
+    padding rows. Each process feeds its slice of every chunk; all get every embedding."""
     chunk = self.config.evals.batch_size
     divisor = parallel.batch_size_divisor(self.mesh)
     if chunk % divisor:
       raise ConfigError(f"evals.batch_size={chunk} must be divisible by the {divisor} batch-sharded devices")
+    rows = chunk // jax.process_count()
+    local = slice(jax.process_index() * rows, (jax.process_index() + 1) * rows)
     out = []
     with jax.set_mesh(self.mesh):
       for start in range(0, len(inputs), chunk):
         part = inputs[start:start + chunk]
         padded = np.concatenate([part, np.zeros((chunk - len(part),) + part.shape[1:], part.dtype)])
-        batch = parallel.global_batch({side: padded}, self.mesh)
+        batch = parallel.global_batch({side: padded[local]}, self.mesh)
         zimg, ztxt = self._embed(params, **{"image": None, "text": None, **batch})
         z = zimg if side == "image" else ztxt
         out.append(np.asarray(jax.device_get(z))[:len(part)])

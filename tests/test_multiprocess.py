@@ -1,0 +1,138 @@
+"""Real multi-process runs on localhost: `python -m mmjax.train` in 2 processes x 4 CPU devices
+joined by `jax.distributed`, against 1 process x 8 devices."""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from mmjax import train as train_lib
+from mmjax.rules import path_str
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 6
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def _env(devices: int) -> dict:
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
+  return dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu",
+              XLA_FLAGS=" ".join(flags + [f"--xla_force_host_platform_device_count={devices}"]))
+
+
+def _train_args(workdir, mesh, *extra):
+  return [sys.executable, "-m", "mmjax.train", "--config", f"tests/tiny_config.py:{mesh}", "--workdir",
+          str(workdir), f"--config.total_steps={STEPS}", "--config.log_every=1", "--config.eval_every=6",
+          "--config.keep_checkpoints=3", *extra]
+
+
+def run_processes(workdir, mesh, processes: int, extra_per_process=None, timeout=600):
+  """Starts `processes` trainers (each with 8 / processes CPU devices) and waits for all."""
+  port = _free_port()
+  procs = []
+  for i in range(processes):
+    extra = list((extra_per_process or {}).get(i, ()))
+    if processes > 1:
+      extra += [f"--coordinator_address=localhost:{port}", f"--num_processes={processes}", f"--process_id={i}"]
+    procs.append(subprocess.Popen(_train_args(workdir, mesh, *extra), cwd=REPO, env=_env(8 // processes),
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+  outputs = []
+  for p in procs:
+    try:
+      out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+      for q in procs:
+        q.kill()
+      raise
+    outputs.append((p.returncode, out, err))
+  return outputs
+
+
+def _losses(workdir):
+  rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  return np.array([r["loss"] for r in rows if "loss" in r])
+
+
+def _params(workdir):
+  config = train_lib.load_run_config(workdir)
+  return jax.device_get(train_lib.restore_params(config, workdir)[2])
+
+
+def assert_same_params(got, want):
+  """float32 agreement, except attention key biases: their exact gradient is zero (softmax
+  ignores a shift shared by all keys), so Adam scales float rounding noise, which depends on
+  the summation order, into updates of order 1e-5. They only have to stay that small."""
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
+    if path_str(path).endswith("key/bias"):
+      assert np.abs(a).max() < 1e-3 and np.abs(b).max() < 1e-3, path_str(path)
+    else:
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=path_str(path))
+
+
+def _assert_ok(outputs):
+  for code, out, err in outputs:
+    assert code == 0, err[-3000:]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  root = tmp_path_factory.mktemp("multiprocess")
+  _assert_ok(run_processes(root / "one", "8x1", 1))
+  two = run_processes(root / "two", "8x1", 2)
+  _assert_ok(two)
+  return root, two
+
+
+def test_two_processes_train_like_one(runs):
+  root, outputs = runs
+  one, two = str(root / "one"), str(root / "two")
+  np.testing.assert_allclose(_losses(two), _losses(one), rtol=1e-5)
+  assert len(_losses(one)) == STEPS
+  assert_same_params(_params(two), _params(one))
+  # Evaluation is split across the processes; every example counts once, so the results agree.
+  summaries = [json.load(open(os.path.join(d, "summary.json"))) for d in (one, two)]
+  for key, value in summaries[0].items():
+    if key.startswith(("zeroshot/", "retrieval/", "binding/")):
+      assert summaries[1][key] == pytest.approx(value, abs=1e-6), key
+  # Only process 0 logs progress.
+  assert "step" in outputs[0][1] and "step" not in outputs[1][1]
+
+
+def test_two_process_checkpoint_resumes_in_one_process_on_another_mesh(runs, tmp_path):
+  root, _ = runs
+  resumed = tmp_path / "resumed"
+  shutil.copytree(root / "two", resumed)
+  shutil.rmtree(resumed / "checkpoints" / str(STEPS))
+  os.remove(resumed / "summary.json")
+  outputs = run_processes(resumed, "2x4", 1)
+  _assert_ok(outputs)
+  assert "on a new process count (1)" in outputs[0][1]
+  assert_same_params(_params(str(resumed)), _params(str(root / "two")))
+
+
+@pytest.mark.parametrize("case", ["config", "mesh"])
+def test_processes_fail_fast_with_the_same_message(tmp_path, case):
+  if case == "config":
+    outputs = run_processes(tmp_path, "8x1", 2, extra_per_process={1: ["--config.optim.lr=0.5"]}, timeout=300)
+    expected = "optim/lr: 0.002 on process 0, 0.5 on process 1"
+  else:
+    outputs = run_processes(tmp_path, "3x1", 2, timeout=300)
+    expected = "needs 3 devices, but 8 are available"
+  messages = []
+  for code, _, err in outputs:
+    assert code != 0
+    lines = [line for line in err.splitlines() if expected in line]
+    assert lines, err[-3000:]
+    messages.append(lines[0].split("Error: ", 1)[-1])
+  assert messages[0] == messages[1]
