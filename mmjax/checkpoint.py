@@ -17,7 +17,9 @@ class Checkpointer:
   def __init__(self, workdir: str, *, keep: int, async_save: bool = True):
     # Orbax's tensorstore backend rejects relative paths such as `--workdir runs/x`.
     self.directory = epath.Path(workdir).absolute() / "checkpoints"
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+    # A save cut off by a crash stays in a temporary directory that no step lists; the next
+    # run removes it.
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True,
                                            enable_async_checkpointing=async_save)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
 
