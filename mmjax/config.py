@@ -28,7 +28,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss = dict(kind="sigmoid", impl="ring")
   # twins (shapes only): every image comes with a negative differing only in its shapes.
   c.data = dict(source="shapes", tokenizer="shapes", image_size=64, batch_size=128, held_out_fraction=0.2,
-                twins=True, captions="", image_root="", on_bad_image="skip", worker_count=0, seed=0)
+                twins=True, captions="", image_root="", shards="", on_bad_image="skip", worker_count=0, seed=0)
   c.mesh = (("data", -1), ("fsdp", 1), ("tensor", 1))
   c.axis_rules = (("batch", ("data", "fsdp")), ("act_batch", ("data", "fsdp")), ("embed", "fsdp"),
                   ("mlp", "tensor"), ("heads", "tensor"), ("vocab", "tensor"))

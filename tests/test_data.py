@@ -239,6 +239,8 @@ def test_make_source(tmp_path):
   with pytest.raises(ConfigError, match="data.captions"):
     pipeline.make_source(dict(source="folder"))
   with pytest.raises(ConfigError, match="data.source"):
+    pipeline.make_source(dict(source="tfrecord"))
+  with pytest.raises(ConfigError, match="data.shards"):
     pipeline.make_source(dict(source="webdataset"))
 
 

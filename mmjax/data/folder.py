@@ -9,6 +9,8 @@ import json
 import os
 from pathlib import Path
 
+from typing import BinaryIO
+
 import numpy as np
 from PIL import Image
 
@@ -22,19 +24,21 @@ BAD_IMAGE_POLICIES = ("skip", "raise")
 CSV_COLUMNS = (("image", "caption"), ("filepath", "title"))
 
 
-def load_image(path: str | os.PathLike) -> np.ndarray:
-  """Decodes an image file to uint8 RGB [H, W, 3]; transparency is composited on white.
+def load_image(path: str | os.PathLike | BinaryIO, name: str | None = None) -> np.ndarray:
+  """Decodes an image file (a path, or an open binary file called `name` in errors) to uint8
+  RGB [H, W, 3]; transparency is composited on white.
 
   Raises BadImageError naming the file for missing, corrupt, truncated, tiny or
   oversized images.
   """
+  label = path if name is None else name
   try:
     with Image.open(path) as image:
       w, h = image.size
       if w * h > MAX_PIXELS:
-        raise BadImageError(f"{path}: {w}x{h} image exceeds MAX_PIXELS={MAX_PIXELS}")
+        raise BadImageError(f"{label}: {w}x{h} image exceeds MAX_PIXELS={MAX_PIXELS}")
       if min(w, h) < MIN_SIDE:
-        raise BadImageError(f"{path}: {w}x{h} image is smaller than MIN_SIDE={MIN_SIDE}")
+        raise BadImageError(f"{label}: {w}x{h} image is smaller than MIN_SIDE={MIN_SIDE}")
       if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
         image = image.convert("RGBA")
         image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image)
@@ -42,15 +46,25 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
   except BadImageError:
     raise
   except FileNotFoundError as e:
-    raise BadImageError(f"{path}: file not found") from e
+    raise BadImageError(f"{label}: file not found") from e
   except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-    raise BadImageError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from e
+    raise BadImageError(f"{label}: cannot decode image ({type(e).__name__}: {e})") from e
 
 
-def _check_policy(on_bad_image: str) -> None:
+def check_policy(on_bad_image: str) -> None:
   if on_bad_image not in BAD_IMAGE_POLICIES:
     raise ConfigError(
         f"data.on_bad_image={on_bad_image!r}: expected one of {BAD_IMAGE_POLICIES}")
+
+
+def load_image_under_policy(path, on_bad_image: str, name: str | None = None) -> np.ndarray | None:
+  """`load_image`, or None for a bad image when `on_bad_image="skip"`."""
+  try:
+    return load_image(path, name)
+  except BadImageError:
+    if on_bad_image == "raise":
+      raise
+    return None
 
 
 class _ImageFiles:
@@ -61,13 +75,11 @@ class _ImageFiles:
   def __len__(self) -> int:
     return len(self._paths)
 
+  def image_path(self, index: int) -> Path:
+    return self._paths[index]
+
   def _image(self, index: int) -> np.ndarray | None:
-    try:
-      return load_image(self._paths[index])
-    except BadImageError:
-      if self.on_bad_image == "raise":
-        raise
-      return None
+    return load_image_under_policy(self._paths[index], self.on_bad_image)
 
 
 class CaptionFolderSource(_ImageFiles):
@@ -80,7 +92,7 @@ class CaptionFolderSource(_ImageFiles):
 
   def __init__(self, captions_path: str | os.PathLike, image_root: str | os.PathLike | None = None,
                on_bad_image: str = "skip"):
-    _check_policy(on_bad_image)
+    check_policy(on_bad_image)
     self.captions_path, self.on_bad_image = Path(captions_path), on_bad_image
     root = Path(image_root) if image_root is not None else self.captions_path.parent
     reader = _read_csv if self.captions_path.suffix.lower() in (".csv", ".tsv") else _read_jsonl
@@ -140,7 +152,7 @@ class ImageFolderSource(_ImageFiles):
   """
 
   def __init__(self, root: str | os.PathLike, on_bad_image: str = "skip"):
-    _check_policy(on_bad_image)
+    check_policy(on_bad_image)
     self.root, self.on_bad_image = Path(root), on_bad_image
     if not self.root.is_dir():
       raise DataError(f"{self.root}: image folder does not exist")

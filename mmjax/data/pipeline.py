@@ -28,8 +28,10 @@ import sys
 import grain
 import jax
 import numpy as np
+from absl import flags
 
 from mmjax.data.folder import CaptionFolderSource
+from mmjax.data.records import ArrayRecordSource, WebDatasetSource
 from mmjax.data.shapes import ShapesSource
 from mmjax.data.tokenizer import Tokenizer
 from mmjax.data.transforms import NormalizeImage, ResizeImage, Tokenize
@@ -37,7 +39,7 @@ from mmjax.errors import ConfigError, DataError
 
 SKIPPED = "skipped"
 VALID = "valid"
-SOURCES = ("shapes", "folder")
+SOURCES = ("shapes", "folder", "webdataset", "array_record")
 
 
 class _UnreadableRecord:
@@ -173,6 +175,8 @@ class Loader:
           .batch(self.local_batch_size // self.group_size, drop_remainder=self.drop_remainder,
                  batch_fn=_Collate(drop)))
     if self.worker_count:
+      if not flags.FLAGS.is_parsed():  # Grain's workers read absl flags; notebooks never parse them.
+        flags.FLAGS.mark_as_parsed()
       ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.worker_count))
     return iter(ds)
 
@@ -181,7 +185,7 @@ class Loader:
 
 
 def make_source(data_config):
-  """The training source named by `data_config.source` ("shapes" or "folder")."""
+  """The training source named by `data_config.source` (one of SOURCES)."""
   kind = data_config.get("source")
   if kind == "shapes":
     return ShapesSource(seed=data_config.get("seed", 0),
@@ -195,5 +199,10 @@ def make_source(data_config):
     return CaptionFolderSource(data_config.get("captions"),
                                image_root=data_config.get("image_root"),
                                on_bad_image=data_config.get("on_bad_image", "skip"))
+  if kind in ("webdataset", "array_record"):
+    if not data_config.get("shards"):
+      raise ConfigError(f"data.shards: required (a glob of files) when data.source={kind!r}")
+    source_class = WebDatasetSource if kind == "webdataset" else ArrayRecordSource
+    return source_class(data_config.get("shards"), on_bad_image=data_config.get("on_bad_image", "skip"))
   raise ConfigError(f"data.source={kind!r}: expected one of {SOURCES}")
 
