@@ -136,3 +136,13 @@ def test_processes_fail_fast_with_the_same_message(tmp_path, case):
     assert lines, err[-3000:]
     messages.append(lines[0].split("Error: ", 1)[-1])
   assert messages[0] == messages[1]
+
+
+def test_local_launch_script(tmp_path):
+  env = dict(_env(8), PYTHON=sys.executable, PORT=str(_free_port()), DEVICES="8")
+  proc = subprocess.run(["bash", "launch/local_multiprocess.sh", "2", "--config", "tests/tiny_config.py:4x2",
+                         "--workdir", str(tmp_path), "--config.total_steps=2", "--config.eval_every=0"],
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "mesh {'data': 4, 'fsdp': 2, 'tensor': 1}" in proc.stdout
+  assert os.path.isdir(tmp_path / "checkpoints" / "2")
