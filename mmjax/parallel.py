@@ -31,15 +31,12 @@ BATCH_MESH_AXES = ("data", "fsdp")
 DISTRIBUTED_ENV = "MMJAX_DISTRIBUTED"
 
 
-def cluster_kind(environ: Mapping[str, str] = os.environ) -> str | None:
-  """"slurm" or "tpu" when the environment describes a multi-process job, else None."""
-  if int(environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_STEP_ID" in environ:
-    return "slurm"  # Inside `srun` with several tasks.
-  if len([h for h in environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1:
-    return "tpu"
-  if environ.get(DISTRIBUTED_ENV, "") not in ("", "0"):
-    return "auto"
-  return None
+def in_cluster(environ: Mapping[str, str] = os.environ) -> bool:
+  """Whether the environment describes a multi-process job: `srun` with several tasks,
+  several TPU pod hosts, or MMJAX_DISTRIBUTED set."""
+  slurm = int(environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_STEP_ID" in environ
+  tpu_pod = len([h for h in environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1
+  return slurm or tpu_pod or environ.get(DISTRIBUTED_ENV, "") not in ("", "0")
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
@@ -59,7 +56,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
       raise ConfigError(f"--{', --'.join(missing)}: required with the other multi-process flags {explicit}")
     jax.distributed.initialize(coordinator_address, num_processes, process_id)
     return True
-  if cluster_kind() is None:
+  if not in_cluster():
     return False
   jax.distributed.initialize()
   return True

@@ -174,7 +174,7 @@ def _run(config, workdir, task, mesh, rules, ckpt, loader, preempted) -> dict[st
     data_iter = loader.make_iterator()
     state = ckpt.restore(start, abstract, data_iter)
     log(f"resumed {workdir} from step {start}")
-  else:
+  else:  # Saved by another process count: position the iterator from the step instead.
     data_iter = loader.make_iterator(start_batch=start)
     state = ckpt.restore(start, abstract)
     log(f"resumed {workdir} from step {start} on a new process count ({jax.process_count()}): "

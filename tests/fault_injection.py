@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -85,22 +86,25 @@ def trial(kind: str, workdir: str, rng: random.Random, max_delay: float = 1.0) -
   first = _wait_for(proc, lambda: str(EVERY) in _entries(workdir), poll=0.01)
   interrupted_at = None
   if first:
-    delay = rng.uniform(0.0, max_delay)
     if kind == "save":  # The moment an asynchronous save has started writing.
-      saving = lambda: any("tmp" in e for e in _entries(workdir))
-      hit = _wait_for(proc, saving)
+      hit = _wait_for(proc, lambda: any(not e.isdigit() for e in _entries(workdir)))
     else:
-      time.sleep(delay)
+      time.sleep(rng.uniform(0.0, max_delay))
       hit = proc.poll() is None
     if hit:
       proc.send_signal(signal.SIGTERM if kind == "sigterm" else signal.SIGKILL)
-      interrupted_at = sorted(e for e in _entries(workdir))
+      interrupted_at = sorted(_entries(workdir))
   _, err = proc.communicate(timeout=300)
-  steps = committed_steps(workdir)
+  # Checked on a copy: opening a checkpoint manager removes half-written saves, which is the
+  # restarted trainer's job here.
+  copy = workdir + ".check"
+  shutil.copytree(workdir, copy)
+  steps = committed_steps(copy)
   for step in steps:  # Every checkpoint Orbax reports restores in full.
-    params(workdir, step)
+    params(copy, step)
   outcome = dict(kind=kind, returncode=proc.returncode, interrupted=interrupted_at is not None,
-                 on_disk=interrupted_at, committed=steps, stderr=err)
+                 on_disk=interrupted_at, committed=steps, stderr=err,
+                 half_written=[e for e in _entries(workdir) if not e.isdigit()])
   finish(workdir)
   outcome["left_over"] = [e for e in _entries(workdir) if not e.isdigit()]
   return outcome

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from mmjax import parallel
-from mmjax.errors import MeshError
+from mmjax.errors import ConfigError, MeshError
 from mmjax.rules import path_str
 from mmjax.tasks.contrastive import ContrastiveTask
 from mmjax.train import make_train_step, sharded_state
@@ -74,3 +74,16 @@ def test_mesh_errors_name_the_problem():
     parallel.make_mesh((("model", -1),))
   with pytest.raises(MeshError, match="at most one -1"):
     parallel.make_mesh((("data", -1), ("fsdp", -1)))
+
+
+def test_multiprocess_environment_detection():
+  assert not parallel.in_cluster({})
+  assert not parallel.in_cluster({"SLURM_NTASKS": "1", "SLURM_STEP_ID": "0"})
+  assert not parallel.in_cluster({"SLURM_NTASKS": "4"})  # sbatch's shell, outside srun
+  assert parallel.in_cluster({"SLURM_NTASKS": "4", "SLURM_STEP_ID": "0"})
+  assert not parallel.in_cluster({"TPU_WORKER_HOSTNAMES": "10.0.0.2"})
+  assert parallel.in_cluster({"TPU_WORKER_HOSTNAMES": "10.0.0.2,10.0.0.3"})
+  assert parallel.in_cluster({"MMJAX_DISTRIBUTED": "1"}) and not parallel.in_cluster({"MMJAX_DISTRIBUTED": "0"})
+  with pytest.raises(ConfigError, match="--num_processes, --process_id"):
+    parallel.initialize(coordinator_address="localhost:1234")
+  assert parallel.initialize() is False  # This test process is no cluster: a no-op.

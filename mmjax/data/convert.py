@@ -1,7 +1,7 @@
 """Converts image-caption data to array_record shards, grain's random-access format.
 
   python -m mmjax.data.convert --from folder --source captions.jsonl --out data/ar
-  python -m mmjax.data.convert --from webdataset --source 'shards/{0000..0099}.tar' --out data/ar
+  python -m mmjax.data.convert --from webdataset --source 'shards/*.tar' --out data/ar
 
 `--from folder` takes a JSONL or CSV caption file (images relative to `--image_root`, by
 default the caption file's directory); `--from webdataset` takes a glob (or comma-separated
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import math
 import os
 import sys
 from typing import Iterator
@@ -27,33 +26,36 @@ from mmjax.errors import BadImageError, MMJaxError
 FORMATS = ("folder", "webdataset")
 
 
-def _encoded(kind: str, source: str, image_root: str | None) -> tuple[int, Iterator[tuple[bytes, str, str]]]:
-  """(record count, iterator of (encoded image, caption, name))."""
+def _encoded(kind: str, source: str, image_root: str | None) -> Iterator[tuple[bytes | None, str, str]]:
+  """(encoded image, or None for an unreadable file; caption; name) per record."""
   if kind == "folder":
     folder = CaptionFolderSource(source, image_root=image_root)
-
-    def records():
-      for i, caption in enumerate(folder.captions):
-        path = folder.image_path(i)
-        try:
-          yield path.read_bytes(), caption, str(path)
-        except OSError:
-          yield b"", caption, str(path)  # Counted as unreadable below.
-    return len(folder), records()
-  shards = WebDatasetSource(source)
-  return len(shards), (shards.encoded(i) for i in range(len(shards)))
+    for i, caption in enumerate(folder.captions):
+      path = folder.image_path(i)
+      try:
+        yield path.read_bytes(), caption, str(path)
+      except OSError as e:
+        yield None, caption, f"{path}: cannot read file ({e.strerror})"
+  else:
+    shards = WebDatasetSource(source)
+    for i in range(len(shards)):
+      yield shards.encoded(i)
 
 
 def convert(kind: str, source: str, out: str, *, image_root: str | None = None,
             records_per_shard: int = 10_000, log=print) -> dict:
-  """Writes `out/data-SSSSS-of-NNNNN.array_record`; returns counts of what was written."""
+  """Writes `out/data-SSSSS-of-NNNNN.array_record`; returns counts of what was written.
+
+  Shards are named once the number of readable records, and so of shards, is known.
+  """
   if kind not in FORMATS:
     raise MMJaxError(f"--from={kind!r}: expected one of {FORMATS}")
-  total, records = _encoded(kind, source, image_root)
-  num_shards = max(1, math.ceil(total / records_per_shard))
   os.makedirs(out, exist_ok=True)
-  written, skipped, shard, writer = 0, [], -1, None
-  for image, caption, name in records:
+  written, skipped, paths, writer = 0, [], [], None
+  for image, caption, name in _encoded(kind, source, image_root):
+    if image is None:
+      skipped.append(name)
+      continue
     try:
       load_image(io.BytesIO(image), name)
     except BadImageError as e:
@@ -62,17 +64,18 @@ def convert(kind: str, source: str, out: str, *, image_root: str | None = None,
     if written % records_per_shard == 0:
       if writer is not None:
         writer.close()
-      shard += 1
-      writer = ArrayRecordWriter(os.path.join(out, f"data-{shard:05d}-of-{num_shards:05d}.array_record"),
-                                 "group_size:1")
+      paths.append(os.path.join(out, f"data-{len(paths):05d}.array_record.partial"))
+      writer = ArrayRecordWriter(paths[-1], "group_size:1")
     writer.write(pack_record(image, caption))
     written += 1
   if writer is not None:
     writer.close()
+  for shard, path in enumerate(paths):
+    os.replace(path, os.path.join(out, f"data-{shard:05d}-of-{len(paths):05d}.array_record"))
   for message in skipped[:5]:
     log(f"skipped: {message}")
-  log(f"wrote {written} records in {shard + 1} shards to {out}; skipped {len(skipped)} unreadable images")
-  return {"written": written, "skipped": len(skipped), "shards": shard + 1}
+  log(f"wrote {written} records in {len(paths)} shards to {out}; skipped {len(skipped)} unreadable images")
+  return {"written": written, "skipped": len(skipped), "shards": len(paths)}
 
 
 def main(argv=None) -> int:

@@ -8,7 +8,6 @@ import csv
 import json
 import os
 from pathlib import Path
-
 from typing import BinaryIO
 
 import numpy as np

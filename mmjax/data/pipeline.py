@@ -42,12 +42,9 @@ VALID = "valid"
 SOURCES = ("shapes", "folder", "webdataset", "array_record")
 
 
-class _UnreadableRecord:
-  """Stands in for a record the source returned as None, so that it reaches the counter
-  (grain's iterators drop None silently)."""
-
-
-_UNREADABLE = _UnreadableRecord()
+# Stands in for a record the source returned as None, so that it reaches the counter
+# (grain's iterators drop None silently).
+_UNREADABLE = object()
 
 
 class _ProcessSlice(grain.MapDataset):
