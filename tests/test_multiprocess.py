@@ -2,7 +2,9 @@
 joined by `jax.distributed`, against 1 process x 8 devices."""
 import json
 import os
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -136,6 +138,36 @@ def test_processes_fail_fast_with_the_same_message(tmp_path, case):
     assert lines, err[-3000:]
     messages.append(lines[0].split("Error: ", 1)[-1])
   assert messages[0] == messages[1]
+
+
+def test_sigterm_to_one_process_checkpoints_all_at_the_same_step_and_resumes(tmp_path):
+  """A preempted host gets SIGTERM; JAX's preemption sync point stops every process at one step."""
+  steps = 30
+  extra = [f"--config.total_steps={steps}", "--config.checkpoint_every=1000", "--config.eval_every=0"]
+  port = _free_port()
+  procs = [subprocess.Popen(_train_args(tmp_path, "8x1", *extra, f"--coordinator_address=localhost:{port}",
+                                        "--num_processes=2", f"--process_id={i}"),
+                            cwd=REPO, env=dict(_env(4), PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for i in range(2)]
+  try:
+    for line in procs[0].stdout:  # Process 0 logs every step; stop process 1 once training runs.
+      if line.startswith("step 5"):
+        procs[1].send_signal(signal.SIGTERM)
+        break
+    outputs = [(p.wait(timeout=300), p.stdout.read(), p.stderr.read()) for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  stopped = []
+  for code, _, err in outputs:
+    assert code == 143, err[-3000:]
+    stopped += [int(m) for m in re.findall(r"stopped at step (\d+) on request", err)]
+  assert len(stopped) == 2 and stopped[0] == stopped[1] and 5 <= stopped[0] < steps, stopped
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == [str(stopped[0])]
+  resumed = run_processes(tmp_path, "8x1", 2, extra_per_process={i: extra for i in range(2)})
+  _assert_ok(resumed)
+  assert f"resumed {tmp_path} from step {stopped[0]}" in resumed[0][1]
+  assert len(_losses(str(tmp_path))) == steps
 
 
 def test_local_launch_script(tmp_path):
