@@ -21,6 +21,23 @@ from mmjax.config import base_config
 from mmjax.errors import ConversionError
 
 
+def config_value(cfg, key, default=None):
+  """`key` of an HF config given as an object or as a dict (a saved config.json)."""
+  return cfg.get(key, default) if isinstance(cfg, Mapping) else getattr(cfg, key, default)
+
+
+def hf_config_object(hf_config, kinds: Mapping[str, str]):
+  """A transformers config object; a dict gets transformers' defaults from the class named in
+  `kinds` for its `model_type`."""
+  if not isinstance(hf_config, Mapping):
+    return hf_config
+  import transformers
+  kind = hf_config.get("model_type")
+  if kind not in kinds:
+    raise ConversionError(f"HF config model_type={kind!r}; supported: {sorted(kinds)}")
+  return getattr(transformers, kinds[kind])(**{k: v for k, v in hf_config.items() if k != "model_type"})
+
+
 class Rule(NamedTuple):
   """`mm` parameter paths ('img/head/kernel') from `src` names, and back.
 
@@ -149,9 +166,11 @@ def apply_rules(rules: Sequence[Rule], source: Mapping[str, np.ndarray], *, inve
   return out
 
 
-def check_params(flat: Mapping[str, np.ndarray], model_config: Mapping, what: str = "converted parameters"):
-  """Raises unless `flat` has exactly the model's parameter names and shapes."""
-  expected = expected_shapes(model_config)
+def check_params(flat: Mapping[str, np.ndarray], model_config: Mapping, what: str = "converted parameters",
+                 expected: Mapping[str, tuple[int, ...]] | None = None):
+  """Raises unless `flat` has exactly the model's parameter names and shapes (`expected`, by
+  default those of the two-tower model built from `model_config`)."""
+  expected = expected_shapes(model_config) if expected is None else expected
   missing = [n for n in expected if n not in flat]
   unexpected = [n for n in flat if n not in expected]
   wrong = [n for n in expected if n in flat and tuple(np.shape(flat[n])) != expected[n]]

@@ -17,22 +17,8 @@ _ACT_FROM_HF = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_pytorch_tanh":
 _ACT_TO_HF = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}
 # Buffers HF may keep in a state dict; they hold no parameters.
 _IGNORE = (r".*position_ids",)
-
-
-def _get(cfg, key, default=None):
-  return cfg.get(key, default) if isinstance(cfg, Mapping) else getattr(cfg, key, default)
-
-
-def _hf_config(hf_config):
-  """A transformers config object (dicts, like a saved config.json, get transformers' defaults)."""
-  if not isinstance(hf_config, Mapping):
-    return hf_config
-  import transformers
-  kinds = {"clip": transformers.CLIPConfig, "siglip": transformers.SiglipConfig}
-  kind = hf_config.get("model_type")
-  if kind not in kinds:
-    raise ConversionError(f"HF config model_type={kind!r}; supported: {sorted(kinds)}")
-  return kinds[kind](**{k: v for k, v in hf_config.items() if k != "model_type"})
+_get = common.config_value
+_CONFIG_CLASSES = {"clip": "CLIPConfig", "siglip": "SiglipConfig"}
 
 
 def _act(side, name: str) -> str:
@@ -50,7 +36,7 @@ def _tower(side, name: str) -> dict:
 
 def model_config_from_hf(hf_config) -> dict:
   """mmjax `config.model` from a `CLIPConfig` / `SiglipConfig` (or its dict)."""
-  cfg = _hf_config(hf_config)
+  cfg = common.hf_config_object(hf_config, _CONFIG_CLASSES)
   kind = _get(cfg, "model_type")
   vision, text = _get(cfg, "vision_config"), _get(cfg, "text_config")
   if _get(vision, "num_channels", 3) != 3:
