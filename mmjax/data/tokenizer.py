@@ -1,7 +1,8 @@
 """SentencePiece tokenizer with fixed-length, EOS-terminated, padded encoding; saved tokenizer specs.
 
-Train the shipped shapes model (deterministic):
+Train the shipped shapes models (deterministic):
   python -m mmjax.data.tokenizer train --source shapes --out mmjax/assets/shapes.model
+  python -m mmjax.data.tokenizer train --source shapes_vlm --out mmjax/assets/shapes_vlm.model
 """
 import argparse
 import io
@@ -15,13 +16,16 @@ from typing import Iterable, Sequence
 import numpy as np
 import sentencepiece as spm
 
-from mmjax.data import shapes
+from mmjax.data import shapes, shapes_vqa
 from mmjax.data.folder import CaptionFolderSource
 from mmjax.errors import ConfigError, DataError
 
 PAD_ID, UNK_ID, EOS_ID = 0, 1, 2
 SHAPES_MODEL = Path(__file__).resolve().parent.parent / "assets" / "shapes.model"
 SHAPES_VOCAB_SIZE = 160
+# The vision-language models' vocabulary: captions, questions and answers, plus the media markers.
+SHAPES_VLM_MODEL = SHAPES_MODEL.with_name("shapes_vlm.model")
+IMAGE_TOKEN, END_OF_CHUNK = "<image>", "<|endofchunk|>"
 SPEC_FILE = "tokenizer.json"  # What `save` writes next to the tokenizer's own file(s).
 SENTENCEPIECE_FILE = "tokenizer.model"
 PAD_MODES = ("zero", "eos")
@@ -108,14 +112,25 @@ class Tokenizer:
   def eos_id(self) -> int:
     return self._sp.eos_id()
 
+  def piece_id(self, piece: str) -> int:
+    """Id of a special piece such as IMAGE_TOKEN; DataError when the model lacks it."""
+    i = self._sp.PieceToId(piece)
+    if i == self._sp.unk_id() and piece != self._sp.IdToPiece(i):
+      raise DataError(f"{self.model_path or 'tokenizer'}: no piece {piece!r}; train it with "
+                      "user-defined symbols (e.g. `--source shapes_vlm`)")
+    return i
+
+  def ids(self, text: str) -> list[int]:
+    """The pieces of the cleaned text, without EOS or padding."""
+    return self._sp.EncodeAsIds(self._clean(text))
+
   def encode(self, texts: str | Sequence[str], max_len: int) -> np.ndarray:
     """int32 [N, max_len] for a list, [max_len] for one string.
 
     Each row is the pieces of the cleaned text, truncated to max_len - 1, then EOS, then `pad_id`.
     """
     # One string at a time: list input goes through a thread pool costing ~100us.
-    return encode_rows(texts, max_len, lambda text: self._sp.EncodeAsIds(self._clean(text)), self.eos_id,
-                       self.pad_id)
+    return encode_rows(texts, max_len, self.ids, self.eos_id, self.pad_id)
 
   def decode(self, ids: np.ndarray | Sequence) -> str | list[str]:
     """Inverse of `encode`: reads each row up to its first EOS, ignoring padding."""
@@ -141,7 +156,7 @@ class Tokenizer:
 
 
 def train_tokenizer(texts: Iterable[str], out_path: str | os.PathLike, vocab_size: int,
-                    model_type: str = "bpe") -> Tokenizer:
+                    model_type: str = "bpe", special_pieces: Sequence[str] = ()) -> Tokenizer:
   """Trains a SentencePiece model on `texts`, writes it to `out_path` and loads it.
 
   Single-threaded with input shuffling off, so the same texts give the same bytes.
@@ -151,7 +166,7 @@ def train_tokenizer(texts: Iterable[str], out_path: str | os.PathLike, vocab_siz
       sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size,
       model_type=model_type, pad_id=PAD_ID, unk_id=UNK_ID, bos_id=-1, eos_id=EOS_ID,
       hard_vocab_limit=False, character_coverage=1.0, num_threads=1,
-      shuffle_input_sentence=False, minloglevel=2)
+      shuffle_input_sentence=False, minloglevel=2, user_defined_symbols=list(special_pieces))
   Path(out_path).parent.mkdir(parents=True, exist_ok=True)
   Path(out_path).write_bytes(model.getvalue())
   return Tokenizer.load(out_path)
@@ -175,8 +190,10 @@ def default_shapes_tokenizer() -> Tokenizer:
 
 
 def load_tokenizer(spec: str) -> Tokenizer:
-  """`data.tokenizer`: "shapes" for the shipped shapes model, otherwise a `.model` path."""
-  return default_shapes_tokenizer() if spec == "shapes" else Tokenizer.load(spec)
+  """`data.tokenizer`: "shapes" or "shapes_vlm" for the shipped shapes models, otherwise a `.model` path."""
+  if spec == "shapes":
+    return default_shapes_tokenizer()
+  return Tokenizer.load(SHAPES_VLM_MODEL if spec == "shapes_vlm" else spec)
 
 
 def write_spec(directory: str | os.PathLike, spec: dict) -> None:
@@ -214,20 +231,23 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser = argparse.ArgumentParser(prog="python -m mmjax.data.tokenizer")
   commands = parser.add_subparsers(dest="command", required=True)
   train = commands.add_parser("train", help="train a SentencePiece model")
-  train.add_argument("--source", choices=("shapes", "captions"), default="shapes")
+  train.add_argument("--source", choices=("shapes", "shapes_vlm", "captions"), default="shapes")
   train.add_argument("--captions", help="JSONL/CSV caption file (for --source captions)")
   train.add_argument("--out", default=str(SHAPES_MODEL))
   train.add_argument("--vocab_size", type=int, default=SHAPES_VOCAB_SIZE)
   train.add_argument("--num_texts", type=int, default=20_000,
                      help="captions drawn from the shapes source")
   args = parser.parse_args(argv)
+  special = ()
   if args.source == "shapes":
     texts = shapes_corpus(args.num_texts)
+  elif args.source == "shapes_vlm":
+    texts, special = shapes_corpus(args.num_texts) + shapes_vqa.corpus(args.num_texts), (IMAGE_TOKEN, END_OF_CHUNK)
   elif args.captions:
     texts = CaptionFolderSource(args.captions).captions
   else:
     parser.error("--source captions needs --captions PATH")
-  tokenizer = train_tokenizer(texts, args.out, args.vocab_size)
+  tokenizer = train_tokenizer(texts, args.out, args.vocab_size, special_pieces=special)
   print(f"wrote {args.out}: vocab_size={tokenizer.vocab_size} from {len(texts)} texts")
 
 

@@ -1,0 +1,114 @@
+"""Questions, answers and captions about the procedural shapes scenes, for vision-language models.
+
+Each record is one image with a task: a question and its one-word answer, or (with
+probability `caption_fraction`) a caption to produce. The scenes, colours and held-out
+combinations are those of `mmjax.data.shapes`, from their own random streams, and every
+record is a pure function of (seed, stream, index). Question types:
+
+  colour    "what colour is the circle?" -> "red"           (the circle is the only circle)
+  shape     "what shape is the red object?" -> "circle"     (the only red object)
+  count     "how many objects are there?" -> "two"
+  relation  "is the square left of the triangle?" -> "yes" / "no"   (balanced)
+"""
+from __future__ import annotations
+
+import random
+
+from mmjax.data import shapes
+
+QUESTION_TYPES = ("colour", "shape", "count", "relation")
+CAPTION = "caption"
+COUNT_WORDS = ("one", "two", "three")
+# Relation word -> which grid coordinate (0 row, 1 column) and sign make it true of a to b.
+RELATIONS = {"left of": (1, -1), "right of": (1, 1), "above": (0, -1), "below": (0, 1)}
+# Fixed-form prompts; models see them after the image and answer after them.
+QUESTION_PROMPT = "question: {} answer:"
+CAPTION_PROMPT = "caption:"
+_TRAIN, _EVAL, _SHOTS = 10, 11, 12  # Streams apart from those of mmjax.data.shapes.
+
+
+def _relation_holds(a: shapes._Object, b: shapes._Object, relation: str) -> bool:
+  axis, sign = RELATIONS[relation]
+  pa, pb = divmod(a.cell, shapes.GRID)[axis], divmod(b.cell, shapes.GRID)[axis]
+  return (pa - pb) * sign > 0
+
+
+def _unique(objects, key):
+  values = [key(o) for o in objects]
+  return [o for o in objects if values.count(key(o)) == 1]
+
+
+def question(rng: random.Random, objects: list[shapes._Object]) -> tuple[str, str, str]:
+  """(question, answer, type) about a scene; the type is drawn among those the scene allows."""
+  by_shape = _unique(objects, lambda o: o.shape)
+  by_colour = _unique(objects, lambda o: o.colour)
+  types = ["count"] + ["colour"] * bool(by_shape) + ["shape"] * bool(by_colour)
+  types += ["relation"] * (len(by_shape) >= 2)
+  kind = rng.choice(types)
+  if kind == "count":
+    return "how many objects are there?", COUNT_WORDS[len(objects) - 1], kind
+  if kind == "colour":
+    o = rng.choice(by_shape)
+    return f"what colour is the {shapes.SHAPES[o.shape]}?", shapes.COLOUR_NAMES[o.colour], kind
+  if kind == "shape":
+    o = rng.choice(by_colour)
+    return f"what shape is the {shapes.COLOUR_NAMES[o.colour]} object?", shapes.SHAPES[o.shape], kind
+  a, b = rng.sample(by_shape, 2)
+  want_yes = rng.random() < 0.5
+  # Distinct cells make some relation true and its opposite false, so both answers are always possible.
+  relation = rng.choice([r for r in RELATIONS if _relation_holds(a, b, r) == want_yes])
+  text = f"is the {shapes.SHAPES[a.shape]} {relation} the {shapes.SHAPES[b.shape]}?"
+  return text, "yes" if want_yes else "no", kind
+
+
+def _record(rng: random.Random, combos, image_size: int, caption_fraction: float) -> dict:
+  objects = shapes._scene(rng, combos, shapes._object_count(rng))
+  image = shapes._render(rng, objects, image_size)
+  if rng.random() < caption_fraction:
+    return dict(image=image, prompt=CAPTION_PROMPT, answer=shapes._caption(rng, objects), kind=CAPTION)
+  text, answer, kind = question(rng, objects)
+  return dict(image=image, prompt=QUESTION_PROMPT.format(text), answer=answer, kind=kind)
+
+
+class ShapesVQASource:
+  """Grain random-access source of dict(image=uint8 [S, S, 3], prompt=str, answer=str, kind=str)."""
+
+  def __init__(self, seed: int = 0, image_size: int = 64, held_out_fraction: float = 0.2,
+               num_records: int = 1_000_000, caption_fraction: float = 0.25, stream: int = _TRAIN):
+    self.seed, self.image_size, self.num_records = seed, image_size, num_records
+    self.held_out_fraction, self.caption_fraction, self.stream = held_out_fraction, caption_fraction, stream
+    self._combos = shapes._seen_combos(seed, held_out_fraction)
+
+  def __len__(self) -> int:
+    return self.num_records
+
+  def __getitem__(self, index: int) -> dict:
+    return _record(shapes._rng(self.seed, self.stream, index), self._combos, self.image_size, self.caption_fraction)
+
+  def __repr__(self) -> str:  # Grain validates restored iterator state against it.
+    return (f"ShapesVQASource(seed={self.seed}, image_size={self.image_size}, "
+            f"held_out_fraction={self.held_out_fraction}, num_records={self.num_records}, "
+            f"caption_fraction={self.caption_fraction}, stream={self.stream})")
+
+
+def eval_set(seed: int = 0, image_size: int = 64, n: int = 256, held_out_fraction: float = 0.2,
+             caption_fraction: float = 0.0) -> list[dict]:
+  """`n` records from the evaluation stream (never seen in training)."""
+  source = ShapesVQASource(seed, image_size, held_out_fraction, n, caption_fraction, stream=_EVAL)
+  return [source[i] for i in range(n)]
+
+
+def few_shot_set(seed: int = 0, image_size: int = 64, n: int = 128, shots: int = 4,
+                 held_out_fraction: float = 0.2) -> list[list[dict]]:
+  """`n` question episodes for in-context evaluation: `shots` solved demonstrations (from their
+  own stream) followed by the query record of `eval_set` (so 0 shots is `eval_set`)."""
+  demos = ShapesVQASource(seed, image_size, held_out_fraction, n * max(shots, 1), 0.0, stream=_SHOTS)
+  queries = eval_set(seed, image_size, n, held_out_fraction)
+  return [[demos[i * shots + j] for j in range(shots)] + [q] for i, q in enumerate(queries)]
+
+
+def corpus(num_texts: int, seed: int = 0) -> list[str]:
+  """Prompts with their answers, for tokenizer and language-model training (all combinations)."""
+  source = ShapesVQASource(seed=seed, held_out_fraction=0.0, caption_fraction=0.25)
+  return [f"{r['prompt']} {r['answer']}" for r in (source[i] for i in range(num_texts))]
+

@@ -1,0 +1,79 @@
+"""Questions and answers about shapes scenes, checked against facts written out by hand."""
+import collections
+import random
+
+import numpy as np
+import pytest
+
+from mmjax.data import shapes, shapes_vqa
+from mmjax.data.tokenizer import END_OF_CHUNK, IMAGE_TOKEN, load_tokenizer
+from mmjax.errors import DataError
+
+RED, BLUE = shapes.COLOUR_NAMES.index("red"), shapes.COLOUR_NAMES.index("blue")
+CIRCLE, SQUARE = shapes.SHAPES.index("circle"), shapes.SHAPES.index("square")
+
+
+def test_every_question_about_a_hand_made_scene_is_true():
+  # A red circle in the top-left cell (0) and a blue square in the top-right cell (2).
+  scene = [shapes._Object(RED, CIRCLE, False, 0), shapes._Object(BLUE, SQUARE, True, 2)]
+  facts = {
+      "how many objects are there?": "two",
+      "what colour is the circle?": "red", "what colour is the square?": "blue",
+      "what shape is the red object?": "circle", "what shape is the blue object?": "square",
+      "is the circle left of the square?": "yes", "is the circle right of the square?": "no",
+      "is the circle above the square?": "no", "is the circle below the square?": "no",
+      "is the square right of the circle?": "yes", "is the square left of the circle?": "no",
+      "is the square above the circle?": "no", "is the square below the circle?": "no",
+  }
+  asked = collections.Counter()
+  for seed in range(400):
+    text, answer, kind = shapes_vqa.question(random.Random(seed), scene)
+    assert facts[text] == answer, text
+    asked[kind] += 1
+  assert set(asked) == set(shapes_vqa.QUESTION_TYPES)
+
+
+def test_questions_avoid_ambiguous_references():
+  # Two circles: "the circle" would be ambiguous, so only count and shape-by-colour questions remain.
+  scene = [shapes._Object(RED, CIRCLE, False, 0), shapes._Object(BLUE, CIRCLE, False, 8)]
+  kinds = {shapes_vqa.question(random.Random(seed), scene)[2] for seed in range(100)}
+  assert kinds == {"count", "shape"}
+
+
+def test_source_is_deterministic_balanced_and_its_colours_are_in_the_image():
+  source = shapes_vqa.ShapesVQASource(seed=0, image_size=32)
+  records = [source[i] for i in range(600)]
+  again = shapes_vqa.ShapesVQASource(seed=0, image_size=32)[5]
+  np.testing.assert_array_equal(again["image"], records[5]["image"])
+  assert again["prompt"] == records[5]["prompt"]
+  kinds = collections.Counter(r["kind"] for r in records)
+  assert set(kinds) == set(shapes_vqa.QUESTION_TYPES) | {shapes_vqa.CAPTION}
+  relation = collections.Counter(r["answer"] for r in records if r["kind"] == "relation")
+  assert abs(relation["yes"] - relation["no"]) <= 0.3 * sum(relation.values())
+  for r in records:
+    if r["kind"] == "colour":  # Some pixels lie within colour jitter plus noise of the answer's colour.
+      distance = np.abs(r["image"].astype(int) - shapes.COLOURS[r["answer"]]).max(axis=-1)
+      assert (distance <= shapes.COLOUR_JITTER + shapes.NOISE).sum() >= 9, r["prompt"]
+
+
+def test_eval_and_few_shot_sets_come_from_their_own_streams():
+  train = shapes_vqa.ShapesVQASource(seed=0, image_size=32)
+  evals = shapes_vqa.eval_set(seed=0, image_size=32, n=8)
+  assert all(not np.array_equal(e["image"], train[i]["image"]) for i, e in enumerate(evals))
+  episodes = shapes_vqa.few_shot_set(seed=0, image_size=32, n=8, shots=4)
+  assert [len(e) for e in episodes] == [5] * 8
+  assert all(e[-1]["prompt"] == q["prompt"] for e, q in zip(episodes, evals))
+  assert all(d["kind"] != shapes_vqa.CAPTION for e in episodes for d in e)
+
+
+def test_vlm_tokenizer_has_media_markers_as_single_pieces():
+  tok = load_tokenizer("shapes_vlm")
+  image, end = tok.piece_id(IMAGE_TOKEN), tok.piece_id(END_OF_CHUNK)
+  ids = tok.ids(f"{IMAGE_TOKEN} question: how many objects are there? answer: two{END_OF_CHUNK}")
+  assert ids.count(image) == 1 and ids[-1] == end
+  assert tok.decode(ids) == f"{IMAGE_TOKEN} question: how many objects are there? answer: two{END_OF_CHUNK}"
+
+
+def test_missing_special_piece_is_named():
+  with pytest.raises(DataError, match="no piece '<image>'"):
+    load_tokenizer("shapes").piece_id(IMAGE_TOKEN)
