@@ -5,7 +5,7 @@ import random
 import numpy as np
 import pytest
 
-from mmjax.data import shapes, shapes_vqa
+from mmjax.data import sequences, shapes, shapes_vqa
 from mmjax.data.tokenizer import END_OF_CHUNK, IMAGE_TOKEN, load_tokenizer
 from mmjax.errors import DataError
 
@@ -42,8 +42,8 @@ def test_questions_avoid_ambiguous_references():
 
 def test_source_is_deterministic_balanced_and_its_colours_are_in_the_image():
   source = shapes_vqa.ShapesVQASource(seed=0, image_size=32)
-  records = [source[i] for i in range(600)]
-  again = shapes_vqa.ShapesVQASource(seed=0, image_size=32)[5]
+  records = [source.record(i) for i in range(600)]
+  again = shapes_vqa.ShapesVQASource(seed=0, image_size=32).record(5)
   np.testing.assert_array_equal(again["image"], records[5]["image"])
   assert again["prompt"] == records[5]["prompt"]
   kinds = collections.Counter(r["kind"] for r in records)
@@ -59,7 +59,7 @@ def test_source_is_deterministic_balanced_and_its_colours_are_in_the_image():
 def test_eval_and_few_shot_sets_come_from_their_own_streams():
   train = shapes_vqa.ShapesVQASource(seed=0, image_size=32)
   evals = shapes_vqa.eval_set(seed=0, image_size=32, n=8)
-  assert all(not np.array_equal(e["image"], train[i]["image"]) for i, e in enumerate(evals))
+  assert all(not np.array_equal(e["image"], train.record(i)["image"]) for i, e in enumerate(evals))
   episodes = shapes_vqa.few_shot_set(seed=0, image_size=32, n=8, shots=4)
   assert [len(e) for e in episodes] == [5] * 8
   assert all(e[-1]["prompt"] == q["prompt"] for e, q in zip(episodes, evals))
@@ -77,3 +77,31 @@ def test_vlm_tokenizer_has_media_markers_as_single_pieces():
 def test_missing_special_piece_is_named():
   with pytest.raises(DataError, match="no piece '<image>'"):
     load_tokenizer("shapes").piece_id(IMAGE_TOKEN)
+
+
+def test_sequences_put_images_prompts_and_answers_in_order_with_loss_on_answers():
+  tok = load_tokenizer("shapes_vlm")
+  image, end = tok.piece_id(IMAGE_TOKEN), tok.piece_id(END_OF_CHUNK)
+  source = shapes_vqa.ShapesVQASource(seed=0, image_size=16, media_per_record=2)
+  ep = source[3]
+  assert ep["image"].shape == (2, 16, 16, 3) and ep["prompts"][1] == source.record(7)["prompt"]
+  build = sequences.BuildSequence(tok, max_len=64, image_token_id=image, tokens_per_image=3, terminator=end)
+  out = build.map(ep)
+  parts = [[image] * 3 + tok.ids(ep["prompts"][0]), tok.ids(ep["answers"][0]) + [end],
+           [image] * 3 + tok.ids(ep["prompts"][1]), tok.ids(ep["answers"][1]) + [end]]
+  want = [i for p in parts for i in p]
+  pad = 64 - len(want)
+  assert out["tokens"].tolist() == [tok.pad_id] * pad + want
+  assert out["mask"].tolist() == [False] * pad + [True] * len(want)
+  assert out["targets"][:-1].tolist() == out["tokens"][1:].tolist()
+  # A weight of 1 exactly where the next token is part of an answer (its terminator included).
+  answer_pos = [pad + sum(map(len, parts[:k])) + i for k in (1, 3) for i in range(len(parts[k]))]
+  assert np.nonzero(out["weights"])[0].tolist() == [p - 1 for p in answer_pos]
+  prompt, mask = build.prompt(ep)  # Generation prompt: the last answer is left out.
+  assert prompt[mask].tolist() == [i for p in parts[:3] for i in p]
+  lm = sequences.BuildSequence(tok, max_len=64, image_token_id=None, tokens_per_image=0, terminator=tok.eos_id,
+                               loss_on="all")
+  out = lm.map(ep)
+  assert "image" not in out and out["weights"].sum() == out["mask"].sum() - 1
+  with pytest.raises(DataError, match="data.max_len=8"):
+    sequences.BuildSequence(tok, max_len=8, image_token_id=image, tokens_per_image=3, terminator=end).map(ep)

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
+
 from mmjax.data import shapes
 
 QUESTION_TYPES = ("colour", "shape", "count", "relation")
@@ -70,32 +72,46 @@ def _record(rng: random.Random, combos, image_size: int, caption_fraction: float
   return dict(image=image, prompt=QUESTION_PROMPT.format(text), answer=answer, kind=kind)
 
 
+def episode(records: list[dict]) -> dict:
+  """Records -> one sequence's worth: dict(image=uint8 [M, S, S, 3], prompts, answers, kinds)."""
+  return dict(image=np.stack([r["image"] for r in records]), prompts=[r["prompt"] for r in records],
+              answers=[r["answer"] for r in records], kinds=[r["kind"] for r in records])
+
+
 class ShapesVQASource:
-  """Grain random-access source of dict(image=uint8 [S, S, 3], prompt=str, answer=str, kind=str)."""
+  """Grain random-access source of episodes (see `episode`) of `media_per_record` images each;
+  `record(i)` is one image with its task, dict(image=uint8 [S, S, 3], prompt, answer, kind)."""
 
   def __init__(self, seed: int = 0, image_size: int = 64, held_out_fraction: float = 0.2,
-               num_records: int = 1_000_000, caption_fraction: float = 0.25, stream: int = _TRAIN):
+               num_records: int = 1_000_000, caption_fraction: float = 0.25, stream: int = _TRAIN,
+               media_per_record: int = 1):
     self.seed, self.image_size, self.num_records = seed, image_size, num_records
     self.held_out_fraction, self.caption_fraction, self.stream = held_out_fraction, caption_fraction, stream
+    self.media_per_record = media_per_record
     self._combos = shapes._seen_combos(seed, held_out_fraction)
 
   def __len__(self) -> int:
     return self.num_records
 
-  def __getitem__(self, index: int) -> dict:
+  def record(self, index: int) -> dict:
     return _record(shapes._rng(self.seed, self.stream, index), self._combos, self.image_size, self.caption_fraction)
+
+  def __getitem__(self, index: int) -> dict:
+    m = self.media_per_record
+    return episode([self.record(index * m + j) for j in range(m)])
 
   def __repr__(self) -> str:  # Grain validates restored iterator state against it.
     return (f"ShapesVQASource(seed={self.seed}, image_size={self.image_size}, "
             f"held_out_fraction={self.held_out_fraction}, num_records={self.num_records}, "
-            f"caption_fraction={self.caption_fraction}, stream={self.stream})")
+            f"caption_fraction={self.caption_fraction}, stream={self.stream}, "
+            f"media_per_record={self.media_per_record})")
 
 
 def eval_set(seed: int = 0, image_size: int = 64, n: int = 256, held_out_fraction: float = 0.2,
              caption_fraction: float = 0.0) -> list[dict]:
   """`n` records from the evaluation stream (never seen in training)."""
   source = ShapesVQASource(seed, image_size, held_out_fraction, n, caption_fraction, stream=_EVAL)
-  return [source[i] for i in range(n)]
+  return [source.record(i) for i in range(n)]
 
 
 def few_shot_set(seed: int = 0, image_size: int = 64, n: int = 128, shots: int = 4,
@@ -104,11 +120,11 @@ def few_shot_set(seed: int = 0, image_size: int = 64, n: int = 128, shots: int =
   own stream) followed by the query record of `eval_set` (so 0 shots is `eval_set`)."""
   demos = ShapesVQASource(seed, image_size, held_out_fraction, n * max(shots, 1), 0.0, stream=_SHOTS)
   queries = eval_set(seed, image_size, n, held_out_fraction)
-  return [[demos[i * shots + j] for j in range(shots)] + [q] for i, q in enumerate(queries)]
+  return [[demos.record(i * shots + j) for j in range(shots)] + [q] for i, q in enumerate(queries)]
 
 
 def corpus(num_texts: int, seed: int = 0) -> list[str]:
   """Prompts with their answers, for tokenizer and language-model training (all combinations)."""
   source = ShapesVQASource(seed=seed, held_out_fraction=0.0, caption_fraction=0.25)
-  return [f"{r['prompt']} {r['answer']}" for r in (source[i] for i in range(num_texts))]
+  return [f"{r['prompt']} {r['answer']}" for r in map(source.record, range(num_texts))]
 
