@@ -16,6 +16,19 @@ def tower(**overrides) -> dict:
   return base
 
 
+def shapes_decoder(**overrides) -> dict:
+  """The small Llama-style decoder of the shapes generative recipes (vocab_size None: the tokenizer's)."""
+  return dict(vocab_size=None, width=128, depth=2, num_heads=4, mlp_dim=256, max_len=64, positions="rope",
+              norm="rmsnorm", mlp="gated", act="silu") | overrides
+
+
+def shapes_vqa_data(**overrides) -> dict:
+  """`config.data` of the shapes generative recipes: questions, answers and captions (mmjax.data.shapes_vqa)."""
+  return dict(source="shapes_vqa", tokenizer="shapes_vlm", image_size=32, batch_size=64, held_out_fraction=0.2,
+              caption_fraction=0.25, media_per_record=1, max_len=48, loss_on="answer", seed=0,
+              worker_count=0) | overrides
+
+
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.task = "contrastive"
@@ -35,6 +48,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim = dict(lr=1e-3, warmup_steps=100, end_lr_fraction=0.0, weight_decay=1e-4, b1=0.9, b2=0.999,
                  clip_norm=1.0, frozen=(), lr_mults=())
   c.total_steps = 1000
+  # (params subtree, workdir) pairs: a new run starts that subtree from the run's latest checkpoint.
+  c.init_from = ()
   c.log_every = 50
   c.checkpoint_every = 200
   c.keep_checkpoints = 3

@@ -29,7 +29,7 @@ _NEG = -1.0e9  # HF's "impossible" score; added (not assigned) so orderings matc
 
 def generate(model, params, prompt_tokens, prompt_mask_or_lengths, *, max_new_tokens: int, stop_tokens=(),
              method: str = "greedy", num_beams: int = 4, length_penalty: float = 1.0, pad_id: int = 0,
-             inputs_embeds=None):
+             inputs_embeds=None, images=None):
   """`(tokens [batch, max_new_tokens] int32, scores [batch] float32)` continuing left-padded prompts.
 
   `prompt_tokens` [batch, prompt_len] (None when `inputs_embeds` [batch, prompt_len, width] are
@@ -38,6 +38,10 @@ def generate(model, params, prompt_tokens, prompt_mask_or_lengths, *, max_new_to
   its first token in `stop_tokens` (kept) and is `pad_id` after it. Scores: greedy, the summed
   log-probabilities of the kept tokens; beam, the best hypothesis' length-penalised score.
   `method="beam"` with `num_beams=1` is greedy decoding, as in HF.
+
+  `images` [batch, M, H, W, 3] makes `model` a vision-language model (`mmjax.models.vlm`
+  interface): the prompt is read with the images, `model.apply(v, images, tokens, mask=,
+  cache=)`, and each decoding step without them, `model.apply(v, None, token, cache=)`.
   """
   if method not in METHODS:
     raise ConfigError(f"generate method={method!r}; known: {list(METHODS)}")
@@ -49,7 +53,9 @@ def generate(model, params, prompt_tokens, prompt_mask_or_lengths, *, max_new_to
   mask = _prompt_mask(prompt_mask_or_lengths, prompt_len)
   tokens = None if prompt_tokens is None else jnp.asarray(prompt_tokens, jnp.int32)
   stop = jnp.asarray(tuple(stop_tokens), jnp.int32).reshape(-1)
-  return _generate(model, params, tokens, mask, inputs_embeds, stop, jnp.float32(length_penalty),
+  if images is not None and inputs_embeds is not None:
+    raise ConfigError("generate takes images or inputs_embeds, not both")
+  return _generate(model, params, tokens, mask, inputs_embeds, images, stop, jnp.float32(length_penalty),
                    max_new_tokens=int(max_new_tokens), num_beams=int(num_beams) if method == "beam" else 1,
                    pad_id=int(pad_id))
 
@@ -68,17 +74,25 @@ def _prompt_mask(mask_or_lengths, prompt_len: int):
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "num_beams", "pad_id"))
-def _generate(model, params, tokens, mask, inputs_embeds, stop, length_penalty, *, max_new_tokens, num_beams, pad_id):
+def _generate(model, params, tokens, mask, inputs_embeds, images, stop, length_penalty, *, max_new_tokens, num_beams,
+              pad_id):
   """The jitted loop (greedy when `num_beams == 1`); `stop` [num_stop_tokens] is traced, so only its
   length shapes the compilation."""
   batch, prompt_len = mask.shape
 
+  variables = {"params": params}
+  vlm = images is not None
+
   def step(token, cache):
-    logits, aux = model.apply({"params": params}, token[:, None], cache=cache)
+    logits, aux = (model.apply(variables, None, token[:, None], cache=cache) if vlm else
+                   model.apply(variables, token[:, None], cache=cache))
     return logits[:, -1], aux["cache"]
 
   cache = model.init_cache(batch, prompt_len + max_new_tokens)
-  logits, aux = model.apply({"params": params}, tokens, mask=mask, cache=cache, inputs_embeds=inputs_embeds)
+  if vlm:
+    logits, aux = model.apply(variables, images, tokens, mask=mask, cache=cache)
+  else:
+    logits, aux = model.apply(variables, tokens, mask=mask, cache=cache, inputs_embeds=inputs_embeds)
   logits, cache = logits[:, -1], aux["cache"]
   if num_beams > 1:
     cache = jax.tree.map(lambda a: jnp.repeat(a, num_beams, axis=0) if a.ndim else a, cache)

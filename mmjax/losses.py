@@ -89,6 +89,15 @@ def softmax_loss(zimg, ztxt, t, *, mesh=None, positives=None):
   return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=P())(*args)
 
 
+def next_token_loss(logits, targets, weights):
+  """Weighted mean cross-entropy of `targets` [batch, seq] under `logits` [batch, seq, vocab]:
+  sum(w * nll) / sum(w) over the whole (global) batch, in float32; 0 when no weight is set."""
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  weights = weights.astype(jnp.float32)
+  return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
 def _check_inputs(zimg, ztxt, positives):
   if zimg.ndim != 2 or zimg.shape != ztxt.shape:
     raise ConfigError(f"zimg {zimg.shape} and ztxt {ztxt.shape} must both be [B, D] "

@@ -26,8 +26,9 @@ from ml_collections import config_flags
 from mmjax import optim, parallel, tasks
 from mmjax.checkpoint import Checkpointer
 from mmjax.data import pipeline
-from mmjax.errors import CheckpointError, MMJaxError, NonFiniteLossError, PreemptedError
+from mmjax.errors import CheckpointError, ConfigError, MMJaxError, NonFiniteLossError, PreemptedError
 from mmjax.metrics import MetricWriter, Progress
+from mmjax.rules import path_str
 
 CONFIG_FILE = "config.json"
 SUMMARY_FILE = "summary.json"
@@ -77,6 +78,24 @@ def restore_params(config, workdir: str, step: int | None = None):
     state = ckpt.restore(step, abstract)
   ckpt.close()
   return task, mesh, state["params"], step
+
+
+def initial_params(params: dict, subtree: str, workdir: str) -> dict:
+  """`params` with `params[subtree]` replaced by the latest parameters of the run in `workdir`
+  (e.g. a pretrained language model under "lm"), placed with the shardings they replace."""
+  if subtree not in params:
+    raise ConfigError(f"init_from: the model has no parameters {subtree!r}; it has {sorted(params)}")
+  source_config = load_run_config(workdir)
+  loaded = jax.device_get(restore_params(source_config, workdir)[2])
+  target = params[subtree]
+  want = {path_str(p): x.shape for p, x in jax.tree_util.tree_leaves_with_path(target)}
+  got = {path_str(p): x.shape for p, x in jax.tree_util.tree_leaves_with_path(loaded)}
+  if want != got:
+    diff = sorted(f"{k}: model {want.get(k)}, {workdir} {got.get(k)}" for k in want.keys() | got.keys()
+                  if want.get(k) != got.get(k))
+    raise ConfigError(f"init_from ({subtree!r}, {workdir!r}): parameters differ:\n  " + "\n  ".join(diff[:20]))
+  placed = jax.tree.map(lambda new, old: jax.device_put(new.astype(old.dtype), old.sharding), loaded, target)
+  return {**params, subtree: placed}
 
 
 def make_train_step(task, tx, lr, shardings, mesh):
@@ -146,7 +165,8 @@ def train(config, workdir: str) -> dict[str, Any]:
   source = pipeline.make_source(config.data)
   loader = pipeline.Loader(source, tokenizer=task.tokenizer, image_size=config.data.image_size,
                            max_len=task.max_len, global_batch_size=config.data.batch_size,
-                           seed=config.seed, worker_count=config.data.worker_count)
+                           seed=config.seed, worker_count=config.data.worker_count,
+                           ops=task.data_ops() if hasattr(task, "data_ops") else None)
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, CONFIG_FILE), "w", encoding="utf-8") as f:
@@ -168,6 +188,9 @@ def _run(config, workdir, task, mesh, rules, ckpt, loader, preempted) -> dict[st
   start = ckpt.latest_step()
   if start is None:
     state, start, data_iter = init(jax.random.key(config.seed)), 0, loader.make_iterator()
+    for subtree, source in config.get("init_from", ()):
+      state["params"] = initial_params(state["params"], subtree, source)
+      log(f"params[{subtree!r}] from {source}")
     log(f"new run in {workdir}: {sum(x.size for x in jax.tree.leaves(state['params'])):,} parameters, "
         f"mesh {dict(mesh.shape)}")
   elif ckpt.has_data_state(start):

@@ -33,13 +33,14 @@ from absl import flags
 from mmjax.data.folder import CaptionFolderSource
 from mmjax.data.records import ArrayRecordSource, WebDatasetSource
 from mmjax.data.shapes import ShapesSource
+from mmjax.data.shapes_vqa import ShapesVQASource
 from mmjax.data.tokenizer import Tokenizer
 from mmjax.data.transforms import NormalizeImage, ResizeImage, Tokenize
 from mmjax.errors import ConfigError, DataError
 
 SKIPPED = "skipped"
 VALID = "valid"
-SOURCES = ("shapes", "folder", "webdataset", "array_record")
+SOURCES = ("shapes", "shapes_vqa", "folder", "webdataset", "array_record")
 
 
 # Stands in for a record the source returned as None, so that it reaches the counter
@@ -142,6 +143,7 @@ class Loader:
   num_epochs: int | None = None
   worker_count: int = 0
   drop_remainder: bool = True
+  ops: list | None = None  # Per-example transforms; None: resize, normalise, tokenize captions.
 
   def __post_init__(self):
     processes = jax.process_count()
@@ -162,9 +164,11 @@ class Loader:
     pad = not self.drop_remainder and self.num_epochs is not None
     ds = _ProcessSlice(ds, self.global_batch_size // self.group_size, jax.process_index(),
                        jax.process_count(), start_batch, pad)
-    ops = [ResizeImage(self.image_size), NormalizeImage()]
-    if self.tokenizer is not None:
-      ops.append(Tokenize(self.tokenizer, self.max_len))
+    ops = self.ops
+    if ops is None:
+      ops = [ResizeImage(self.image_size), NormalizeImage()]
+      if self.tokenizer is not None:
+        ops.append(Tokenize(self.tokenizer, self.max_len))
     drop = _DropUnreadable(repr(self.source), limit=len(self.source))
     ds = (ds.map(_Preprocess(ops, with_valid=pad))
           .to_iter_dataset(grain.ReadOptions(num_threads=0))
@@ -189,6 +193,11 @@ def make_source(data_config):
                         image_size=data_config.get("image_size", 64),
                         held_out_fraction=data_config.get("held_out_fraction", 0.2),
                         twins=data_config.get("twins", False))
+  if kind == "shapes_vqa":
+    return ShapesVQASource(seed=data_config.get("seed", 0), image_size=data_config.get("image_size", 64),
+                           held_out_fraction=data_config.get("held_out_fraction", 0.2),
+                           caption_fraction=data_config.get("caption_fraction", 0.25),
+                           media_per_record=data_config.get("media_per_record", 1))
   if kind == "folder":
     if not data_config.get("captions"):
       raise ConfigError("data.captions: required (a JSONL or CSV caption file) when "

@@ -8,4 +8,7 @@ def get(name: str):
   if name == "contrastive":
     from mmjax.tasks.contrastive import ContrastiveTask
     return ContrastiveTask
-  raise ConfigError(f"config.task={name!r} is not a known task; known: ['contrastive']")
+  if name == "generative":
+    from mmjax.tasks.generative import GenerativeTask
+    return GenerativeTask
+  raise ConfigError(f"config.task={name!r} is not a known task; known: ['contrastive', 'generative']")

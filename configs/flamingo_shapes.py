@@ -1,0 +1,29 @@
+"""Flamingo on interleaved shapes questions and captions, on CPU.
+
+  python -m mmjax.train --config configs/lm_shapes.py --workdir runs/lm_shapes      # the LM first
+  python -m mmjax.train --config configs/flamingo_shapes.py --workdir runs/flamingo_shapes
+
+A ViT (32 px, patch 8), a Perceiver Resampler (8 latents per image) and GATED XATTN-DENSE
+blocks before each layer of the frozen decoder of `lm_shapes.py` (`init_from`). Training
+sequences interleave two images with their questions or captions; the evals ask questions
+with 0, 4 and 8 solved examples in context.
+"""
+from mmjax.config import base_config, shapes_decoder, shapes_vqa_data
+
+
+def get_config(arg=None):
+  c = base_config()
+  c.task = "generative"
+  c.model = dict(kind="flamingo", vision=dict(width=96, depth=2, mlp_dim=192, num_heads=4, patch_size=8,
+                                              posemb="learn"),
+                 lm=shapes_decoder(), perceiver=dict(depth=1, num_latents=8, num_heads=4, mlp_dim=192, max_media=9),
+                 cross_attn_every=1, xattn=dict(num_heads=4, mlp_dim=256))
+  c.data = shapes_vqa_data(media_per_record=2, max_len=72)  # Two images, each with up to 34 tokens.
+  c.init_from = (("lm", "runs/lm_shapes"),)
+  c.optim.frozen = (r"^lm/",)
+  c.optim.lr, c.optim.warmup_steps = 3e-3, 100
+  c.total_steps = 1500
+  c.checkpoint_every, c.eval_every, c.log_every = 500, 1500, 50
+  c.evals = dict(batch_size=64, vqa=dict(n=256, max_new_tokens=4), captioning=dict(n=64, max_new_tokens=20),
+                 few_shot=dict(n=128, shots=(0, 4, 8), max_new_tokens=4, max_len=192))
+  return c

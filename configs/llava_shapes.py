@@ -1,0 +1,31 @@
+"""LLaVA on the shapes questions and captions, on CPU.
+
+  python -m mmjax.train --config configs/lm_shapes.py --workdir runs/lm_shapes      # the LM first
+  python -m mmjax.train --config configs/llava_shapes.py --workdir runs/llava_shapes
+  python -m mmjax.train --config configs/llava_shapes.py:stage1 --workdir runs/llava_stage1
+
+A ViT (32 px, patch 8: 16 visual tokens per image), an `mlp2x_gelu` projector and the decoder of
+`lm_shapes.py`, whose trained parameters start `lm` (`init_from`). The default is LLaVA's stage
+2 (projector, vision tower and LM trained; loss on answer tokens only); `:stage1` trains the
+projector alone.
+"""
+from mmjax.config import base_config, shapes_decoder, shapes_vqa_data
+
+
+def get_config(arg=None):
+  if arg not in (None, "stage1"):
+    raise ValueError(f"config argument {arg!r}: expected nothing or 'stage1'")
+  c = base_config()
+  c.task = "generative"
+  c.model = dict(kind="llava", vision=dict(width=96, depth=2, mlp_dim=192, num_heads=4, patch_size=8,
+                                           posemb="learn"),
+                 lm=shapes_decoder(), projector="mlp2x_gelu", vision_layer=-1, image_size=32)
+  c.data = shapes_vqa_data(max_len=56)  # 16 image tokens and up to 33 of text.
+  c.init_from = (("lm", "runs/lm_shapes"),)
+  if arg == "stage1":
+    c.optim.frozen = (r"^vision/", r"^lm/")
+  c.optim.lr, c.optim.warmup_steps = 3e-3, 100
+  c.total_steps = 1500
+  c.checkpoint_every, c.eval_every, c.log_every = 500, 1500, 50
+  c.evals = dict(batch_size=64, vqa=dict(n=256, max_new_tokens=4), captioning=dict(n=64, max_new_tokens=20))
+  return c

@@ -1,0 +1,158 @@
+"""Next-token training of generative models: text-only LMs and vision-language models (VQA, captions).
+
+`config.model.kind` picks the model: "lm" (a `Decoder`, trained on the text of the
+episodes) or a vision-language model of `mmjax.models.vlm`. Batches come from
+`mmjax.data.sequences.BuildSequence`; the loss is the cross-entropy of the weighted
+(answer) tokens. Evaluators, by `config.evals`: `vqa` (exact match of greedy answers, with
+the majority-answer baseline and per question type), `captioning` (BLEU-4, CIDEr) and
+`few_shot` (VQA with k solved examples before the question, for models that take several
+images).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mmjax import losses, parallel
+from mmjax.data import sequences, shapes_vqa
+from mmjax.data.tokenizer import END_OF_CHUNK, IMAGE_TOKEN, load_tokenizer
+from mmjax.data.transforms import NormalizeImage
+from mmjax.errors import ConfigError
+from mmjax.evals import captioning, vqa
+from mmjax.generate import generate
+from mmjax.models import vlm
+from mmjax.models.decoder import build_decoder
+
+# Training answers drawn to find the majority answer the VQA eval reports as its baseline.
+_BASELINE_RECORDS = 2000
+
+
+class GenerativeTask:
+  """Builds the model, its sequences, loss and evaluators from the config."""
+
+  def __init__(self, config, mesh):
+    self.config, self.mesh = config, mesh
+    self.tokenizer = load_tokenizer(config.data.tokenizer)
+    cfg = config.model.to_dict()
+    self.kind = cfg.pop("kind", None)
+    self.is_lm = self.kind == "lm"
+    lm_cfg = cfg if self.is_lm else cfg.setdefault("lm", {})
+    if lm_cfg.get("vocab_size") is None:
+      lm_cfg["vocab_size"] = self.tokenizer.vocab_size
+    if self.is_lm:
+      self.model, image_token, per_image = build_decoder(cfg), None, 0
+      terminator = self.tokenizer.eos_id
+    else:
+      cfg["image_token_id"] = image_token = self.tokenizer.piece_id(IMAGE_TOKEN)
+      if self.kind == "flamingo":
+        cfg["end_of_chunk_id"] = self.tokenizer.piece_id(END_OF_CHUNK)
+      self.model = vlm.build(self.kind, {"kind": self.kind, **cfg})
+      per_image = vlm.tokens_per_image(self.model)
+      # Flamingo's answers end like its interleaved documents; one-image models end with EOS.
+      terminator = cfg["end_of_chunk_id"] if self.kind == "flamingo" else self.tokenizer.eos_id
+    self.model_config = {"kind": self.kind, **cfg}
+    self.max_len = config.data.max_len
+    self.sequence = sequences.BuildSequence(self.tokenizer, self.max_len, image_token, per_image, terminator,
+                                            config.data.get("loss_on", "all" if self.is_lm else "answer"))
+    self.stop_tokens = sorted({self.tokenizer.eos_id, terminator})
+    self.media = config.data.get("media_per_record", 1)
+    self._eval_data = None
+
+  def data_ops(self) -> list:
+    return ([] if self.is_lm else [NormalizeImage()]) + [self.sequence]
+
+  def dummy_batch(self, batch_size: int) -> dict[str, np.ndarray]:
+    """A batch of empty episodes: black images, each with its image tokens and an empty answer."""
+    size, m = self.config.data.image_size, self.media
+    example = self.sequence.map(dict(image=np.zeros((m, size, size, 3), np.float32), prompts=[""] * m,
+                                     answers=[""] * m))
+    return {k: np.repeat(v[None], batch_size, axis=0) for k, v in example.items()}
+
+  def _apply(self, params, batch, train=False, rng=None):
+    rngs = {"dropout": rng} if rng is not None else {}
+    if self.is_lm:
+      return self.model.apply({"params": params}, batch["tokens"], mask=batch["mask"], train=train, rngs=rngs)
+    return self.model.apply({"params": params}, batch["image"], batch["tokens"], mask=batch["mask"], train=train,
+                            rngs=rngs)
+
+  def init(self, rng, batch):
+    """Parameters boxed with their logical axis names (unbox before use)."""
+    if self.is_lm:
+      return self.model.init(rng, batch["tokens"], mask=batch["mask"])["params"]
+    return self.model.init(rng, batch["image"], batch["tokens"], mask=batch["mask"])["params"]
+
+  def loss_fn(self, params, batch, rng, train=True) -> tuple[jax.Array, dict]:
+    logits, _ = self._apply(params, batch, train=train, rng=rng)
+    loss = losses.next_token_loss(logits, batch["targets"], batch["weights"])
+    return loss, {"loss": loss}
+
+  # Evaluation -------------------------------------------------------------------------
+
+  def _eval_sets(self) -> dict[str, Any]:
+    if self._eval_data is None:
+      d, e = self.config.data, self.config.evals
+      if d.source != "shapes_vqa":
+        raise ConfigError("evals need data.source='shapes_vqa'; set config.evals to {} for other data")
+      kw = dict(seed=d.seed, image_size=d.image_size, held_out_fraction=d.held_out_fraction)
+      self._eval_data = {}
+      if "vqa" in e:
+        train = shapes_vqa.ShapesVQASource(caption_fraction=0.0, **kw)
+        self._eval_data["vqa"] = shapes_vqa.eval_set(n=e.vqa.n, **kw)
+        self._eval_data["vqa_train_answers"] = [train.record(i)["answer"] for i in range(_BASELINE_RECORDS)]
+      if "captioning" in e:
+        self._eval_data["captioning"] = shapes_vqa.eval_set(n=e.captioning.n, caption_fraction=1.0, **kw)
+      if "few_shot" in e:
+        self._eval_data["few_shot"] = {k: shapes_vqa.few_shot_set(n=e.few_shot.n, shots=k, **kw)
+                                       for k in e.few_shot.shots}
+    return self._eval_data
+
+  def answer(self, params, episodes: list[dict], max_new_tokens: int, max_len: int | None = None) -> list[str]:
+    """Greedy answers to the last prompt of each episode (demonstrations before it are solved);
+    prompts are padded to `max_len` tokens (default: data.max_len)."""
+    sequence = dataclasses.replace(self.sequence, max_len=max_len or self.max_len)
+    chunk = self.config.evals.batch_size
+    if chunk % parallel.batch_size_divisor(self.mesh):
+      raise ConfigError(f"evals.batch_size={chunk} must be divisible by the "
+                        f"{parallel.batch_size_divisor(self.mesh)} batch-sharded devices")
+    out = []
+    for start in range(0, len(episodes), chunk):
+      part = episodes[start:start + chunk]
+      part = part + [part[-1]] * (chunk - len(part))  # One compilation: pad the last chunk.
+      prompts = [sequence.prompt(ep) for ep in part]
+      tokens, mask = np.stack([p[0] for p in prompts]), np.stack([p[1] for p in prompts])
+      images = None if self.is_lm else np.stack([ep["image"].astype(np.float32) / 127.5 - 1.0 for ep in part])
+      with jax.set_mesh(self.mesh):
+        ids, _ = generate(self.model, params, jnp.asarray(tokens), jnp.asarray(mask),
+                          max_new_tokens=max_new_tokens, stop_tokens=self.stop_tokens,
+                          pad_id=self.tokenizer.pad_id, images=None if images is None else jnp.asarray(images))
+      for row in np.asarray(jax.device_get(ids))[:len(episodes[start:start + chunk])].tolist():
+        row = [i for i in row if i not in self.stop_tokens and i != self.tokenizer.pad_id]
+        out.append(self.tokenizer.decode(row).strip())
+    return out
+
+  def evaluate(self, params) -> dict[str, float]:
+    """`{"vqa/accuracy": ..., "vqa/majority_baseline": ..., "captioning/cider": ..., "few_shot/4": ...}`."""
+    sets, e, results = self._eval_sets(), self.config.evals, {}
+    if "vqa" in sets:
+      records = sets["vqa"]
+      predictions = self.answer(params, [shapes_vqa.episode([r]) for r in records], e.vqa.max_new_tokens)
+      references = [r["answer"] for r in records]
+      results["vqa/accuracy"] = vqa.exact_match(predictions, references)
+      results["vqa/majority_baseline"] = vqa.majority_baseline(sets["vqa_train_answers"], references)[1]
+      for kind, acc in vqa.per_type(predictions, references, [r["kind"] for r in records]).items():
+        results[f"vqa/{kind}"] = acc
+    if "captioning" in sets:
+      records = sets["captioning"]
+      predictions = self.answer(params, [shapes_vqa.episode([r]) for r in records], e.captioning.max_new_tokens)
+      references = [[r["answer"]] for r in records]
+      results["captioning/bleu4"] = captioning.bleu(predictions, references)
+      results["captioning/cider"] = captioning.cider(predictions, references)
+    for shots, episodes in sets.get("few_shot", {}).items():
+      predictions = self.answer(params, [shapes_vqa.episode(ep) for ep in episodes], e.few_shot.max_new_tokens,
+                                e.few_shot.max_len)
+      results[f"few_shot/{shots}"] = vqa.exact_match(predictions, [ep[-1]["answer"] for ep in episodes])
+    return results

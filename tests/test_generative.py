@@ -1,0 +1,79 @@
+"""Generative training end to end: a text-only LM, then LLaVA starting its `lm` from that run."""
+import importlib.util
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from mmjax import losses
+from mmjax import train as train_lib
+from mmjax.errors import ConfigError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_LM = dict(width=32, depth=1, num_heads=2, mlp_dim=64)
+
+
+def _recipe(name, **overrides):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "configs", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config()
+  c.total_steps, c.optim.warmup_steps, c.log_every, c.eval_every, c.checkpoint_every = 4, 1, 2, 4, 4
+  c.data.batch_size, c.evals.batch_size = 16, 16
+  c.evals.vqa.n = 16
+  for key, value in overrides.items():
+    target = c
+    *path, last = key.split(".")
+    for part in path:
+      target = target[part]
+    target[last] = value
+  return c
+
+
+def test_next_token_loss_matches_numpy():
+  rng = np.random.default_rng(0)
+  logits, targets = rng.normal(size=(2, 5, 7)), rng.integers(0, 7, (2, 5))
+  weights = (rng.random((2, 5)) < 0.6).astype(np.float32)
+  logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  nll = -np.take_along_axis(logp, targets[..., None], -1)[..., 0]
+  want = (nll * weights).sum() / weights.sum()
+  got = losses.next_token_loss(np.float32(logits), targets, weights)
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def lm_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("lm"))
+  config = _recipe("lm_shapes", **{f"model.{k}": v for k, v in TINY_LM.items()})
+  return workdir, train_lib.train(config, workdir)
+
+
+def test_lm_trains_and_reports_vqa_against_the_majority_baseline(lm_run):
+  _, summary = lm_run
+  assert 0.0 <= summary["vqa/accuracy"] <= 1.0 and 0.0 < summary["vqa/majority_baseline"] < 1.0
+  assert {"vqa/count", "vqa/colour", "vqa/shape"} <= set(summary)
+
+
+def test_llava_starts_from_the_lm_run_and_trains_with_evals(lm_run, tmp_path):
+  lm_dir, _ = lm_run
+  lm_params = jax.device_get(train_lib.restore_params(train_lib.load_run_config(lm_dir), lm_dir)[2])
+  overrides = {f"model.lm.{k}": v for k, v in TINY_LM.items()}
+  overrides.update({"model.vision.width": 32, "model.vision.depth": 1, "model.vision.mlp_dim": 64,
+                    "model.vision.num_heads": 2, "evals.captioning.n": 16, "init_from": (("lm", lm_dir),),
+                    "optim.frozen": (r"^lm/",)})
+  config = _recipe("llava_shapes", **overrides)
+  summary = train_lib.train(config, str(tmp_path))
+  assert {"vqa/accuracy", "vqa/majority_baseline", "captioning/bleu4", "captioning/cider"} <= set(summary)
+  # The LM was frozen, so after training it still holds exactly the parameters of the LM run.
+  trained = jax.device_get(train_lib.restore_params(config, str(tmp_path))[2])["lm"]
+  jax.tree.map(np.testing.assert_array_equal, trained, lm_params)
+
+
+def test_init_from_names_a_mismatched_subtree(lm_run):
+  lm_dir, _ = lm_run
+  params = {"lm": {"embedder": {"embedding": np.zeros((3, 3), np.float32)}}}
+  with pytest.raises(ConfigError, match="parameters differ"):
+    train_lib.initial_params(params, "lm", lm_dir)
+  with pytest.raises(ConfigError, match="no parameters 'vision'"):
+    train_lib.initial_params(params, "vision", lm_dir)
