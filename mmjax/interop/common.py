@@ -38,6 +38,16 @@ def hf_config_object(hf_config, kinds: Mapping[str, str]):
   return getattr(transformers, kinds[kind])(**{k: v for k, v in hf_config.items() if k != "model_type"})
 
 
+def state_dict_and_config(model_or_state_dict, hf_config, caller: str, expects: str):
+  """`(state_dict, config)` of a torch model (its own config unless one is given), or a state dict
+  with the config it needs (`expects` names it in the error)."""
+  if hasattr(model_or_state_dict, "state_dict"):
+    return model_or_state_dict.state_dict(), model_or_state_dict.config if hf_config is None else hf_config
+  if hf_config is None:
+    raise ConversionError(f"{caller}(state_dict) needs hf_config ({expects} or its dict)")
+  return model_or_state_dict, hf_config
+
+
 class Rule(NamedTuple):
   """`mm` parameter paths ('img/head/kernel') from `src` names, and back.
 

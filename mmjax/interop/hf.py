@@ -105,13 +105,8 @@ def rules_for(mc: Mapping) -> list[common.Rule]:
 
 def from_hf(model_or_state_dict, hf_config=None) -> tuple[dict, dict]:
   """`(mmjax model config, params)` from a HF `CLIPModel` / `SiglipModel`, or a state dict plus config."""
-  if hasattr(model_or_state_dict, "state_dict"):
-    hf_config = model_or_state_dict.config if hf_config is None else hf_config
-    state_dict = model_or_state_dict.state_dict()
-  else:
-    if hf_config is None:
-      raise ConversionError("from_hf(state_dict) needs hf_config (a CLIPConfig/SiglipConfig or its dict)")
-    state_dict = model_or_state_dict
+  state_dict, hf_config = common.state_dict_and_config(model_or_state_dict, hf_config, "from_hf",
+                                                      "a CLIPConfig/SiglipConfig")
   mc = model_config_from_hf(hf_config)
   return common.convert(rules_for(mc), state_dict, mc, ignore=_IGNORE, what="HF state dict")
 

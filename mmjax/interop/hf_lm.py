@@ -149,13 +149,8 @@ def from_hf_lm(model_or_state_dict, hf_config=None) -> tuple[dict, dict]:
 
   Tied models may omit `lm_head.weight`; when present it is ignored (it is the embedding).
   """
-  if hasattr(model_or_state_dict, "state_dict"):
-    hf_config = model_or_state_dict.config if hf_config is None else hf_config
-    state_dict = model_or_state_dict.state_dict()
-  else:
-    if hf_config is None:
-      raise ConversionError("from_hf_lm(state_dict) needs hf_config (a GPT2/Llama/Gemma config or its dict)")
-    state_dict = model_or_state_dict
+  state_dict, hf_config = common.state_dict_and_config(model_or_state_dict, hf_config, "from_hf_lm",
+                                                      "a GPT2/Llama/Gemma config")
   cfg = decoder_config_from_hf(hf_config)
   ignore = _IGNORE + ((r"lm_head\.weight",) if cfg["tie_embeddings"] else ())
   flat = common.apply_rules(rules_for(cfg), common.to_numpy(state_dict), ignore=ignore, what="HF state dict")

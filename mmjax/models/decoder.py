@@ -275,6 +275,17 @@ class Decoder(nn.Module):
     `cache` the tokens are written at slot `cache["index"]` and attend to every real token
     before them; `aux["cache"]` is the updated cache. `aux["hidden"]`: final normed states.
     """
+    x, block_kw, state = self.prepare(tokens, mask=mask, positions=positions, cache=cache,
+                                      inputs_embeds=inputs_embeds, train=train)
+    layer_caches = state["layer_caches"]
+    for i, block in enumerate(self.layers):
+      x, layer_caches[i] = block(x, **block_kw, cache=layer_caches[i], train=train)
+    return self.finish(x, block_kw, state, cache)
+
+  def prepare(self, tokens, *, mask=None, positions=None, cache=None, inputs_embeds=None, train=False):
+    """`(x, block_kw, state)`: embedded inputs, the keyword arguments of every `DecoderBlock`
+    call, and what `finish` needs (state["layer_caches"]: one entry per block, to fill in).
+    Shared with models that run the blocks in their own loop (Flamingo)."""
     x = self.embed(tokens) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
     mask = jnp.ones(x.shape[:2], bool) if mask is None else jnp.asarray(mask, bool)
     positions, attn_mask, causal, key_mask = block_inputs(mask, cache, positions)
@@ -283,18 +294,21 @@ class Decoder(nn.Module):
         raise ConfigError(f"sequence length {x.shape[1]} exceeds the learned position table (max_len={self.max_len})")
       x = x + self.pos_embedding.astype(x.dtype)[positions]
     x = self.embed_dropout(x, not train)
-    index = None if cache is None else cache["index"]
-    layer_caches = [None] * self.depth if cache is None else list(cache["layers"])
-    for i, block in enumerate(self.layers):
-      x, layer_caches[i] = block(x, positions, attn_mask, causal=causal, cache=layer_caches[i], index=index,
-                                 train=train)
+    block_kw = {"positions": positions, "mask": attn_mask, "causal": causal,
+                "index": None if cache is None else cache["index"]}
+    state = {"token_mask": mask, "key_mask": key_mask,
+             "layer_caches": [None] * self.depth if cache is None else list(cache["layers"])}
+    return x, block_kw, state
+
+  def finish(self, x, block_kw: dict, state: dict, cache):
+    """`(logits float32, aux)` from the last block's output; see `__call__`."""
     x = self.final_norm(x)
     logits = self.embedder.attend(x) if self.tie_embeddings else self.lm_head(x)
     aux = {"hidden": x}
     if cache is not None:
-      next_pos = jnp.max(jnp.where(mask, positions + 1, 0), axis=1)
-      aux["cache"] = {"index": index + x.shape[1], "pos": jnp.maximum(cache["pos"], next_pos), "mask": key_mask,
-                      "layers": tuple(layer_caches)}
+      next_pos = jnp.max(jnp.where(state["token_mask"], block_kw["positions"] + 1, 0), axis=1)
+      aux["cache"] = {"index": cache["index"] + x.shape[1], "pos": jnp.maximum(cache["pos"], next_pos),
+                      "mask": state["key_mask"], "layers": tuple(state["layer_caches"])}
     return logits.astype(jnp.float32), aux
 
 

@@ -27,7 +27,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from mmjax.errors import ConfigError
-from mmjax.models.decoder import Decoder, block_inputs
+from mmjax.models.decoder import Decoder
 from mmjax.models.llava import build_lm, build_vision, check_keys
 from mmjax.models.perceiver import PerceiverResampler
 from mmjax.models.vit import ViT
@@ -100,31 +100,18 @@ class Flamingo(nn.Module):
       media = media_indices(tokens, self.image_token_id, mask, cache["media"][:, None])
     readable = jnp.where(media < num_media, media, -1)
 
-    lm = self.lm
-    x = lm.embed(tokens)
-    positions, attn_mask, causal, key_mask = block_inputs(mask, cache)
-    if lm.positions == "learn":
-      if cache is None and x.shape[1] > lm.max_len:
-        raise ConfigError(f"sequence length {x.shape[1]} exceeds the learned position table (max_len={lm.max_len})")
-      x = x + lm.pos_embedding.astype(x.dtype)[positions]
-    x = lm.embed_dropout(x, not train)
-    index = None if cache is None else cache["index"]
-    layer_caches = [None] * lm.depth if cache is None else list(cache["layers"])
-    for i, block in enumerate(lm.layers):
+    x, block_kw, state = self.lm.prepare(tokens, mask=mask, cache=cache, train=train)
+    layer_caches = state["layer_caches"]
+    for i, block in enumerate(self.lm.layers):
       if i % self.cross_attn_every == self.cross_attn_every - 1:
         x = GatedCrossAttentionBlock(self.xattn_heads, self.xattn_mlp_dim, self.dtype, self.attention_impl,
                                      name=f"xattn_{i}")(x, visual, readable, train)
-      x, layer_caches[i] = block(x, positions, attn_mask, causal=causal, cache=layer_caches[i], index=index,
-                                 train=train)
-    x = lm.final_norm(x)
-    logits = lm.embedder.attend(x) if lm.tie_embeddings else lm.lm_head(x)
-    aux = {"hidden": x, "visual": visual}
+      x, layer_caches[i] = block(x, **block_kw, cache=layer_caches[i], train=train)
+    logits, aux = self.lm.finish(x, block_kw, state, cache)
+    aux["visual"] = visual
     if cache is not None:
-      next_pos = jnp.max(jnp.where(mask, positions + 1, 0), axis=1)
-      aux["cache"] = {"index": index + x.shape[1], "pos": jnp.maximum(cache["pos"], next_pos), "mask": key_mask,
-                      "layers": tuple(layer_caches), "visual": visual, "num_media": num_media,
-                      "media": media[:, -1]}
-    return logits.astype(jnp.float32), aux
+      aux["cache"].update(visual=visual, num_media=num_media, media=media[:, -1])
+    return logits, aux
 
 
 def build_flamingo(model_cfg: Mapping[str, Any]) -> Flamingo:

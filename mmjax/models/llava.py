@@ -65,22 +65,31 @@ def splice_image_tokens(embeds, tokens, mask, visual, image_token_id: int):
   return jnp.where((is_image & (index < visual.shape[1]))[..., None], picked.astype(embeds.dtype), embeds)
 
 
-def embed_prompt(module: nn.Module, images, tokens, mask, train: bool):
-  """`module.lm`'s token embeddings with `module.image_features(images)` spliced over the image tokens.
+class SplicedPrompt:
+  """What LLaVA and BLIP-2 share: a model with `lm` (a Decoder), `image_token_id`,
+  `num_image_tokens` and `image_features(images, train)` whose features overwrite the image
+  tokens of the LM's input embeddings."""
 
-  Shared by LLaVA and BLIP-2: `module` has `lm`, `image_token_id`, `num_image_tokens` and
-  `image_features(images, train=...)`.
-  """
-  if images is not None and images.ndim != 5:
-    raise ConfigError(f"images of shape {images.shape}; expected [batch, images per row, height, width, 3]")
-  mask = jnp.ones(jnp.shape(tokens), bool) if mask is None else jnp.asarray(mask, bool)
-  num_images = 0 if images is None else images.shape[1]
-  check_image_token_count(tokens, mask, module.image_token_id, num_images * module.num_image_tokens)
-  tokens = jnp.asarray(tokens, jnp.int32)
-  x = module.lm.embed(tokens)
-  if images is None:
-    return x
-  return splice_image_tokens(x, tokens, mask, module.image_features(images, train=train), module.image_token_id)
+  def init_cache(self, batch: int, max_len: int) -> dict:
+    """The LM's KV cache (`mmjax.models.decoder`) for `max_len` tokens, image tokens included."""
+    return self.lm.init_cache(batch, max_len)
+
+  def prompt_embeddings(self, images, tokens, mask=None, train=False):
+    """The LM's `inputs_embeds` [B, L, width]: token embeddings, image tokens replaced by visual features."""
+    if images is not None and images.ndim != 5:
+      raise ConfigError(f"images of shape {images.shape}; expected [batch, images per row, height, width, 3]")
+    mask = jnp.ones(jnp.shape(tokens), bool) if mask is None else jnp.asarray(mask, bool)
+    num_images = 0 if images is None else images.shape[1]
+    check_image_token_count(tokens, mask, self.image_token_id, num_images * self.num_image_tokens)
+    tokens = jnp.asarray(tokens, jnp.int32)
+    x = self.lm.embed(tokens)
+    if images is None:
+      return x
+    return splice_image_tokens(x, tokens, mask, self.image_features(images, train=train), self.image_token_id)
+
+  def __call__(self, images, tokens, *, mask=None, cache=None, train=False):
+    x = self.prompt_embeddings(images, tokens, mask, train)
+    return self.lm(None, mask=mask, cache=cache, inputs_embeds=x, train=train)
 
 
 class Projector(nn.Module):
@@ -98,7 +107,7 @@ class Projector(nn.Module):
     return _dense(self.width, ("mlp", "embed"), "linear_2", self.dtype)(x)
 
 
-class LLaVA(nn.Module):
+class LLaVA(SplicedPrompt, nn.Module):
   """`(images [B, M, H, W, 3], tokens [B, L]) -> (logits [B, L, vocab] float32, aux)`; see the module docstring.
 
   `vision` and `lm` are submodules given unbound (`model.lm` drives `mmjax.generate.generate`
@@ -125,10 +134,6 @@ class LLaVA(nn.Module):
   def setup(self):
     self.projector = Projector(self.lm.width, self.projector_kind, self.dtype)
 
-  def init_cache(self, batch: int, max_len: int) -> dict:
-    """The LM's KV cache (`mmjax.models.decoder`) for `max_len` tokens, image tokens included."""
-    return self.lm.init_cache(batch, max_len)
-
   def image_features(self, images, train=False):
     """Projected visual tokens [B, M * num_image_tokens, LM width] of images [B, M, H, W, 3], image by image."""
     batch, num_images = images.shape[:2]
@@ -144,14 +149,6 @@ class LLaVA(nn.Module):
       x = x[:, 1:]
     x = self.projector(x).astype(self.lm.dtype)
     return x.reshape(batch, num_images * x.shape[1], x.shape[2])
-
-  def prompt_embeddings(self, images, tokens, mask=None, train=False):
-    """The LM's `inputs_embeds` [B, L, width]: token embeddings, image tokens replaced by visual tokens."""
-    return embed_prompt(self, images, tokens, mask, train)
-
-  def __call__(self, images, tokens, *, mask=None, cache=None, train=False):
-    x = self.prompt_embeddings(images, tokens, mask, train)
-    return self.lm(None, mask=mask, cache=cache, inputs_embeds=x, train=train)
 
 
 def check_image_token_id(image_token_id: int, lm: Decoder):

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from mmjax.errors import ConfigError
 from mmjax.models.decoder import Decoder
-from mmjax.models.llava import (build_lm, build_vision, check_image_token_id, check_keys, embed_prompt,
+from mmjax.models.llava import (SplicedPrompt, build_lm, build_vision, check_image_token_id, check_keys,
                                 resolve_vlm_config)
 from mmjax.models.vit import ACT_AXES, MlpBlock, MultiHeadDotProductAttention, ViT, _dense, _layer_norm
 from mmjax.ops.attention import dot_product_attention
@@ -115,7 +115,7 @@ class QFormer(nn.Module):
     return _layer_norm("final_norm", self.dtype, self.norm_eps)(x)
 
 
-class BLIP2(nn.Module):
+class BLIP2(SplicedPrompt, nn.Module):
   """`(images [B, M, H, W, 3], tokens [B, L]) -> (logits [B, L, vocab] float32, aux)`; see the module docstring.
 
   `vision`, `qformer` and `lm` are submodules given unbound (`model.lm` drives
@@ -139,24 +139,12 @@ class BLIP2(nn.Module):
   def setup(self):
     self.projector = _dense(self.lm.width, ("embed", "mlp"), None, self.dtype)
 
-  def init_cache(self, batch: int, max_len: int) -> dict:
-    """The LM's KV cache (`mmjax.models.decoder`) for `max_len` tokens, image tokens included."""
-    return self.lm.init_cache(batch, max_len)
-
   def image_features(self, images, train=False):
     """Projected query outputs [B, M * num_queries, LM width] of images [B, M, H, W, 3], image by image."""
     batch, num_images = images.shape[:2]
     _, aux = self.vision(images.reshape(batch * num_images, *images.shape[2:]), train=train)
     x = self.projector(self.qformer(aux["encoded"])).astype(self.lm.dtype)
     return x.reshape(batch, num_images * x.shape[1], x.shape[2])
-
-  def prompt_embeddings(self, images, tokens, mask=None, train=False):
-    """The LM's `inputs_embeds` [B, L, width]: token embeddings, image tokens replaced by query outputs."""
-    return embed_prompt(self, images, tokens, mask, train)
-
-  def __call__(self, images, tokens, *, mask=None, cache=None, train=False):
-    x = self.prompt_embeddings(images, tokens, mask, train)
-    return self.lm(None, mask=mask, cache=cache, inputs_embeds=x, train=train)
 
 
 def build_blip2(model_config: Mapping[str, Any]) -> BLIP2:
