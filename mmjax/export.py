@@ -1,7 +1,7 @@
 """Params-only exports: `python -m mmjax.export --workdir DIR --out DIR2`, and `mmjax.load(DIR2)`.
 
 An export directory holds `params/` (an Orbax checkpoint of the parameters only),
-`model_config.json` (the resolved `config.model`, vocabulary size included),
+`model_config.json` (the resolved `config.model`, vocabulary size and media token ids included),
 `tokenizer.json` with the tokenizer's files (its kind, padding and cleaning rules) and
 `export.json` (where it came from), so a notebook needs nothing else. `python -m
 mmjax.convert` writes the same layout from open_clip, HF and big_vision checkpoints.
@@ -56,7 +56,11 @@ def load(path: str):
   model_config = json.loads((path / MODEL_CONFIG).read_text())
   with ocp.StandardCheckpointer() as ckptr:
     params = ckptr.restore(path / PARAMS)
-  return models.build(model_config), params, load_saved_tokenizer(str(path))
+  tokenizer = load_saved_tokenizer(str(path))
+  if "kind" in model_config:  # A generative model: a decoder or a vision-language model.
+    from mmjax.tasks.generative import build_model
+    return build_model(model_config, tokenizer)[0], params, tokenizer
+  return models.build(model_config), params, tokenizer
 
 
 def main(argv):

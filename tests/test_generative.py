@@ -6,8 +6,12 @@ import jax
 import numpy as np
 import pytest
 
-from mmjax import losses
+import mmjax
+from mmjax import export, losses
 from mmjax import train as train_lib
+from mmjax.data import shapes_vqa
+from mmjax.evals import vqa
+from mmjax.tasks import generative
 from mmjax.errors import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,19 +59,50 @@ def test_lm_trains_and_reports_vqa_against_the_majority_baseline(lm_run):
   assert {"vqa/count", "vqa/colour", "vqa/shape"} <= set(summary)
 
 
-def test_llava_starts_from_the_lm_run_and_trains_with_evals(lm_run, tmp_path):
+@pytest.fixture(scope="module")
+def llava_run(lm_run, tmp_path_factory):
   lm_dir, _ = lm_run
-  lm_params = jax.device_get(train_lib.restore_params(train_lib.load_run_config(lm_dir), lm_dir)[2])
+  workdir = str(tmp_path_factory.mktemp("llava"))
   overrides = {f"model.lm.{k}": v for k, v in TINY_LM.items()}
   overrides.update({"model.vision.width": 32, "model.vision.depth": 1, "model.vision.mlp_dim": 64,
                     "model.vision.num_heads": 2, "evals.captioning.n": 16, "init_from": (("lm", lm_dir),),
                     "optim.frozen": (r"^lm/",)})
   config = _recipe("llava_shapes", **overrides)
-  summary = train_lib.train(config, str(tmp_path))
+  return workdir, config, train_lib.train(config, workdir)
+
+
+def test_llava_starts_from_the_lm_run_and_trains_with_evals(lm_run, llava_run):
+  lm_dir, _ = lm_run
+  workdir, config, summary = llava_run
   assert {"vqa/accuracy", "vqa/majority_baseline", "captioning/bleu4", "captioning/cider"} <= set(summary)
   # The LM was frozen, so after training it still holds exactly the parameters of the LM run.
-  trained = jax.device_get(train_lib.restore_params(config, str(tmp_path))[2])["lm"]
+  lm_params = jax.device_get(train_lib.restore_params(train_lib.load_run_config(lm_dir), lm_dir)[2])
+  trained = jax.device_get(train_lib.restore_params(config, workdir)[2])["lm"]
   jax.tree.map(np.testing.assert_array_equal, trained, lm_params)
+
+
+def test_exported_vlm_answers_like_the_run_and_drives_the_notebook(llava_run, tmp_path):
+  import nbclient
+  import nbformat
+  workdir, config, summary = llava_run
+  out = export.export(workdir, str(tmp_path / "export"))
+  model, params, tokenizer = mmjax.load(out)
+  records = shapes_vqa.eval_set(seed=0, image_size=config.data.image_size, n=config.evals.vqa.n)
+  sequence = generative.make_sequence(model, tokenizer, config.data.max_len)
+  predictions = generative.answer(model, params, sequence, [shapes_vqa.episode([r]) for r in records],
+                                  max_new_tokens=config.evals.vqa.max_new_tokens, batch_size=16)
+  assert vqa.exact_match(predictions, [r["answer"] for r in records]) == pytest.approx(summary["vqa/accuracy"])
+  notebook = nbformat.read(os.path.join(REPO, "notebooks", "vlm_demo.ipynb"), as_version=4)
+  os.environ["MMJAX_EXPORT"] = out
+  try:
+    nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
+                            resources={"metadata": {"path": os.path.join(REPO, "notebooks")}}).execute()
+  finally:
+    del os.environ["MMJAX_EXPORT"]
+  printed = "".join(o.get("text", "") for c in notebook.cells if c.cell_type == "code" for o in c.get("outputs", []))
+  assert "LLaVA: 32 px images" in printed and "exact match" in printed
+  images = sum("image/png" in o.get("data", {}) for c in notebook.cells if c.cell_type == "code" for o in c.outputs)
+  assert images == 2  # The question grid and the captions.
 
 
 def test_init_from_names_a_mismatched_subtree(lm_run):

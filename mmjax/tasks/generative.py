@@ -25,10 +25,58 @@ from mmjax.errors import ConfigError
 from mmjax.evals import captioning, vqa
 from mmjax.generate import generate
 from mmjax.models import vlm
-from mmjax.models.decoder import build_decoder
+from mmjax.models.decoder import Decoder, build_decoder
 
 # Training answers drawn to find the majority answer the VQA eval reports as its baseline.
 _BASELINE_RECORDS = 2000
+
+
+def build_model(model_config: dict, tokenizer):
+  """The model of `config.model` (kind "lm" or a VLM kind), with the vocabulary size and the
+  media token ids taken from the tokenizer; returns `(model, resolved config)`."""
+  cfg = dict(model_config)
+  kind = cfg.pop("kind", None)
+  lm_cfg = cfg if kind == "lm" else cfg.setdefault("lm", {})
+  if lm_cfg.get("vocab_size") is None:
+    lm_cfg["vocab_size"] = tokenizer.vocab_size
+  if kind == "lm":
+    return build_decoder(cfg), {"kind": kind, **cfg}
+  cfg["image_token_id"] = tokenizer.piece_id(IMAGE_TOKEN)
+  if kind == "flamingo":
+    cfg["end_of_chunk_id"] = tokenizer.piece_id(END_OF_CHUNK)
+  return vlm.build(kind, {"kind": kind, **cfg}), {"kind": kind, **cfg}
+
+
+def make_sequence(model, tokenizer, max_len: int, loss_on: str | None = None) -> sequences.BuildSequence:
+  """How `model` reads episodes: image tokens per image, and the token ending each answer
+  (Flamingo's `<|endofchunk|>`, as in its interleaved documents; EOS otherwise)."""
+  if isinstance(model, Decoder):
+    return sequences.BuildSequence(tokenizer, max_len, None, 0, tokenizer.eos_id, loss_on or "all")
+  terminator = getattr(model, "end_of_chunk_id", None)
+  return sequences.BuildSequence(tokenizer, max_len, model.image_token_id, vlm.tokens_per_image(model),
+                                 tokenizer.eos_id if terminator is None else terminator, loss_on or "answer")
+
+
+def answer(model, params, sequence: sequences.BuildSequence, episodes: list[dict], *, max_new_tokens: int,
+           batch_size: int = 64) -> list[str]:
+  """Greedy answers to the last prompt of each episode (dict(image uint8 [M, S, S, 3], prompts,
+  answers); the answers before the last are solved demonstrations), `batch_size` at a time."""
+  tokenizer = sequence.tokenizer
+  stop = sorted({tokenizer.eos_id, sequence.terminator})
+  out = []
+  for start in range(0, len(episodes), batch_size):
+    part = episodes[start:start + batch_size]
+    padded = part + [part[-1]] * (batch_size - len(part))  # One compilation: pad the last chunk.
+    prompts = [sequence.prompt(ep) for ep in padded]
+    tokens, mask = np.stack([p[0] for p in prompts]), np.stack([p[1] for p in prompts])
+    images = None
+    if sequence.image_token_id is not None:
+      images = jnp.asarray(np.stack([ep["image"] for ep in padded]).astype(np.float32) / 127.5 - 1.0)
+    ids, _ = generate(model, params, jnp.asarray(tokens), jnp.asarray(mask), max_new_tokens=max_new_tokens,
+                      stop_tokens=stop, pad_id=tokenizer.pad_id, images=images)
+    for row in np.asarray(jax.device_get(ids))[:len(part)].tolist():
+      out.append(tokenizer.decode([i for i in row if i not in stop and i != tokenizer.pad_id]).strip())
+  return out
 
 
 class GenerativeTask:
@@ -37,28 +85,10 @@ class GenerativeTask:
   def __init__(self, config, mesh):
     self.config, self.mesh = config, mesh
     self.tokenizer = load_tokenizer(config.data.tokenizer)
-    cfg = config.model.to_dict()
-    self.kind = cfg.pop("kind", None)
-    self.is_lm = self.kind == "lm"
-    lm_cfg = cfg if self.is_lm else cfg.setdefault("lm", {})
-    if lm_cfg.get("vocab_size") is None:
-      lm_cfg["vocab_size"] = self.tokenizer.vocab_size
-    if self.is_lm:
-      self.model, image_token, per_image = build_decoder(cfg), None, 0
-      terminator = self.tokenizer.eos_id
-    else:
-      cfg["image_token_id"] = image_token = self.tokenizer.piece_id(IMAGE_TOKEN)
-      if self.kind == "flamingo":
-        cfg["end_of_chunk_id"] = self.tokenizer.piece_id(END_OF_CHUNK)
-      self.model = vlm.build(self.kind, {"kind": self.kind, **cfg})
-      per_image = vlm.tokens_per_image(self.model)
-      # Flamingo's answers end like its interleaved documents; one-image models end with EOS.
-      terminator = cfg["end_of_chunk_id"] if self.kind == "flamingo" else self.tokenizer.eos_id
-    self.model_config = {"kind": self.kind, **cfg}
+    self.model, self.model_config = build_model(config.model.to_dict(), self.tokenizer)
+    self.is_lm = isinstance(self.model, Decoder)
     self.max_len = config.data.max_len
-    self.sequence = sequences.BuildSequence(self.tokenizer, self.max_len, image_token, per_image, terminator,
-                                            config.data.get("loss_on", "all" if self.is_lm else "answer"))
-    self.stop_tokens = sorted({self.tokenizer.eos_id, terminator})
+    self.sequence = make_sequence(self.model, self.tokenizer, self.max_len, config.data.get("loss_on"))
     self.media = config.data.get("media_per_record", 1)
     self._eval_data = None
 
@@ -111,28 +141,14 @@ class GenerativeTask:
     return self._eval_data
 
   def answer(self, params, episodes: list[dict], max_new_tokens: int, max_len: int | None = None) -> list[str]:
-    """Greedy answers to the last prompt of each episode (demonstrations before it are solved);
-    prompts are padded to `max_len` tokens (default: data.max_len)."""
-    sequence = dataclasses.replace(self.sequence, max_len=max_len or self.max_len)
+    """`answer` with evals.batch_size, prompts padded to `max_len` tokens (default: data.max_len)."""
     chunk = self.config.evals.batch_size
     if chunk % parallel.batch_size_divisor(self.mesh):
       raise ConfigError(f"evals.batch_size={chunk} must be divisible by the "
                         f"{parallel.batch_size_divisor(self.mesh)} batch-sharded devices")
-    out = []
-    for start in range(0, len(episodes), chunk):
-      part = episodes[start:start + chunk]
-      part = part + [part[-1]] * (chunk - len(part))  # One compilation: pad the last chunk.
-      prompts = [sequence.prompt(ep) for ep in part]
-      tokens, mask = np.stack([p[0] for p in prompts]), np.stack([p[1] for p in prompts])
-      images = None if self.is_lm else np.stack([ep["image"].astype(np.float32) / 127.5 - 1.0 for ep in part])
-      with jax.set_mesh(self.mesh):
-        ids, _ = generate(self.model, params, jnp.asarray(tokens), jnp.asarray(mask),
-                          max_new_tokens=max_new_tokens, stop_tokens=self.stop_tokens,
-                          pad_id=self.tokenizer.pad_id, images=None if images is None else jnp.asarray(images))
-      for row in np.asarray(jax.device_get(ids))[:len(episodes[start:start + chunk])].tolist():
-        row = [i for i in row if i not in self.stop_tokens and i != self.tokenizer.pad_id]
-        out.append(self.tokenizer.decode(row).strip())
-    return out
+    sequence = dataclasses.replace(self.sequence, max_len=max_len or self.max_len)
+    with jax.set_mesh(self.mesh):
+      return answer(self.model, params, sequence, episodes, max_new_tokens=max_new_tokens, batch_size=chunk)
 
   def evaluate(self, params) -> dict[str, float]:
     """`{"vqa/accuracy": ..., "vqa/majority_baseline": ..., "captioning/cider": ..., "few_shot/4": ...}`."""
