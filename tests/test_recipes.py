@@ -23,7 +23,9 @@ def _load(path):
 
 def test_recipes_are_found():
   names = {os.path.basename(p) for p in RECIPES}
-  assert {"siglip_shapes.py", "clip_shapes.py", "clip_b32.py", "siglip_b16.py", "siglip_so400m.py"} <= names
+  assert {"siglip_shapes.py", "clip_shapes.py", "clip_b32.py", "siglip_b16.py", "siglip_so400m.py", "lm_shapes.py",
+          "llava_shapes.py", "blip2_shapes.py", "flamingo_shapes.py", "llava_vitl14_llama.py",
+          "flamingo_vitl14.py"} <= names
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=os.path.basename)

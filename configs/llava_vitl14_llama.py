@@ -1,0 +1,36 @@
+"""LLaVA-1.5 at scale: CLIP ViT-L/14 at 336 px (penultimate layer, no class token), mlp2x_gelu
+projector, a Llama-2-7B-shaped decoder, sharded with FSDP over every device.
+
+  python -m mmjax.train --config configs/llava_vitl14_llama.py --workdir gs://bucket/llava \
+      --config.data.tokenizer=/models/llama2/tokenizer.model \
+      "--config.init_from=(('lm','/runs/llama2_7b_mmjax'),)"
+
+Hardware: 8x H100 80 GB (one node) or a TPU v5p-64 slice; bf16 compute, batch 128. Start `lm`
+from converted Llama weights (`mmjax.interop.hf_lm.from_hf_lm`) and `vision` from a converted
+CLIP ViT-L/14-336. Stage 1 (`:stage1`) trains the projector alone, stage 2 (default) the
+projector and the LM. The pipeline only reads the synthetic `shapes_vqa` source so far:
+instruction data (LLaVA-Instruct) needs a source of image / prompt / answer records. Not run
+here; a test builds and lowers it.
+"""
+from mmjax.config import base_config, shapes_vqa_data
+
+
+def get_config(arg=None):
+  if arg not in (None, "stage1"):
+    raise ValueError(f"config argument {arg!r}: expected nothing or 'stage1'")
+  c = base_config()
+  c.task = "generative"
+  c.model = dict(kind="llava", vision=dict(variant="L/14", pool="tok", pre_norm=True, act="quick_gelu"),
+                 lm=dict(vocab_size=32000, width=4096, depth=32, num_heads=32, num_kv_heads=32, mlp_dim=11008,
+                         max_len=4096, positions="rope", rope_theta=10000.0, norm="rmsnorm", norm_eps=1e-5,
+                         mlp="gated", act="silu"),
+                 projector="mlp2x_gelu", vision_layer=-2, vision_class_token=False, image_size=336,
+                 dtype="bfloat16")
+  c.data = shapes_vqa_data(image_size=336, batch_size=128, max_len=640, worker_count=16)  # 576 image tokens.
+  c.mesh = (("data", 1), ("fsdp", -1), ("tensor", 1))
+  c.optim.update(lr=2e-5, warmup_steps=150, weight_decay=0.0)
+  c.optim.frozen = (r"^vision/", r"^lm/") if arg == "stage1" else (r"^vision/",)
+  c.total_steps = 5200
+  c.checkpoint_every, c.eval_every, c.log_every = 500, 0, 10
+  c.evals = dict(batch_size=128)
+  return c
