@@ -7,7 +7,9 @@
 A ViT (32 px, patch 8: 16 visual tokens per image), an `mlp2x_gelu` projector and the decoder of
 `lm_shapes.py`, whose trained parameters start `lm` (`init_from`). The default is LLaVA's stage
 2 (projector, vision tower and LM trained; loss on answer tokens only); `:stage1` trains the
-projector alone.
+projector alone. Measured on 2 CPU cores (default, stage 2): 8 min 37 s; VQA exact match
+0.488 (majority answer 0.180, text-only LM 0.332; colour 0.46, shape 0.42, count 0.59,
+relation 0.50), captions BLEU-4 0.226, CIDEr 1.41.
 """
 from mmjax.config import base_config, shapes_decoder, shapes_vqa_data
 

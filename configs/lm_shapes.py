@@ -5,7 +5,8 @@ small vision-language recipes, trained here first.
 
 A Llama-style decoder (RoPE, RMSNorm, gated MLP) over the `shapes_vlm` vocabulary, loss on every
 token. Without images it can only learn the answers' prior: its VQA accuracy is reported next to
-the majority-answer baseline.
+the majority-answer baseline. Measured on 2 CPU cores: 6 min 24 s; VQA exact match 0.332
+(majority answer 0.180; count 0.61 from the question alone, colour 0.14, shape 0.20).
 """
 from mmjax.config import base_config, shapes_decoder, shapes_vqa_data
 
