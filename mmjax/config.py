@@ -5,7 +5,13 @@ Every key a recipe may set exists here, so a locked config rejects a misspelt
 """
 from __future__ import annotations
 
+import importlib.util
+import os
+import sys
+
 import ml_collections
+
+from mmjax.errors import ConfigError
 
 
 def tower(**overrides) -> dict:
@@ -48,8 +54,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim = dict(lr=1e-3, warmup_steps=100, end_lr_fraction=0.0, weight_decay=1e-4, b1=0.9, b2=0.999,
                  clip_norm=1.0, frozen=(), lr_mults=())
   c.total_steps = 1000
-  # (params subtree, workdir) pairs: a new run starts that subtree from the run's latest checkpoint.
+  # (params subtree, run or export dir[, its subtree]): a new run starts that subtree from the
+  # run's latest checkpoint or the export (or from the named subtree of those parameters).
   c.init_from = ()
+  # Adaptation (mmjax.adapt.wrap): method "" (none), "lora", "adapter" or "prefix"; alpha 0: the rank.
+  c.adapt = dict(method="", targets=(), alpha=0.0, dropout=0.0, act="gelu")
   c.log_every = 50
   c.checkpoint_every = 200
   c.keep_checkpoints = 3
@@ -57,3 +66,25 @@ def base_config() -> ml_collections.ConfigDict:
   c.evals = dict(batch_size=256, zeroshot=dict(templates="shapes", per_class=10), retrieval=dict(n=512),
                  binding=dict(n=256))
   return c
+
+
+def load(spec: str) -> ml_collections.ConfigDict:
+  """The config of a recipe file given as `path/to/recipe.py[:arg]`, as `--config` takes it.
+
+  Recipes import each other as `configs.<name>`, so the directory above the file's is importable
+  while it loads."""
+  path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise ConfigError(f"config file {path} does not exist")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+  module_spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+  module = importlib.util.module_from_spec(module_spec)
+  added = root not in sys.path
+  if added:
+    sys.path.insert(0, root)
+  try:
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg or None)
+  finally:
+    if added:
+      sys.path.remove(root)

@@ -23,7 +23,7 @@ from absl import app, flags, logging
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from mmjax import optim, parallel, tasks
+from mmjax import export as export_lib, optim, parallel, tasks
 from mmjax.checkpoint import Checkpointer
 from mmjax.data import pipeline
 from mmjax.errors import CheckpointError, ConfigError, MMJaxError, NonFiniteLossError, PreemptedError
@@ -80,13 +80,25 @@ def restore_params(config, workdir: str, step: int | None = None):
   return task, mesh, state["params"], step
 
 
-def initial_params(params: dict, subtree: str, workdir: str) -> dict:
+def load_params(path: str) -> dict:
+  """Host copies of the parameters of an export directory or of a run's latest checkpoint."""
+  if os.path.exists(os.path.join(path, export_lib.MODEL_CONFIG)):
+    return export_lib.load(path)[1]
+  return jax.device_get(restore_params(load_run_config(path), path)[2])
+
+
+def initial_params(params: dict, subtree: str, workdir: str, source_subtree: str | None = None) -> dict:
   """`params` with `params[subtree]` replaced by the latest parameters of the run in `workdir`
-  (e.g. a pretrained language model under "lm"), placed with the shardings they replace."""
+  (e.g. a pretrained language model under "lm"), or of an export directory (`mmjax.export`,
+  `mmjax.convert`), or by their `source_subtree` (LiT: "img" of a two-tower run), placed with
+  the shardings they replace."""
   if subtree not in params:
     raise ConfigError(f"init_from: the model has no parameters {subtree!r}; it has {sorted(params)}")
-  source_config = load_run_config(workdir)
-  loaded = jax.device_get(restore_params(source_config, workdir)[2])
+  loaded = load_params(workdir)
+  if source_subtree is not None:
+    if source_subtree not in loaded:
+      raise ConfigError(f"init_from: {workdir} has no parameters {source_subtree!r}; it has {sorted(loaded)}")
+    loaded = loaded[source_subtree]
   target = params[subtree]
   want = {path_str(p): x.shape for p, x in jax.tree_util.tree_leaves_with_path(target)}
   got = {path_str(p): x.shape for p, x in jax.tree_util.tree_leaves_with_path(loaded)}
@@ -110,6 +122,21 @@ def make_train_step(task, tx, lr, shardings, mesh):
 
   return jax.jit(step, in_shardings=(shardings, parallel.batch_sharding(mesh), None),
                  out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)
+
+
+def lower_train_step(config, mesh=None):
+  """`(lowered step, abstract state)` of `config`'s training step for abstract inputs at the
+  recipe's batch size: nothing is allocated, for lowering tests, compile times and memory analysis."""
+  mesh = parallel.make_mesh(config.mesh) if mesh is None else mesh
+  rules = parallel.axis_rules(config.axis_rules, mesh)
+  task = tasks.get(config.task)(config, mesh)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    abstract, shardings, tx, lr, _ = sharded_state(task, config, mesh, rules)
+    step = make_train_step(task, tx, lr, shardings, mesh)
+    batch_sharding = parallel.batch_sharding(mesh)
+    batch = {k: jax.ShapeDtypeStruct((config.data.batch_size,) + v.shape[1:], v.dtype, sharding=batch_sharding)
+             for k, v in task.dummy_batch(1).items()}
+    return step.lower(abstract, batch, jax.random.key(0)), abstract
 
 
 def _check_finite(step: int, metrics: dict, last_saved: int | None) -> float:
@@ -188,9 +215,9 @@ def _run(config, workdir, task, mesh, rules, ckpt, loader, preempted) -> dict[st
   start = ckpt.latest_step()
   if start is None:
     state, start, data_iter = init(jax.random.key(config.seed)), 0, loader.make_iterator()
-    for subtree, source in config.get("init_from", ()):
-      state["params"] = initial_params(state["params"], subtree, source)
-      log(f"params[{subtree!r}] from {source}")
+    for subtree, source, *source_subtree in config.get("init_from", ()):
+      state["params"] = initial_params(state["params"], subtree, source, *source_subtree)
+      log(f"params[{subtree!r}] from {source}{''.join(f' [{s!r}]' for s in source_subtree)}")
     log(f"new run in {workdir}: {sum(x.size for x in jax.tree.leaves(state['params'])):,} parameters, "
         f"mesh {dict(mesh.shape)}")
   elif ckpt.has_data_state(start):

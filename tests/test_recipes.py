@@ -3,15 +3,17 @@ import glob
 import importlib.util
 import os
 
-import flax.linen as nn
 import jax
 import pytest
 
-from mmjax import parallel, tasks
-from mmjax.train import make_train_step, sharded_state
+from mmjax import parallel
+from mmjax.train import lower_train_step
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = sorted(glob.glob(os.path.join(REPO, "configs", "[a-z]*.py")))
+# Recipe arguments that change what trains (the default of each file is covered too).
+VARIANTS = [("llava_shapes.py", "lora"), ("prompt_shapes.py", "cocoop"), ("prompt_shapes.py", "maple"),
+            ("prompt_shapes.py", "coprompt")]
 
 
 def _load(path):
@@ -25,27 +27,20 @@ def test_recipes_are_found():
   names = {os.path.basename(p) for p in RECIPES}
   assert {"siglip_shapes.py", "clip_shapes.py", "clip_b32.py", "siglip_b16.py", "siglip_so400m.py", "lm_shapes.py",
           "llava_shapes.py", "blip2_shapes.py", "flamingo_shapes.py", "llava_vitl14_llama.py",
-          "flamingo_vitl14.py"} <= names
+          "flamingo_vitl14.py", "prompt_shapes.py", "lit_shapes.py"} <= names
 
 
-@pytest.mark.parametrize("path", RECIPES, ids=os.path.basename)
-def test_recipe_lowers(path):
+@pytest.mark.parametrize("path,arg", [(p, None) for p in RECIPES] +
+                         [(os.path.join(REPO, "configs", name), arg) for name, arg in VARIANTS],
+                         ids=lambda x: os.path.basename(x) if isinstance(x, str) else str(x))
+def test_recipe_lowers(path, arg):
   module = _load(path)
   assert "python -m mmjax.train --config configs/" in module.__doc__
-  config = module.get_config()
+  config = module.get_config(arg)
   if config.task == "contrastive":
     config.data.tokenizer = "shapes"  # Scale recipes name the user's tokenizer; the vocab size is set.
   mesh = parallel.make_mesh(config.mesh)
-  rules = parallel.axis_rules(config.axis_rules, mesh)
-  task = tasks.get(config.task)(config, mesh)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    abstract, shardings, tx, lr, _ = sharded_state(task, config, mesh, rules)
-    step = make_train_step(task, tx, lr, shardings, mesh)
-    batch_sharding = parallel.batch_sharding(mesh)
-    # The task's own example batch, at the recipe's batch size, as abstract global arrays.
-    batch = {k: jax.ShapeDtypeStruct((config.data.batch_size,) + v.shape[1:], v.dtype, sharding=batch_sharding)
-             for k, v in task.dummy_batch(1).items()}
-    lowered = step.lower(abstract, batch, jax.random.key(0))
+  lowered, abstract = lower_train_step(config, mesh)
   assert lowered.compiler_ir() is not None
   if mesh.shape.get("fsdp", 1) > 1:  # FSDP recipes split every large matrix over `fsdp`.
     largest = max(jax.tree.leaves(abstract["params"]), key=lambda x: x.size)

@@ -165,6 +165,10 @@ class ImageFolderSource(_ImageFiles):
     if not self._paths:
       raise DataError(f"{self.root}: expected class subdirectories holding {IMAGE_EXTENSIONS} files")
 
+  @property
+  def labels(self) -> list[int]:
+    return self._labels
+
   def __getitem__(self, index: int) -> dict | None:
     image = self._image(index)
     return None if image is None else dict(image=image, label=self._labels[index])

@@ -30,6 +30,7 @@ import jax
 import numpy as np
 from absl import flags
 
+from mmjax.data import classes
 from mmjax.data.folder import CaptionFolderSource
 from mmjax.data.records import ArrayRecordSource, WebDatasetSource
 from mmjax.data.shapes import ShapesSource
@@ -40,7 +41,7 @@ from mmjax.errors import ConfigError, DataError
 
 SKIPPED = "skipped"
 VALID = "valid"
-SOURCES = ("shapes", "shapes_vqa", "folder", "webdataset", "array_record")
+SOURCES = ("shapes", "shapes_vqa", "folder", "webdataset", "array_record", "shapes_classes", "image_folder")
 
 
 # Stands in for a record the source returned as None, so that it reaches the counter
@@ -205,6 +206,8 @@ def make_source(data_config):
     return CaptionFolderSource(data_config.get("captions"),
                                image_root=data_config.get("image_root"),
                                on_bad_image=data_config.get("on_bad_image", "skip"))
+  if kind in classes.SOURCES:
+    return classes.load(data_config).train
   if kind in ("webdataset", "array_record"):
     if not data_config.get("shards"):
       raise ConfigError(f"data.shards: required (a glob of files) when data.source={kind!r}")

@@ -52,7 +52,7 @@ CLASS_TEMPLATES = (
 )
 
 # Independent random streams per purpose, so eval sets never overlap training.
-_TRAIN, _ZEROSHOT, _RETRIEVAL, _BINDING, _HELD_OUT = range(5)
+_TRAIN, _ZEROSHOT, _RETRIEVAL, _BINDING, _HELD_OUT, _FEW_SHOT = range(6)
 
 
 class _Object(NamedTuple):
@@ -275,6 +275,26 @@ def duplicate_rate(captions: list[str]) -> float:
   return 1.0 - len(set(captions)) / len(captions)
 
 
+CLASSES = [(c, s) for c in range(len(COLOUR_NAMES)) for s in range(len(SHAPES))]
+CLASS_NAMES = [class_name(c, s) for c, s in CLASSES]
+
+
+def class_images(classes, per_class: int, seed: int = 0, image_size: int = 64, few_shot: bool = False,
+                 draw: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """`(images uint8 [N, S, S, 3], labels int32 [N])`: `per_class` single-object images of each
+  class id in `classes` (class c = colour * len(SHAPES) + shape). The zero-shot stream serves
+  evaluation; `few_shot=True` draws training shots from another stream, `draw` picking the
+  draw (k-shot experiments repeat over draws)."""
+  stream, offset = (_FEW_SHOT, draw * len(CLASSES) * per_class) if few_shot else (_ZEROSHOT, 0)
+  images, labels = [], []
+  for label in classes:
+    for i in range(per_class):
+      rng = _rng(seed, stream, offset + label * per_class + i)
+      images.append(_render(rng, _scene(rng, [CLASSES[label]], 1), image_size))
+      labels.append(label)
+  return np.stack(images), np.array(labels, np.int32)
+
+
 def zeroshot_set(seed: int = 0, image_size: int = 64, per_class: int = 10,
                  held_out_fraction: float = 0.2) -> dict:
   """Single-object images, one class per colour x shape combination.
@@ -283,16 +303,9 @@ def zeroshot_set(seed: int = 0, image_size: int = 64, per_class: int = 10,
   seen bool [C]); class c = colour * len(SHAPES) + shape.
   """
   held = held_out_combos(seed, held_out_fraction)
-  classes = [(c, s) for c in range(len(COLOUR_NAMES)) for s in range(len(SHAPES))]
-  images, labels = [], []
-  for label, combo in enumerate(classes):
-    for i in range(per_class):
-      rng = _rng(seed, _ZEROSHOT, label * per_class + i)
-      images.append(_render(rng, _scene(rng, [combo], 1), image_size))
-      labels.append(label)
-  return dict(images=np.stack(images), labels=np.array(labels, np.int32),
-              class_names=[class_name(c, s) for c, s in classes],
-              seen=np.array([(COLOUR_NAMES[c], SHAPES[s]) not in held for c, s in classes]))
+  images, labels = class_images(range(len(CLASSES)), per_class, seed, image_size)
+  return dict(images=images, labels=labels, class_names=list(CLASS_NAMES),
+              seen=np.array([(COLOUR_NAMES[c], SHAPES[s]) not in held for c, s in CLASSES]))
 
 
 def retrieval_set(seed: int = 0, image_size: int = 64, n: int = 512,

@@ -11,4 +11,8 @@ def get(name: str):
   if name == "generative":
     from mmjax.tasks.generative import GenerativeTask
     return GenerativeTask
-  raise ConfigError(f"config.task={name!r} is not a known task; known: ['contrastive', 'generative']")
+  if name == "prompt_learning":
+    from mmjax.tasks.prompt_learning import PromptLearningTask
+    return PromptLearningTask
+  raise ConfigError(f"config.task={name!r} is not a known task; known: ['contrastive', 'generative', "
+                    "'prompt_learning']")

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmjax import losses, parallel
+from mmjax.adapt import wrap as adapt
 from mmjax.data import sequences, shapes_vqa
 from mmjax.data.tokenizer import END_OF_CHUNK, IMAGE_TOKEN, load_tokenizer
 from mmjax.data.transforms import NormalizeImage
@@ -85,10 +86,14 @@ class GenerativeTask:
   def __init__(self, config, mesh):
     self.config, self.mesh = config, mesh
     self.tokenizer = load_tokenizer(config.data.tokenizer)
-    self.model, self.model_config = build_model(config.model.to_dict(), self.tokenizer)
-    self.is_lm = isinstance(self.model, Decoder)
+    base, self.model_config = build_model(config.model.to_dict(), self.tokenizer)
+    self.is_lm = isinstance(base, Decoder)
     self.max_len = config.data.max_len
-    self.sequence = make_sequence(self.model, self.tokenizer, self.max_len, config.data.get("loss_on"))
+    self.sequence = make_sequence(base, self.tokenizer, self.max_len, config.data.get("loss_on"))
+    self.model = adapt.wrap(base, config.get("adapt"))
+    if config.adapt.method:
+      adapt.check_frozen(config.optim, config.adapt)
+      self.model_config["adapt"] = config.adapt.to_dict()
     self.media = config.data.get("media_per_record", 1)
     self._eval_data = None
 

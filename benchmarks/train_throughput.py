@@ -1,0 +1,199 @@
+"""Training throughput: mmjax against open_clip (torch) on the same CLIP, one full AdamW step.
+
+Both sides build the architecture from one open_clip model config (mmjax through
+`interop.open_clip.model_config_from_open_clip`), train on the same random batch (images,
+77-token texts, CLIP's softmax loss, AdamW, no clipping), and are timed in alternating rounds
+after warm-up, so machine noise hits both alike. Prints samples/s of each and their ratio, the
+FLOPs of mmjax's compiled step (XLA cost analysis), achieved FLOP/s, and that as a fraction of a
+float32 matmul peak measured in the same run; writes JSON.
+
+  python benchmarks/train_throughput.py                       # ViT-B/32 CLIP, 224 px, batch 32
+  python benchmarks/train_throughput.py --model small         # a quick run
+  python benchmarks/train_throughput.py --model b16 --device gpu --dtype bfloat16 --attention_impl cudnn
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+
+from mmjax import parallel  # noqa: E402
+from mmjax.config import base_config  # noqa: E402
+from mmjax.interop.open_clip import model_config_from_open_clip  # noqa: E402
+from mmjax.tasks.contrastive import ContrastiveTask  # noqa: E402
+from mmjax.train import make_train_step, sharded_state  # noqa: E402
+
+SMALL = dict(embed_dim=256, vision_cfg=dict(image_size=64, patch_size=16, width=256, layers=2, head_width=64),
+             text_cfg=dict(context_length=77, vocab_size=49408, width=256, heads=4, layers=2))
+
+
+def open_clip_config(name: str) -> dict:
+  if name == "small":
+    return SMALL
+  import open_clip
+  return open_clip.get_model_config({"b32": "ViT-B-32", "b16": "ViT-B-16"}[name])
+
+
+def random_batch(cfg: dict, batch: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """NHWC images in [-1, 1] and token rows ending in the end-of-text id (the highest id, as
+  OpenAI's vocabulary: open_clip and mmjax pool there), padded with 0."""
+  rng = np.random.default_rng(seed)
+  size, text = cfg["vision_cfg"]["image_size"], cfg["text_cfg"]
+  length, vocab = text.get("context_length", 77), text.get("vocab_size", 49408)
+  images = rng.uniform(-1, 1, (batch, size, size, 3)).astype(np.float32)
+  tokens = np.zeros((batch, length), np.int32)
+  for row, n in zip(tokens, rng.integers(5, length, batch)):
+    row[:n - 1] = rng.integers(1, vocab - 1, n - 1)
+    row[n - 1] = vocab - 1
+  return images, tokens
+
+
+class MMJaxStep:
+  """mmjax's jitted training step (the trainer's own) on one device, state donated each step."""
+
+  def __init__(self, cfg: dict, batch: int, dtype: str, attention_impl: str, images, tokens):
+    c = base_config()
+    model = model_config_from_open_clip(cfg)
+    model.update(dtype=dtype, attention_impl=attention_impl)
+    c.model = ml_collections.ConfigDict(model)
+    c.data.update(tokenizer="shapes", image_size=model["image_size"], batch_size=batch)
+    c.loss = dict(kind="softmax", impl="all_gather")
+    c.optim.update(lr=5e-4, warmup_steps=1, weight_decay=0.2, b2=0.98, clip_norm=0.0)
+    c.mesh = (("data", 1), ("fsdp", 1), ("tensor", 1))
+    c.total_steps = 1000
+    self.mesh = parallel.make_mesh(c.mesh, devices=jax.devices()[:1])
+    rules = parallel.axis_rules(c.axis_rules, self.mesh)
+    task = ContrastiveTask(c, self.mesh)
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(rules):
+      abstract, shardings, tx, lr, init = sharded_state(task, c, self.mesh, rules)
+      self.state = init(jax.random.key(0))
+      self.step = make_train_step(task, tx, lr, shardings, self.mesh)
+      self.batch = parallel.global_batch({"image": images, "text": tokens}, self.mesh)
+      self.compiled = self.step.lower(abstract, self.batch, jax.random.key(0)).compile()
+    self.rng = jax.random.key(1)
+    self.parameters = sum(x.size for x in jax.tree.leaves(self.state["params"]))
+
+  def flops(self) -> float:
+    cost = self.compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost["flops"])
+
+  def __call__(self, n: int) -> float:
+    with jax.set_mesh(self.mesh):
+      t0 = time.perf_counter()
+      for _ in range(n):
+        self.state, metrics = self.compiled(self.state, self.batch, self.rng)
+      jax.block_until_ready(metrics["loss"])
+    return time.perf_counter() - t0
+
+
+class TorchStep:
+  """open_clip's CLIP with torch AdamW and its ClipLoss: forward, backward, step."""
+
+  def __init__(self, cfg: dict, images, tokens):
+    import open_clip
+    import torch
+    self.torch = torch
+    self.model = open_clip.model.CLIP(**cfg)
+    self.model.train()
+    self.opt = torch.optim.AdamW(self.model.parameters(), lr=5e-4, betas=(0.9, 0.98), weight_decay=0.2)
+    self.loss = open_clip.loss.ClipLoss()
+    self.images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+    self.tokens = torch.from_numpy(tokens).long()
+    self.parameters = sum(p.numel() for p in self.model.parameters())
+
+  def __call__(self, n: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(n):
+      image_features, text_features, logit_scale = self.model(self.images, self.tokens)
+      loss = self.loss(image_features, text_features, logit_scale)
+      self.opt.zero_grad(set_to_none=True)
+      loss.backward()
+      self.opt.step()
+    return time.perf_counter() - t0
+
+
+def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
+  """FLOP/s of the best of `repeats` float32 n x n matmuls in XLA."""
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  best = min(_timed(lambda: f(a).block_until_ready()) for _ in range(repeats))
+  return 2 * n ** 3 / best
+
+
+def _timed(fn) -> float:
+  t0 = time.perf_counter()
+  fn()
+  return time.perf_counter() - t0
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--model", default="b32", choices=("b32", "b16", "small"))
+  parser.add_argument("--batch", type=int, default=32)
+  parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  parser.add_argument("--attention_impl", default="xla")
+  parser.add_argument("--device", default="cpu", choices=("cpu", "gpu"))
+  parser.add_argument("--warmup", type=int, default=2, help="Untimed steps per side.")
+  parser.add_argument("--rounds", type=int, default=4, help="Alternating timed rounds.")
+  parser.add_argument("--steps", type=int, default=2, help="Steps per side per round.")
+  parser.add_argument("--no_torch", action="store_true", help="mmjax only (GPU runs).")
+  parser.add_argument("--peak_tflops", type=float, default=None,
+                      help="Device peak for MFU (e.g. 989 for an H100 SXM in bf16); default: measured matmul.")
+  parser.add_argument("--out", default="benchmarks/train_throughput.json")
+  args = parser.parse_args()
+  if jax.devices()[0].platform != args.device:
+    raise SystemExit(f"--device {args.device}, but JAX runs on {jax.devices()[0].platform}")
+  cfg = open_clip_config(args.model)
+  images, tokens = random_batch(cfg, args.batch)
+  t0 = time.perf_counter()
+  ours = MMJaxStep(cfg, args.batch, args.dtype, args.attention_impl, images, tokens)
+  compile_s = time.perf_counter() - t0
+  sides = {"mmjax": ours}
+  if not args.no_torch:
+    sides["open_clip"] = TorchStep(cfg, images, tokens)
+  for run in sides.values():
+    run(args.warmup)
+  times = {name: [] for name in sides}
+  for _ in range(args.rounds):
+    for name, run in sides.items():
+      times[name].append(run(args.steps) / args.steps)
+  step_s = {name: statistics.median(t) for name, t in times.items()}
+  rate = {name: args.batch / s for name, s in step_s.items()}
+  flops = ours.flops()
+  peak = args.peak_tflops * 1e12 if args.peak_tflops else matmul_peak()
+  achieved = flops / step_s["mmjax"]
+  result = {"model": args.model, "batch": args.batch, "dtype": args.dtype, "attention_impl": args.attention_impl,
+            "device": jax.devices()[0].device_kind, "cpus": os.cpu_count(), "machine": platform.machine(),
+            "parameters": ours.parameters, "compile_s": round(compile_s, 1), "step_s": step_s,
+            "samples_per_s": rate, "flops_per_step": flops, "achieved_flops": achieved, "peak_flops": peak,
+            "peak_source": "given" if args.peak_tflops else "measured float32 matmul",
+            "fraction_of_peak": achieved / peak, "rounds": times}
+  print(f"{args.model} CLIP, batch {args.batch}, {args.dtype}, attention {args.attention_impl}, "
+        f"{result['device']} ({os.cpu_count()} CPUs), {ours.parameters / 1e6:.1f} M parameters")
+  print(f"{'side':<10}{'step s':>10}{'samples/s':>12}")
+  for name in sides:
+    print(f"{name:<10}{step_s[name]:>10.3f}{rate[name]:>12.1f}")
+  if "open_clip" in rate:
+    result["ratio"] = rate["mmjax"] / rate["open_clip"]
+    print(f"mmjax / open_clip samples/s: {result['ratio']:.3f}")
+  print(f"XLA FLOPs per step {flops / 1e9:.1f} G; achieved {achieved / 1e9:.1f} GFLOP/s = "
+        f"{100 * achieved / peak:.1f}% of {peak / 1e9:.1f} GFLOP/s ({result['peak_source']}); "
+        f"compile {compile_s:.1f} s")
+  with open(args.out, "w", encoding="utf-8") as f:
+    json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+  main()
