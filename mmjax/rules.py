@@ -7,7 +7,7 @@ are all written this way. A path is the `/`-joined parameter name, e.g.
 from __future__ import annotations
 
 import re
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 
@@ -23,8 +23,8 @@ def tree_paths(tree) -> Any:
   return jax.tree_util.tree_map_with_path(lambda p, _: path_str(p), tree)
 
 
-def match(rules: Sequence[tuple[str, Any]], tree, default, *, what: str = "rules") -> Any:
-  """Maps every leaf to the value of the first rule whose regex `re.search`es its path."""
+def matcher(rules: Sequence[tuple[str, Any]], default, *, what: str = "rules") -> Callable[[str], Any]:
+  """`path -> value` of the first rule whose regex `re.search`es the path (`default` if none)."""
   compiled = []
   for rule in rules:
     if len(rule) != 2:
@@ -33,8 +33,9 @@ def match(rules: Sequence[tuple[str, Any]], tree, default, *, what: str = "rules
       compiled.append((re.compile(rule[0]), rule[1]))
     except re.error as e:
       raise ConfigError(f"{what}: bad regex {rule[0]!r}: {e}") from e
+  return lambda path: next((v for pattern, v in compiled if pattern.search(path)), default)
 
-  def value(path):
-    return next((v for pattern, v in compiled if pattern.search(path)), default)
 
-  return jax.tree.map(value, tree_paths(tree))
+def match(rules: Sequence[tuple[str, Any]], tree, default, *, what: str = "rules") -> Any:
+  """Maps every leaf to the value of the first rule whose regex `re.search`es its path."""
+  return jax.tree.map(matcher(rules, default, what=what), tree_paths(tree))

@@ -306,12 +306,14 @@ def test_adapted_run_must_freeze_the_base(tmp_path):
   with pytest.raises(ConfigError, match=r"add r'\^base/' .*to optim.frozen \(now \[\]\)"):
     train_lib.train(_lora_config(str(tmp_path / "none"), frozen=()), str(tmp_path / "run"))
   assert not os.path.exists(tmp_path / "run")  # Refused before anything was written.
-  c = _lora_config("unused", frozen=(r"^img/",))  # A rule outside the base freezes none of it.
-  with pytest.raises(ConfigError, match=r"optim.frozen \(now \['\^img/'\]\)"):
-    adapt.check_frozen(c.optim, c.adapt)
-  adapt.check_frozen(_lora_config("unused").optim, c.adapt)
-  adapt.check_frozen(_lora_config("unused", frozen=(r"^base/img/",)).optim, c.adapt)  # Parts of the base.
-  adapt.check_frozen(c.optim, _tiny().adapt)  # No method: nothing to freeze.
+  model = nn.Dense(2)
+  with pytest.raises(ConfigError, match=r"optim.frozen \(now \['\^img/'\]\)"):  # Outside the base.
+    adapt.wrap_for_task(model, _lora_config("unused", frozen=(r"^img/",)), {})
+  recorded = {}
+  assert isinstance(adapt.wrap_for_task(model, _lora_config("unused"), recorded), adapt.Adapted)
+  assert recorded["adapt"]["method"] == "lora"  # Exports rebuild the adapter from it.
+  adapt.wrap_for_task(model, _lora_config("unused", frozen=(r"^base/img/",)), {})  # Parts of the base.
+  assert adapt.wrap_for_task(model, _tiny(), {}) is model  # No method: the model itself.
 
 
 @pytest.mark.slow

@@ -19,23 +19,22 @@ import numpy as np
 
 from mmjax import parallel, train
 from mmjax.adapt import probe
-from mmjax.adapt.prompts import METHODS as PROMPT_METHODS
+from mmjax.adapt.wrap import ADAPTER
 from mmjax.data import classes
 from mmjax.data.shapes import CLASS_TEMPLATES
 from mmjax.errors import ConfigError
 from mmjax.evals import zeroshot as zeroshot_eval
 from mmjax.tasks.contrastive import ContrastiveTask
-from mmjax.adapt.wrap import ADAPTER
 from mmjax.tasks.prompt_learning import PROMPT, PromptLearningTask, harmonic_mean
 
-METHODS = ("zeroshot", "linear_probe", "coop", "cocoop", "maple", "coprompt", "lora")
-TRAINED = tuple(m for m in METHODS if m in PROMPT_METHODS or m == "lora")
+TRAINED = ("coop", "cocoop", "maple", "coprompt", "lora")  # Arguments of the recipe, trained by mmjax.train.
+METHODS = ("zeroshot", "linear_probe") + TRAINED
 
 
 def backbone(config):
   """`(contrastive task, params)` of the model that `config.init_from` starts "base" from (a run or
   an export), the task built from `config` (its model, tokenizer and evals.batch_size)."""
-  sources = dict(config.init_from)
+  sources = {entry[0]: entry[1] for entry in config.init_from}
   if "base" not in sources:
     raise ConfigError("base-to-novel needs config.init_from=(('base', <backbone run or export>),)")
   return ContrastiveTask(config, parallel.make_mesh(config.mesh)), train.load_params(sources["base"])
@@ -75,6 +74,7 @@ def run(config_for, workdir: str, methods=METHODS, seeds=(0, 1, 2)) -> dict:
   results = {}
   for method in methods:
     per_seed = []
+    trainable = trainable_count(config_for(method)) if method in TRAINED else None
     for seed in seeds:
       c = config_for(method if method in TRAINED else "coop")
       c.data.shot_seed, c.seed = seed, seed
@@ -87,7 +87,7 @@ def run(config_for, workdir: str, methods=METHODS, seeds=(0, 1, 2)) -> dict:
       else:
         summary = train.train(c, os.path.join(workdir, f"{method}_{seed}"))
         r = {k: summary[k] for k in ("base_acc", "novel_acc", "hm") if k in summary}
-        r["trainable"] = trainable_count(c)
+        r["trainable"] = trainable
       r["seconds"] = round(time.perf_counter() - t0, 1)
       per_seed.append(r)
     keys = per_seed[0].keys()

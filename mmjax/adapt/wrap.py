@@ -18,19 +18,19 @@ so every task, the trainer, checkpoints and generation work unchanged. `config.a
 
 Every method leaves the base model's outputs unchanged at initialisation. Training only the
 adapter means `optim.frozen` holds "^base/" (or rules for parts of the base; the recipes set it,
-`check_frozen` enforces it).
+`wrap_for_task` enforces it).
 Adapter and prefix modules are found by intercepting module calls (`nn.intercept_methods`), so
 the model files know nothing of them; a module run under `nn.scan` is one module for all layers.
 """
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mmjax import rules
 from mmjax.adapt import lora
 from mmjax.errors import ConfigError
 from mmjax.models.decoder import apply_rope
@@ -47,26 +47,23 @@ def wrap(model, adapt_config):
   return Adapted(model, dict(adapt_config.to_dict() if hasattr(adapt_config, "to_dict") else adapt_config))
 
 
-def check_frozen(optim_config, adapt_config) -> None:
-  """An adapted run freezes the base model, or named parts of it (`^base/lm/` when LLaVA trains its
-  projector beside LoRA on the LM); a ConfigError names the fix otherwise."""
-  if adapt_config.get("method") and not any(r.lstrip("^").startswith(f"{BASE}/") for r in optim_config.frozen):
-    raise ConfigError(f"adapt.method={adapt_config.method!r} trains the adapter: add r'^{BASE}/' (or rules "
-                      f"for parts of it) to optim.frozen (now {list(optim_config.frozen)})")
+def wrap_for_task(model, config, model_config: dict):
+  """A task's model under `config.adapt`: checks that `config.optim` freezes the base (or named
+  parts of it: `^base/lm/` when LLaVA trains its projector beside LoRA on the LM) and records the
+  adaptation in the task's `model_config`, from which exports rebuild the adapted model."""
+  if config.adapt.method:
+    if not any(r.lstrip("^").startswith(f"{BASE}/") for r in config.optim.frozen):
+      raise ConfigError(f"adapt.method={config.adapt.method!r} trains the adapter: add r'^{BASE}/' (or rules "
+                        f"for parts of it) to optim.frozen (now {list(config.optim.frozen)})")
+    model_config["adapt"] = config.adapt.to_dict()
+  return wrap(model, config.adapt)
 
 
 def _targets(cfg: dict) -> list[tuple[str, int]]:
   targets = [tuple(t) for t in cfg.get("targets", ())]
   if not targets:
     raise ConfigError(f"adapt.targets is empty: give [(regex, size), ...] for adapt.method={cfg['method']!r}")
-  for t in targets:
-    if len(t) != 2:
-      raise ConfigError(f"adapt.targets: each target is a (regex, size) pair, got {t!r}")
   return targets
-
-
-def _size(targets, path: str) -> int:
-  return next((int(size) for regex, size in targets if re.search(regex, path)), 0)
 
 
 def _module_path(context) -> str:
@@ -94,6 +91,7 @@ class Adapted:
       raise ConfigError(f"adapt.method={cfg.get('method')!r}; known: {list(METHODS)}")
     self.base, self.cfg, self.method = base, cfg, cfg["method"]
     self.targets = _targets(cfg)
+    self._size = rules.matcher(self.targets, 0, what="adapt.targets")
     if self.method == "adapter" and cfg.get("act", "gelu") not in _ACTS:
       raise ConfigError(f"adapt.act={cfg.get('act')!r}; known: {sorted(_ACTS)}")
 
@@ -122,7 +120,7 @@ class Adapted:
     def record(next_fun, a, kw, context):
       out = next_fun(*a, **kw)
       path = _module_path(context)
-      if context.method_name == "__call__" and _size(self.targets, path):
+      if context.method_name == "__call__" and self._size(path):
         seen[path] = (context.module, a[0].shape[-1])
       return out
 
@@ -133,7 +131,7 @@ class Adapted:
                         "'txt/Encoder_0/encoderblock_0/MlpBlock_0'")
     adapter: dict = {}
     for key, (path, (module, width)) in zip(jax.random.split(adapter_rng, len(seen)), sorted(seen.items())):
-      size = _size(self.targets, path)
+      size = self._size(path)
       _nested_set(adapter, path, self._new_params(key, module, path, width, size))
     return {"params": {BASE: params, ADAPTER: adapter}}
 
@@ -179,7 +177,7 @@ class Adapted:
       if context.method_name != "__call__":
         return out
       path = _module_path(context)
-      if not _size(self.targets, path):
+      if not self._size(path):
         return out
       p = _nested_get(adapter, path)
       y, *extra = out if isinstance(out, tuple) else (out,)
@@ -219,4 +217,4 @@ def count(params) -> int:
   return sum(x.size for x in jax.tree.leaves(params[ADAPTER]))
 
 
-__all__ = ["wrap", "Adapted", "check_frozen", "count", "METHODS"]
+__all__ = ["wrap", "wrap_for_task", "Adapted", "count", "METHODS"]

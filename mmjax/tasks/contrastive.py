@@ -40,10 +40,7 @@ class ContrastiveTask:
     self.model_config = model_config_with_vocab(config.model, self.tokenizer)
     # Recorded for exports: learned position embeddings fix the input resolution.
     self.model_config["image_size"] = config.data.image_size
-    self.model = adapt.wrap(models.build(self.model_config), config.get("adapt"))
-    if config.adapt.method:
-      adapt.check_frozen(config.optim, config.adapt)
-      self.model_config["adapt"] = config.adapt.to_dict()
+    self.model = adapt.wrap_for_task(models.build(self.model_config), config, self.model_config)
     self.max_len = self.model_config["text"]["max_len"]
     # Replicated outputs: every process reads all embeddings of the rows it fed a slice of.
     self._embed = jax.jit(lambda p, image, text: self.model.apply({"params": p}, image=image, text=text)[:2],

@@ -90,10 +90,7 @@ class GenerativeTask:
     self.is_lm = isinstance(base, Decoder)
     self.max_len = config.data.max_len
     self.sequence = make_sequence(base, self.tokenizer, self.max_len, config.data.get("loss_on"))
-    self.model = adapt.wrap(base, config.get("adapt"))
-    if config.adapt.method:
-      adapt.check_frozen(config.optim, config.adapt)
-      self.model_config["adapt"] = config.adapt.to_dict()
+    self.model = adapt.wrap_for_task(base, config, self.model_config)
     self.media = config.data.get("media_per_record", 1)
     self._eval_data = None
 

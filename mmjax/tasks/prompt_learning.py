@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from mmjax import models
 from mmjax.adapt import wrap as adapt
@@ -45,10 +46,8 @@ class PromptLearningTask:
     self.tokenizer = load_tokenizer(config.data.tokenizer)
     self.model_config = model_config_with_vocab(config.model, self.tokenizer)
     self.model_config["image_size"] = config.data.image_size
-    self.model = adapt.wrap(models.build(self.model_config), config.adapt)
+    self.model = adapt.wrap_for_task(models.build(self.model_config), config, self.model_config)
     self.adapted = bool(config.adapt.method)
-    if self.adapted:
-      adapt.check_frozen(config.optim, config.adapt)
     self.max_len = self.model_config["text"]["max_len"]
     self.learner = PromptLearner(self.model_config, config.prompt.to_dict(), self.tokenizer)
     self.data = classes.load(config.data)
@@ -106,7 +105,7 @@ class PromptLearningTask:
     del rng, train
     logits, zimg, ztxt = self.class_logits(params, batch["image"], "base")
     labels = jnp.asarray(self.base_index)[batch["label"]]
-    ce = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=1))
+    ce = optax.losses.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
     metrics = {"ce": ce, "acc": jnp.mean(jnp.argmax(logits, axis=1) == labels)}
     loss = ce
     if self.learner.consistency:
