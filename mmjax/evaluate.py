@@ -10,6 +10,7 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
+from mmjax import parallel
 from mmjax.train import load_run_config, quiet_logs, restore_params, summary_table
 
 
@@ -25,6 +26,7 @@ def evaluate(config, workdir: str, step: int | None = None) -> dict:
 def main(argv):
   del argv
   quiet_logs()
+  parallel.reuse_freed_host_memory()
   f = flags.FLAGS
   config = f.config or load_run_config(f.workdir)
   print(summary_table(evaluate(config, f.workdir, f.step)))

@@ -10,9 +10,11 @@ them, each process feeds its slice of every global batch (`global_batch`), and
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import os
+import sys
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
@@ -37,6 +39,30 @@ def in_cluster(environ: Mapping[str, str] = os.environ) -> bool:
   slurm = int(environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_STEP_ID" in environ
   tpu_pod = len([h for h in environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1
   return slurm or tpu_pod or environ.get(DISTRIBUTED_ENV, "") not in ("", "0")
+
+
+# glibc mallopt parameters.
+_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
+
+
+def reuse_freed_host_memory() -> bool:
+  """Makes glibc keep freed memory for reuse instead of returning it to the kernel.
+
+  XLA's CPU runtime allocates a step's temporaries (GiBs for a ViT-B step) from its worker
+  threads; glibc serves such blocks with a fresh `mmap` and `munmap`s them after the step,
+  so every step page-faults all of its temporary memory again (measured for ViT-B/32 CLIP,
+  batch 32: 860k faults and ~9 s of system time per 11 s step). One arena without `mmap`
+  and without trimming reuses the same pages. Call before JAX starts its threads; returns
+  False where the C library is not glibc.
+  """
+  if not sys.platform.startswith("linux"):
+    return False
+  try:
+    mallopt = ctypes.CDLL("libc.so.6").mallopt
+  except (OSError, AttributeError):
+    return False
+  settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1))  # -1: SIZE_MAX, never trim
+  return all(mallopt(param, value) == 1 for param, value in settings)
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,

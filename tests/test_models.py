@@ -2,13 +2,15 @@
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import math
+
 import numpy as np
 import pytest
 
 from mmjax import models
 from mmjax.errors import ConfigError
 from mmjax.models.text import TextTransformer
-from mmjax.models.vit import ViT, decode_variant
+from mmjax.models.vit import ACTIVATIONS, PatchEmbed, ViT, decode_variant
 
 TINY = dict(width=32, depth=2, mlp_dim=64, num_heads=4)
 
@@ -23,6 +25,29 @@ def test_vit_b16_parameter_count_matches_the_published_model():
   vit = ViT(**decode_variant("B/16"), pool="tok", posemb="learn")
   shapes = jax.eval_shape(vit.init, jax.random.key(0), jnp.zeros((1, 224, 224, 3)))
   assert count(nn.unbox(shapes)) == 86_567_656 - 769_000 - 768
+
+
+def test_patch_embedding_is_the_strided_valid_convolution():
+  image = jax.random.normal(jax.random.key(0), (2, 37, 35, 3))  # Remainders a patch does not cover.
+  embed = PatchEmbed(width=5, patch_size=8)
+  params = nn.unbox(embed.init(jax.random.key(1), image))["params"]
+  x, w = np.asarray(image, np.float64), np.asarray(params["kernel"], np.float64)
+  expected = np.zeros((2, 4, 4, 5))
+  for i in range(4):
+    for j in range(4):
+      expected[:, i, j] = np.einsum("bpqc,pqcd->bd", x[:, 8 * i:8 * i + 8, 8 * j:8 * j + 8], w)
+  expected += np.asarray(params["bias"], np.float64)
+  np.testing.assert_allclose(embed.apply({"params": params}, image), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_exact_gelu_and_its_derivative_match_the_float64_formula():
+  x = np.linspace(-9, 9, 721)
+  phi = 0.5 * (1 + np.vectorize(math.erf)(x / math.sqrt(2)))
+  density = np.exp(-x ** 2 / 2) / math.sqrt(2 * math.pi)
+  gelu = ACTIVATIONS["gelu"]
+  np.testing.assert_allclose(gelu(jnp.asarray(x, jnp.float32)), x * phi, rtol=1e-5, atol=1e-6)
+  derivative = jax.vmap(jax.grad(gelu))(jnp.asarray(x, jnp.float32))
+  np.testing.assert_allclose(derivative, phi + x * density, rtol=1e-5, atol=1e-6)
 
 
 def test_variant_errors_name_the_variant():

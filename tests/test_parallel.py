@@ -1,4 +1,8 @@
 """The same tiny model trained on 1 device, 8-way data parallel and a 2x4 data x fsdp mesh."""
+import os
+import subprocess
+import sys
+
 import flax.linen as nn
 import jax
 import numpy as np
@@ -87,3 +91,33 @@ def test_multiprocess_environment_detection():
   with pytest.raises(ConfigError, match="--num_processes, --process_id"):
     parallel.initialize(coordinator_address="localhost:1234")
   assert parallel.initialize() is False  # This test process is no cluster: a no-op.
+
+
+_FAULTS_AFTER_REALLOC = """
+import resource, sys, threading
+from mmjax import parallel
+if sys.argv[1] == "reuse":
+  assert parallel.reuse_freed_host_memory()
+def work(out):  # From a thread, as XLA's workers allocate a step's temporaries.
+  block = bytearray(256 << 20)  # Zero-filled: every page touched.
+  del block
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  block = bytearray(256 << 20)
+  out.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+out = []
+thread = threading.Thread(target=work, args=(out,))
+thread.start(); thread.join()
+print(out[0])
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
+def test_reuse_freed_host_memory_stops_refaulting_large_blocks():
+  def faults(mode):
+    run = subprocess.run([sys.executable, "-c", _FAULTS_AFTER_REALLOC, mode], capture_output=True, text=True,
+                         check=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return int(run.stdout.split()[-1])
+
+  default, reused = faults("default"), faults("reuse")
+  assert default > 10_000, default  # glibc mmaps the 256 MiB block afresh: its pages fault again.
+  assert reused < default / 100, (reused, default)

@@ -39,7 +39,8 @@ REMAT_POLICIES = {
 
 ACTIVATIONS = {
     "gelu_tanh": lambda x: nn.gelu(x, approximate=True),
-    "gelu": lambda x: nn.gelu(x, approximate=False),
+    # Exact GELU through erf: jax.nn.gelu's erfc form is 2.6x slower forward on XLA:CPU.
+    "gelu": lambda x: 0.5 * x * (1 + jax.lax.erf(x * 2 ** -0.5)),
     "quick_gelu": lambda x: x * nn.sigmoid(1.702 * x),
 }
 
@@ -101,6 +102,28 @@ class MlpBlock(nn.Module):
     x = ACTIVATIONS[self.act](x)
     x = nn.Dropout(self.dropout)(x, deterministic)
     return _dense(width, ("mlp", "embed"), "Dense_1", self.dtype, bias_init=normal)(x)
+
+
+class PatchEmbed(nn.Module):
+  """A stride-`patch_size` VALID convolution with `nn.Conv`'s parameters (`kernel`
+  [p, p, channels, width], `bias`), computed as one matmul over the flattened patches: XLA's
+  CPU convolution is 1.7x slower than the equivalent dot (ViT-B/32 batch 32, forward and backward)."""
+  width: int
+  patch_size: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, image):
+    p = self.patch_size
+    batch, height, width, channels = image.shape
+    kernel = self.param("kernel", nn.with_logical_partitioning(nn.initializers.lecun_normal(),
+                                                               (None, None, None, "embed")),
+                        (p, p, channels, self.width))
+    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)), (self.width,))
+    h, w = height // p, width // p  # VALID: a remainder narrower than a patch is dropped.
+    patches = image[:, :h * p, :w * p].reshape(batch, h, p, w, p, channels)
+    x = jnp.einsum("bhpwqc,pqcd->bhwd", patches, kernel.astype(self.dtype))
+    return x + bias.astype(self.dtype)
 
 
 class MultiHeadDotProductAttention(nn.Module):
@@ -257,10 +280,7 @@ class ViT(nn.Module):
   def __call__(self, image, train=False):
     image = jnp.asarray(image, self.dtype)
     p = self.patch_size
-    x = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype, name="embedding",
-                kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
-                                                         (None, None, None, "embed")),
-                bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))(image)
+    x = PatchEmbed(self.width, p, self.dtype, name="embedding")(image)
     batch, h, w, _ = x.shape
     x = x.reshape(batch, h * w, self.width)
 
