@@ -178,14 +178,16 @@ def main():
   parser.add_argument("--out", default="benchmarks/train_throughput.json")
   args = parser.parse_args()
   context = multiprocessing.get_context("spawn")
-  conns, workers = {}, []
-  for side in ("mmjax",) if args.no_torch else ("mmjax", "open_clip"):
+  conns, workers, info = {}, [], {}
+  for side in ("mmjax",) if args.no_torch else ("mmjax", "open_clip"):  # One at a time: building is timed.
     conns[side], child = context.Pipe()
     workers.append(context.Process(target=serve, args=(side, args, child), daemon=True))
-  info = {}
-  for (side, conn), worker in zip(conns.items(), workers):  # One at a time: building is timed.
-    worker.start()
-    info[side] = conn.recv()
+    workers[-1].start()
+    child.close()  # Only the worker holds its end now, so its death ends `recv` with EOFError.
+    try:
+      info[side] = conns[side].recv()
+    except EOFError:
+      raise SystemExit(f"the {side} process failed while building its step (its error is above)") from None
   times = {side: [] for side in conns}
   for _ in range(args.rounds):
     for side, conn in conns.items():

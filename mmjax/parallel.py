@@ -51,7 +51,7 @@ def reuse_freed_host_memory() -> bool:
   XLA's CPU runtime allocates a step's temporaries (GiBs for a ViT-B step) from its worker
   threads; glibc serves such blocks with a fresh `mmap` and `munmap`s them after the step,
   so every step page-faults all of its temporary memory again (measured for ViT-B/32 CLIP,
-  batch 32: 860k faults and ~9 s of system time per 11 s step). One arena without `mmap`
+  batch 32: 862k faults and 8.5-9.5 s of system time in a 13 s step). One arena without `mmap`
   and without trimming reuses the same pages. Call before JAX starts its threads; returns
   False where the C library is not glibc.
   """

@@ -42,11 +42,9 @@ def test_train_throughput_runs_both_sides_and_counts_the_models_flops(tmp_path):
                  cwd=ROOT, check=True, capture_output=True, text=True)
   result = json.loads(out.read_text())
   assert set(result["samples_per_s"]) == {"mmjax", "open_clip"}
-  assert result["ratio"] == pytest.approx(result["samples_per_s"]["mmjax"] / result["samples_per_s"]["open_clip"])
+  assert all(len(t) == 1 and t[0] > 0 for t in result["rounds"].values())
   assert result["host_memory_reuse"] is True
   # XLA counts every op; the matmuls are nearly all of it. The rest (AdamW over 16 M
   # parameters, norms, softmax, GELU) stays within a few percent at this size.
   expected = matmul_flops_per_step(SMALL, BATCH)
   assert 1.0 <= result["flops_per_step"] / expected < 1.15, (result["flops_per_step"], expected)
-  assert result["fraction_of_peak"] == pytest.approx(
-      result["flops_per_step"] / result["step_s"]["mmjax"] / result["peak_flops"])

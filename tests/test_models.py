@@ -1,9 +1,9 @@
 """Model structure and behaviour: parameter counts, scan equivalence, masking, the public API."""
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import math
-
 import numpy as np
 import pytest
 
