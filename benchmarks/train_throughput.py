@@ -69,7 +69,7 @@ class MMJaxStep:
     model.update(dtype=dtype, attention_impl=attention_impl)
     c.model = ml_collections.ConfigDict(model)
     c.data.update(tokenizer="shapes", image_size=model["image_size"], batch_size=batch)
-    c.loss = dict(kind="softmax", impl="all_gather")
+    c.loss.kind, c.loss.impl = "softmax", "all_gather"
     c.optim.update(lr=5e-4, warmup_steps=1, weight_decay=0.2, b2=0.98, clip_norm=0.0)
     c.mesh = (("data", 1), ("fsdp", 1), ("tensor", 1))
     c.total_steps = 1000

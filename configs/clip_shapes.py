@@ -15,7 +15,7 @@ def get_config(arg=None):
                        pool="eos", causal=True, eos_id=2)
   c.model.embed_dim = 96
   c.model.temperature_init, c.model.bias_init = 1 / 0.07, None
-  c.loss = dict(kind="softmax", impl="all_gather")
+  c.loss.kind, c.loss.impl = "softmax", "all_gather"
   c.optim.lr, c.optim.warmup_steps = 2e-3, 100
   c.total_steps = 1500
   c.checkpoint_every, c.eval_every, c.log_every = 250, 750, 50

@@ -17,7 +17,7 @@ def get_config(arg=None):
   c.model.embed_dim = 1152
   c.model.temperature_init, c.model.bias_init = 10.0, -10.0
   c.model.dtype = "bfloat16"
-  c.loss = dict(kind="sigmoid", impl="ring")
+  c.loss.kind, c.loss.impl = "sigmoid", "ring"
   c.data.update(source="folder", image_size=224, batch_size=32768, worker_count=16)
   c.mesh = (("data", 1), ("fsdp", -1), ("tensor", 1))
   c.optim.update(lr=1e-3, warmup_steps=5000, weight_decay=1e-4, b2=0.95)

@@ -44,7 +44,9 @@ def base_config() -> ml_collections.ConfigDict:
       text=tower(vocab_size=None, max_len=32, pool="last", causal=False, eos_id=2),
       embed_dim=128, temperature_init=10.0, bias_init=-10.0, dtype="float32", attention_impl="xla",
       norm_eps=1e-6)
-  c.loss = dict(kind="sigmoid", impl="ring")
+  # kind: sigmoid (SigLIP; impl ring | all_gather | dense), softmax (CLIP), infonce or triplet. num_negatives
+  # (infonce, triplet): negatives per anchor, 0 for all; margin and hardest (VSE++) for triplet.
+  c.loss = dict(kind="sigmoid", impl="ring", num_negatives=0, margin=0.2, hardest=False)
   # twins (shapes only): every image comes with a negative differing only in its shapes.
   c.data = dict(source="shapes", tokenizer="shapes", image_size=64, batch_size=128, held_out_fraction=0.2,
                 twins=True, captions="", image_root="", shards="", on_bad_image="skip", worker_count=0, seed=0)

@@ -1,4 +1,5 @@
-"""Contrastive losses: SigLIP's pairwise sigmoid and CLIP's symmetric softmax.
+"""Contrastive losses: SigLIP's pairwise sigmoid, CLIP's symmetric softmax, InfoNCE with K
+negatives and the hinge triplet loss.
 
 Embeddings are global `[B, D]` arrays split along the batch over the mesh's batch
 axes (`parallel.batch_axes`), b = B / devices rows per device. The sigmoid loss has
@@ -67,26 +68,45 @@ def softmax_loss(zimg, ztxt, t, *, mesh=None, positives=None):
   likewise for columns in the text→image direction. Returns a float32 scalar.
   """
   x, y, positives = _check_inputs(zimg, ztxt, positives)
-  t = _scalar(t)
-  batch = x.shape[0]
-  positives_t = None if positives is None else positives.T
-  axes = () if mesh is None else batch_axes(mesh)
-  if not axes:
-    total = _softmax_sum(x, y, t, 0, positives) + _softmax_sum(y, x, t, 0, positives_t)
-    return total / (2 * batch)
-  _num_shards(mesh, axes, batch)
+  row_sum = lambda q, keys, offset, pos, t: _softmax_sum(q, keys, t, offset, pos)
+  return _symmetric_mean(row_sum, x, y, (_scalar(t),), mesh, positives)
 
-  def local(x, y, t, pos=None, pos_t=None):
-    offset = jax.lax.axis_index(axes) * x.shape[0]
-    x_all = jax.lax.all_gather(x, axes, tiled=True)
-    y_all = jax.lax.all_gather(y, axes, tiled=True)
-    total = _softmax_sum(x, y_all, t, offset, pos) + _softmax_sum(y, x_all, t, offset, pos_t)
-    return jax.lax.psum(total, axes) / (2 * batch)
 
-  args, specs = (x, y, t), (P(axes), P(axes), P())
-  if positives is not None:
-    args, specs = args + (positives, positives_t), specs + (P(axes), P(axes))
-  return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=P())(*args)
+def infonce_loss(zimg, ztxt, t, *, num_negatives=None, mesh=None):
+  """InfoNCE with K negatives per anchor, in both directions (image→text and text→image).
+
+  The anchor at global row i is scored against its pair and the K rows after it,
+  (i+1 … i+K) mod B, of the other modality: −log softmax(t·s)[pair] averaged over the
+  2B anchors. The batch is shuffled, so these are random negatives; K = B−1 (the default,
+  `num_negatives=None`) is CLIP's softmax loss.
+  """
+  x, y, _ = _check_inputs(zimg, ztxt, None)
+  k = _negatives(num_negatives, x.shape[0])
+
+  def row_sum(q, keys, offset, _, t):
+    pair, negatives = _pair_and_negatives(q @ keys.T, offset, k)
+    logits = t * jnp.concatenate([pair[:, None], negatives], axis=1)
+    return jnp.sum(jax.nn.logsumexp(logits, axis=1) - logits[:, 0])
+
+  return _symmetric_mean(row_sum, x, y, (_scalar(t),), mesh)
+
+
+def triplet_loss(zimg, ztxt, *, margin=0.2, num_negatives=None, hardest=False, mesh=None):
+  """Bidirectional hinge triplet loss on cosine similarities (VSE++ with `hardest=True`).
+
+  Per anchor at global row i, with s its similarities to the other modality:
+  Σₖ max(0, margin − s[i] + s[(i+k) mod B]) over k = 1 … K, or the max over k when
+  `hardest`; averaged over the 2B anchors. K = B−1 by default (`num_negatives=None`).
+  """
+  x, y, _ = _check_inputs(zimg, ztxt, None)
+  k = _negatives(num_negatives, x.shape[0])
+
+  def row_sum(q, keys, offset, _, margin):
+    pair, negatives = _pair_and_negatives(q @ keys.T, offset, k)
+    hinge = jax.nn.relu(margin - pair[:, None] + negatives)
+    return jnp.sum(jnp.max(hinge, axis=1) if hardest else hinge)
+
+  return _symmetric_mean(row_sum, x, y, (_scalar(margin),), mesh)
 
 
 def next_token_loss(logits, targets, weights):
@@ -121,6 +141,46 @@ def _num_shards(mesh, axes, batch):
     raise ConfigError(f"batch size {batch} is not divisible by D={size}, the number of "
                       f"devices on the batch axes {axes}")
   return size
+
+
+def _negatives(num_negatives, batch):
+  """K, the negatives per anchor: `num_negatives`, or all B−1 other rows when None."""
+  k = batch - 1 if num_negatives is None else num_negatives
+  if not 1 <= k <= batch - 1:
+    raise ConfigError(f"num_negatives={num_negatives} must be in [1, B−1] = [1, {batch - 1}] for batch {batch}")
+  return k
+
+
+def _pair_and_negatives(sims, offset, k):
+  """From a [b, B] block whose row r is global row offset+r: its pair's column and the next k columns (cyclic)."""
+  rows = offset + jnp.arange(sims.shape[0])
+  cols = (rows[:, None] + jnp.arange(k + 1)) % sims.shape[1]
+  picked = jnp.take_along_axis(sims, cols, axis=1)
+  return picked[:, 0], picked[:, 1:]
+
+
+def _symmetric_mean(row_sum, x, y, scalars, mesh, positives=None):
+  """(Σ over image anchors + Σ over text anchors) / 2B, where `row_sum(anchors, keys, offset, pos, *scalars)`
+  sums the losses of a block of anchor rows (global rows offset…) against all B keys of the other modality.
+
+  On a mesh, each device takes its own rows as anchors against the all-gathered other side."""
+  batch = x.shape[0]
+  positives_t = None if positives is None else positives.T
+  axes = () if mesh is None else batch_axes(mesh)
+  if not axes:
+    return (row_sum(x, y, 0, positives, *scalars) + row_sum(y, x, 0, positives_t, *scalars)) / (2 * batch)
+  _num_shards(mesh, axes, batch)
+
+  def local(x, y, pos, pos_t, *scalars):
+    offset = jax.lax.axis_index(axes) * x.shape[0]
+    x_all = jax.lax.all_gather(x, axes, tiled=True)
+    y_all = jax.lax.all_gather(y, axes, tiled=True)
+    total = row_sum(x, y_all, offset, pos, *scalars) + row_sum(y, x_all, offset, pos_t, *scalars)
+    return jax.lax.psum(total, axes) / (2 * batch)
+
+  pos_spec = None if positives is None else P(axes)
+  specs = (P(axes), P(axes), pos_spec, pos_spec) + (P(),) * len(scalars)
+  return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=P())(x, y, positives, positives_t, *scalars)
 
 
 def _labels(shape, diag_offset, pos):

@@ -70,11 +70,82 @@ def ref_softmax(x, y, t, positives=None):
   return loss, (t * g @ y, t * g.T @ x, np.sum(g * sims))
 
 
-@pytest.mark.parametrize("ref, nargs", [(ref_sigmoid, 4), (ref_softmax, 3)])
-def test_reference_gradients_match_finite_differences(inputs, ref, nargs):
+def _candidates(n, i, k):
+  """Anchor i's pair and its k negatives: (i+1 … i+k) mod n, written out one by one."""
+  return [i] + [(i + j) % n for j in range(1, k + 1)]
+
+
+def _two_directions(x, y, anchor_loss):
+  """Σ of anchor_loss over image anchors (rows of x·yᵀ) and text anchors (its columns), / 2n,
+  with the gradient w.r.t. the similarity matrix; anchor_loss(i, sims) -> (loss, d loss/d sims)."""
+  n = x.shape[0]
+  sims = x @ y.T
+  loss, g = 0.0, np.zeros((n, n))
+  for i in range(n):
+    value, grad = anchor_loss(i, sims[i])
+    loss, g[i] = loss + value, g[i] + grad
+    value, grad = anchor_loss(i, sims[:, i])
+    loss, g[:, i] = loss + value, g[:, i] + grad
+  return loss / (2 * n), g / (2 * n), sims
+
+
+def ref_infonce(x, y, t, k):
+  """Value and analytic gradients (x, y, t) of InfoNCE with k cyclic negatives, in float64."""
+  n = x.shape[0]
+  dt = [0.0]
+
+  def anchor(i, s):
+    cols = _candidates(n, i, k)
+    logits = t * s[cols]
+    p = np.exp(logits - np.logaddexp.reduce(logits))
+    onehot = np.eye(len(cols))[0]
+    grad = np.zeros(n)
+    grad[cols] = t * (p - onehot)
+    dt[0] += np.sum((p - onehot) * s[cols])
+    return np.logaddexp.reduce(logits) - logits[0], grad
+
+  loss, g, _ = _two_directions(x, y, anchor)
+  return loss, (g @ y, g.T @ x, dt[0] / (2 * n))
+
+
+def ref_triplet(x, y, margin, k, hardest):
+  """Value and analytic gradients (x, y) of the bidirectional hinge triplet loss, in float64."""
+  n = x.shape[0]
+
+  def anchor(i, s):
+    pair, *negatives = _candidates(n, i, k)
+    hinges = [(margin - s[pair] + s[j], j) for j in negatives]
+    grad = np.zeros(n)
+    active = [max(hinges)] if hardest else hinges
+    loss = 0.0
+    for h, j in active:
+      if h > 0:
+        loss += h
+        grad[pair] -= 1.0
+        grad[j] += 1.0
+    return loss, grad
+
+  loss, g, _ = _two_directions(x, y, anchor)
+  return loss, (g @ y, g.T @ x)
+
+
+REFERENCES = {
+    "sigmoid": lambda x, y, t, b, pos: ref_sigmoid(x, y, t, b, pos),
+    "softmax": lambda x, y, t, pos: ref_softmax(x, y, t, pos),
+    "infonce": lambda x, y, t, pos: ref_infonce(x, y, t, 5),
+    "triplet": lambda x, y, pos: ref_triplet(x, y, 0.3, 5, hardest=False),
+    "triplet_hardest": lambda x, y, pos: ref_triplet(x, y, 0.3, 5, hardest=True),
+}
+
+
+@pytest.mark.parametrize("name, nargs", [("sigmoid", 4), ("softmax", 3), ("infonce", 3), ("triplet", 2),
+                                         ("triplet_hardest", 2)])
+def test_reference_gradients_match_finite_differences(inputs, name, nargs):
   x, y, positives = inputs
+  ref = REFERENCES[name]
   args = (x, y, T, BIAS)[:nargs]
-  _, grads = ref(*args, positives)
+  value, grads = ref(*args, positives)
+  assert value > 0
   rng = np.random.default_rng(1)
   eps = 1e-6
   for i, arg in enumerate(args):
@@ -140,6 +211,40 @@ def test_softmax_matches_reference(inputs, mesh_name, with_positives):
   value, grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(xs, ys, jnp.float32(T), pos)
   _assert_matches(value, grads, *ref_softmax(x, y, T, positives), mesh)
 
+
+@pytest.mark.parametrize("num_negatives", [None, 1, 5])
+@pytest.mark.parametrize("mesh_name", MESHES)
+def test_infonce_matches_reference(inputs, mesh_name, num_negatives):
+  x, y, _ = inputs
+  mesh = _mesh(mesh_name)
+  xs, ys = _place(mesh, x.astype(np.float32), y.astype(np.float32))
+  loss = lambda x, y, t: losses.infonce_loss(x, y, t, num_negatives=num_negatives, mesh=mesh)
+  value, grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(xs, ys, jnp.float32(T))
+  k = BATCH - 1 if num_negatives is None else num_negatives
+  _assert_matches(value, grads, *ref_infonce(x, y, T, k), mesh)
+
+
+@pytest.mark.parametrize("hardest", [False, True], ids=["sum", "hardest"])
+@pytest.mark.parametrize("num_negatives", [None, 3])
+@pytest.mark.parametrize("mesh_name", MESHES)
+def test_triplet_matches_reference(inputs, mesh_name, num_negatives, hardest):
+  x, y, _ = inputs
+  mesh = _mesh(mesh_name)
+  xs, ys = _place(mesh, x.astype(np.float32), y.astype(np.float32))
+  loss = lambda x, y: losses.triplet_loss(x, y, margin=0.3, num_negatives=num_negatives, hardest=hardest,
+                                          mesh=mesh)
+  value, grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(xs, ys)
+  k = BATCH - 1 if num_negatives is None else num_negatives
+  _assert_matches(value, grads, *ref_triplet(x, y, 0.3, k, hardest), mesh)
+
+
+@pytest.mark.parametrize("num_negatives", [0, BATCH])
+def test_negatives_out_of_range_are_config_errors(inputs, num_negatives):
+  x, y = (jnp.asarray(a) for a in inputs[:2])
+  with pytest.raises(ConfigError, match=rf"num_negatives={num_negatives} .*\[1, {BATCH - 1}\]"):
+    losses.infonce_loss(x, y, T, num_negatives=num_negatives)
+  with pytest.raises(ConfigError, match=rf"num_negatives={num_negatives}"):
+    losses.triplet_loss(x, y, num_negatives=num_negatives)
 
 def test_ring_bfloat16_inputs_compute_in_float32(inputs):
   x, y, _ = inputs

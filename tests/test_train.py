@@ -4,17 +4,19 @@ import os
 import subprocess
 import sys
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
 
 import mmjax
-from mmjax import parallel, train as train_lib
+from mmjax import parallel, tasks, train as train_lib
 from mmjax.checkpoint import Checkpointer
 from mmjax.errors import CheckpointError, NonFiniteLossError
 from mmjax.evaluate import evaluate
 from mmjax.export import export
 from tests.helpers import tiny_config
+from tests.test_losses import ref_infonce, ref_triplet
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -71,6 +73,26 @@ def test_killed_run_resumes_to_the_same_parameters(finished_run, tmp_path, monke
   train_lib.train(_config(eval_every=0), workdir)  # Resumes at step 4 with the data iterator's state.
   want, got = _params(finished_run[0]), _params(workdir)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), got, want)
+
+
+@pytest.mark.parametrize("loss, reference", [
+    (dict(kind="infonce", num_negatives=4), lambda x, y, aux: ref_infonce(x, y, aux["t"], 4)),
+    (dict(kind="triplet", num_negatives=3, margin=0.4, hardest=True),
+     lambda x, y, aux: ref_triplet(x, y, 0.4, 3, hardest=True))], ids=["infonce", "triplet"])
+def test_contrastive_task_computes_the_configured_infonce_or_triplet_loss(loss, reference):
+  config = _config()
+  config.loss.update(loss)
+  mesh = parallel.make_mesh(config.mesh, devices=jax.devices()[:2])
+  task = tasks.get(config.task)(config, mesh)
+  rng = np.random.default_rng(0)
+  size, batch_size = config.data.image_size, config.data.batch_size
+  batch = {"image": rng.uniform(-1, 1, (batch_size, size, size, 3)).astype(np.float32),
+           "text": rng.integers(3, 40, (batch_size, task.max_len)).astype(np.int32)}
+  params = nn.unbox(task.init(jax.random.key(0), batch))
+  value, _ = task.loss_fn(params, batch, jax.random.key(1), train=False)
+  zimg, ztxt, aux = task.model.apply({"params": params}, image=batch["image"], text=batch["text"])
+  want = reference(np.asarray(zimg, np.float64), np.asarray(ztxt, np.float64), {"t": float(np.ravel(aux["t"])[0])})[0]
+  np.testing.assert_allclose(value, want, rtol=1e-5)
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):

@@ -13,7 +13,7 @@ from mmjax.data.tokenizer import load_tokenizer
 from mmjax.errors import ConfigError
 from mmjax.evals import binding, retrieval, zeroshot
 
-LOSSES = ("sigmoid", "softmax")
+LOSSES = ("sigmoid", "softmax", "infonce", "triplet")
 TEMPLATE_SETS = {"shapes": shapes.CLASS_TEMPLATES, "plain": ("{}",)}
 
 
@@ -59,12 +59,19 @@ class ContrastiveTask:
   def loss_fn(self, params, batch, rng, train=True) -> tuple[jax.Array, dict]:
     zimg, ztxt, aux = self.model.apply({"params": params}, image=batch["image"], text=batch["text"],
                                        train=train, rngs={"dropout": rng})
-    if self.config.loss.kind == "sigmoid":
+    spec = self.config.loss
+    negatives = spec.num_negatives or None
+    if spec.kind == "sigmoid":
       if "b" not in aux:
         raise ConfigError("loss.kind='sigmoid' needs a logit bias: set model.bias_init (e.g. -10.0)")
-      loss = losses.sigmoid_loss(zimg, ztxt, aux["t"], aux["b"], mesh=self.mesh, impl=self.config.loss.impl)
-    else:
+      loss = losses.sigmoid_loss(zimg, ztxt, aux["t"], aux["b"], mesh=self.mesh, impl=spec.impl)
+    elif spec.kind == "softmax":
       loss = losses.softmax_loss(zimg, ztxt, aux["t"], mesh=self.mesh)
+    elif spec.kind == "infonce":
+      loss = losses.infonce_loss(zimg, ztxt, aux["t"], num_negatives=negatives, mesh=self.mesh)
+    else:
+      loss = losses.triplet_loss(zimg, ztxt, margin=spec.margin, num_negatives=negatives, hardest=spec.hardest,
+                                 mesh=self.mesh)
     metrics = {"loss": loss, "t": aux["t"]}
     if "b" in aux:
       metrics["b"] = aux["b"]
