@@ -13,7 +13,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = sorted(glob.glob(os.path.join(REPO, "configs", "[a-z]*.py")))
 # Recipe arguments that change what trains (the default of each file is covered too).
 VARIANTS = [("llava_shapes.py", "lora"), ("prompt_shapes.py", "cocoop"), ("prompt_shapes.py", "maple"),
-            ("prompt_shapes.py", "coprompt")]
+            ("prompt_shapes.py", "coprompt"), ("perceiver_shapes.py", "vit")]
 
 
 def _load(path):

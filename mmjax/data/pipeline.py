@@ -33,15 +33,16 @@ from absl import flags
 from mmjax.data import classes
 from mmjax.data.folder import CaptionFolderSource
 from mmjax.data.records import ArrayRecordSource, WebDatasetSource
-from mmjax.data.shapes import ShapesSource
-from mmjax.data.shapes_vqa import ShapesVQASource
+from mmjax.data.shapes import ShapesLabelSource, ShapesSource
+from mmjax.data.shapes_vqa import ShapesVQALabelSource, ShapesVQASource
 from mmjax.data.tokenizer import Tokenizer
 from mmjax.data.transforms import NormalizeImage, ResizeImage, Tokenize
 from mmjax.errors import ConfigError, DataError
 
 SKIPPED = "skipped"
 VALID = "valid"
-SOURCES = ("shapes", "shapes_vqa", "folder", "webdataset", "array_record", "shapes_classes", "image_folder")
+SOURCES = ("shapes", "shapes_vqa", "shapes_vqa_labels", "shapes_labels", "folder", "webdataset", "array_record",
+           "shapes_classes", "image_folder")
 
 
 # Stands in for a record the source returned as None, so that it reaches the counter
@@ -199,6 +200,11 @@ def make_source(data_config):
                            held_out_fraction=data_config.get("held_out_fraction", 0.2),
                            caption_fraction=data_config.get("caption_fraction", 0.25),
                            media_per_record=data_config.get("media_per_record", 1))
+  if kind == "shapes_vqa_labels":
+    return ShapesVQALabelSource(seed=data_config.get("seed", 0), image_size=data_config.get("image_size", 64),
+                                held_out_fraction=data_config.get("held_out_fraction", 0.2))
+  if kind == "shapes_labels":
+    return ShapesLabelSource(seed=data_config.get("seed", 0), image_size=data_config.get("image_size", 64))
   if kind == "folder":
     if not data_config.get("captions"):
       raise ConfigError("data.captions: required (a JSONL or CSV caption file) when "

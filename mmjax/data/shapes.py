@@ -52,7 +52,7 @@ CLASS_TEMPLATES = (
 )
 
 # Independent random streams per purpose, so eval sets never overlap training.
-_TRAIN, _ZEROSHOT, _RETRIEVAL, _BINDING, _HELD_OUT, _FEW_SHOT = range(6)
+_TRAIN, _ZEROSHOT, _RETRIEVAL, _BINDING, _HELD_OUT, _FEW_SHOT, _LABELLED = range(7)
 
 
 class _Object(NamedTuple):
@@ -268,6 +268,27 @@ class ShapesSource:
     return (f"ShapesSource(seed={self.seed}, image_size={self.image_size}, "
             f"held_out_fraction={self.held_out_fraction}, num_records={self.num_records}, "
             f"twins={self.twins})")
+
+
+class ShapesLabelSource:
+  """Grain random-access source of dict(image=uint8 [S, S, 3], label=int32) for supervised
+  classification: one object per image, its class (colour * len(SHAPES) + shape) drawn uniformly
+  over all 48 classes. Evaluate on `class_images`, drawn from another stream."""
+
+  def __init__(self, seed: int = 0, image_size: int = 64, num_records: int = 1_000_000):
+    self.seed, self.image_size, self.num_records = seed, image_size, num_records
+
+  def __len__(self) -> int:
+    return self.num_records
+
+  def __getitem__(self, index: int) -> dict:
+    rng = _rng(self.seed, _LABELLED, index)
+    label = rng.randrange(len(CLASSES))
+    image = _render(rng, _scene(rng, [CLASSES[label]], 1), self.image_size)
+    return dict(image=image, label=np.int32(label))
+
+  def __repr__(self) -> str:
+    return f"ShapesLabelSource(seed={self.seed}, image_size={self.image_size}, num_records={self.num_records})"
 
 
 def duplicate_rate(captions: list[str]) -> float:

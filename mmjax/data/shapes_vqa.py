@@ -21,6 +21,8 @@ from mmjax.data import shapes
 QUESTION_TYPES = ("colour", "shape", "count", "relation")
 CAPTION = "caption"
 COUNT_WORDS = ("one", "two", "three")
+# Every answer to a question, in a fixed order: class ids of VQA as classification.
+ANSWERS = shapes.COLOUR_NAMES + shapes.SHAPES + COUNT_WORDS + ("yes", "no")
 # Relation word -> which grid coordinate (0 row, 1 column) and sign make it true of a to b.
 RELATIONS = {"left of": (1, -1), "right of": (1, 1), "above": (0, -1), "below": (0, 1)}
 # Fixed-form prompts; models see them after the image and answer after them.
@@ -105,6 +107,27 @@ class ShapesVQASource:
             f"held_out_fraction={self.held_out_fraction}, num_records={self.num_records}, "
             f"caption_fraction={self.caption_fraction}, stream={self.stream}, "
             f"media_per_record={self.media_per_record})")
+
+
+def labelled(record: dict) -> dict:
+  """A question record as a classification example: dict(image, caption=its prompt, label=answer id,
+  kind=question type id)."""
+  return dict(image=record["image"], caption=record["prompt"], label=np.int32(ANSWERS.index(record["answer"])),
+              kind=np.int32(QUESTION_TYPES.index(record["kind"])))
+
+
+class ShapesVQALabelSource(ShapesVQASource):
+  """The training questions of `ShapesVQASource` (no captions), one per record, as `labelled` examples."""
+
+  def __init__(self, seed: int = 0, image_size: int = 64, held_out_fraction: float = 0.2):
+    super().__init__(seed, image_size, held_out_fraction, caption_fraction=0.0)
+
+  def __getitem__(self, index: int) -> dict:
+    return labelled(self.record(index))
+
+  def __repr__(self) -> str:
+    return f"ShapesVQALabelSource(seed={self.seed}, image_size={self.image_size}, " \
+           f"held_out_fraction={self.held_out_fraction})"
 
 
 def eval_set(seed: int = 0, image_size: int = 64, n: int = 256, held_out_fraction: float = 0.2,

@@ -11,8 +11,14 @@ def get(name: str):
   if name == "generative":
     from mmjax.tasks.generative import GenerativeTask
     return GenerativeTask
+  if name == "classification":
+    from mmjax.tasks.classification import ClassificationTask
+    return ClassificationTask
+  if name == "fusion":
+    from mmjax.tasks.fusion import FusionTask
+    return FusionTask
   if name == "prompt_learning":
     from mmjax.tasks.prompt_learning import PromptLearningTask
     return PromptLearningTask
   raise ConfigError(f"config.task={name!r} is not a known task; known: ['contrastive', 'generative', "
-                    "'prompt_learning']")
+                    "'classification', 'fusion', 'prompt_learning']")

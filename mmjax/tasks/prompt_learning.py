@@ -11,6 +11,8 @@ novel classes (with the learned context), and their harmonic mean.
 """
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -25,6 +27,7 @@ from mmjax.data.shapes import CLASS_TEMPLATES
 from mmjax.data.tokenizer import load_tokenizer
 from mmjax.data.transforms import NormalizeImage, ResizeImage
 from mmjax.errors import ConfigError
+from mmjax.evals import in_chunks
 from mmjax.tasks.contrastive import model_config_with_vocab
 
 BASE, PROMPT = "base", "prompt"
@@ -126,15 +129,9 @@ class PromptLearningTask:
     if self._eval_fns is None:
       self._eval_fns = {s: jax.jit(lambda p, x, s=s: jnp.argmax(self.class_logits(p, x, s)[0], axis=1))
                         for s in ("base", "novel")}
-    chunk = self.config.evals.batch_size
     images, labels = self.data.test_set(split)
-    out = []
-    for start in range(0, len(images), chunk):
-      part = images[start:start + chunk]
-      padded = np.concatenate([part, np.repeat(part[-1:], chunk - len(part), axis=0)])
-      x = padded.astype(np.float32) / 127.5 - 1.0
-      out.append(np.asarray(jax.device_get(self._eval_fns[split](params, x)))[:len(part)])
-    return np.concatenate(out), labels
+    predict = functools.partial(self._eval_fns[split], params)
+    return in_chunks(predict, (images.astype(np.float32) / 127.5 - 1.0,), self.config.evals.batch_size), labels
 
   def evaluate(self, params) -> dict[str, float]:
     """`{"base_acc", "novel_acc", "hm"}` on the held-apart test images (see the module docstring)."""

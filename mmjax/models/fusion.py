@@ -1,0 +1,59 @@
+"""Fusion baselines: where an image-and-text classifier combines its two modalities.
+
+Both inputs are encoded by their own tower (`model.image`, a ViT; `model.text`, a text
+transformer; heads off), then:
+
+- `early`: the towers' pooled features are concatenated and an MLP maps them to the logits
+  (feature-level fusion).
+- `cross` (model-level): in `fusion_depth` blocks the text tokens cross-attend to the image
+  tokens (`CrossAttentionBlock`); the text's pooled token then gives the logits.
+- `late`: one linear classifier per modality; their logits are averaged. Neither branch sees the
+  other modality, so late fusion answers only what one modality decides alone.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from mmjax.errors import ConfigError
+from mmjax.models.perceiver import CrossAttentionBlock
+from mmjax.models.text import TextTransformer
+from mmjax.models.vit import ViT, _dense
+
+FUSIONS = ("early", "cross", "late")
+
+
+class FusionClassifier(nn.Module):
+  """`(image NHWC, text ids [batch, len]) -> logits [batch, num_classes]`."""
+  fusion: str
+  image: dict
+  text: dict
+  num_classes: int
+  fusion_depth: int = 2
+  fusion_heads: int = 4
+  mlp_dim: int = 256
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, image, text, train=False):
+    if self.fusion not in FUSIONS:
+      raise ConfigError(f"model.fusion={self.fusion!r}: expected one of {FUSIONS}")
+    img, img_aux = ViT(**self.image, head="none", name="img")(image, train=train)
+    txt, txt_aux = TextTransformer(**self.text, head="none", name="txt")(text, train=train)
+    logits = lambda x, name: _dense(self.num_classes, ("embed", None), name, self.dtype)(x)
+    if self.fusion == "early":
+      x = jnp.concatenate([img, txt], axis=-1)
+      x = nn.gelu(_dense(self.mlp_dim, ("embed", "mlp"), "fusion_mlp", self.dtype)(x))
+      return logits(x, "classifier")
+    if self.fusion == "late":
+      return (logits(img, "img_classifier") + logits(txt, "txt_classifier")) / 2
+    tokens, image_tokens = txt_aux["encoded"], img_aux["encoded"]
+    if tokens.shape[-1] != image_tokens.shape[-1]:
+      raise ConfigError(f"model.fusion='cross' needs equal tower widths; image {image_tokens.shape[-1]}, "
+                        f"text {tokens.shape[-1]}")
+    for i in range(self.fusion_depth):
+      tokens = CrossAttentionBlock(self.fusion_heads, self.mlp_dim, self.dtype, name=f"fusion_{i}")(
+          tokens, image_tokens, not train)
+    return logits(tokens[:, -1], "classifier")

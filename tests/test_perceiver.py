@@ -1,0 +1,145 @@
+"""Perceiver IO against a float64 NumPy forward pass; its cost linear in the input length; the classifier task."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from mmjax import train as train_lib
+from mmjax.config import load
+from mmjax.models.perceiver import PerceiverIO, fourier_position_features
+from mmjax.models.vit import Encoder1DBlock
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WIDTH, HEADS, CROSS_HEADS, MLP, LATENTS = 16, 4, 2, 24, 6
+
+
+def _randomised(params, seed=0):
+  """Every parameter redrawn, so biases and norms are not their (zero / one) initial values."""
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda x: jnp.asarray(0.3 * rng.normal(size=x.shape), x.dtype), params)
+
+
+def _layer_norm(p, x, eps=1e-6):
+  mu = x.mean(-1, keepdims=True)
+  var = ((x - mu) ** 2).mean(-1, keepdims=True)
+  return (x - mu) / np.sqrt(var + eps) * p["scale"] + p["bias"]
+
+
+def _attention(p, xq, xkv):
+  q, k, v = (np.einsum("bld,dhk->blhk", x, p[n]["kernel"]) + p[n]["bias"]
+             for n, x in (("query", xq), ("key", xkv), ("value", xkv)))
+  scores = np.einsum("bqhk,bvhk->bhqv", q, k) / np.sqrt(q.shape[-1])
+  weights = np.exp(scores - scores.max(-1, keepdims=True))
+  weights /= weights.sum(-1, keepdims=True)
+  out = np.einsum("bhqv,bvhk->bqhk", weights, v)
+  return np.einsum("bqhk,hkd->bqd", out, p["out"]["kernel"]) + p["out"]["bias"]
+
+
+def _mlp(p, x):
+  h = x @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"]
+  h = 0.5 * h * (1 + np.tanh(np.sqrt(2 / np.pi) * (h + 0.044715 * h ** 3)))
+  return h @ p["Dense_1"]["kernel"] + p["Dense_1"]["bias"]
+
+
+def _cross(p, queries, inputs):
+  y = queries + _attention(p["attention"], _layer_norm(p["query_norm"], queries), _layer_norm(p["input_norm"], inputs))
+  return y + _mlp(p["mlp"], _layer_norm(p["mlp_norm"], y))
+
+
+def _self(p, z):
+  h = _layer_norm(p["LayerNorm_0"], z)
+  y = z + _attention(p["MultiHeadDotProductAttention_0"], h, h)
+  return y + _mlp(p["MlpBlock_0"], _layer_norm(p["LayerNorm_1"], y))
+
+
+def reference(p, inputs, iterations, depth, share, queries=None):
+  """Perceiver IO written out: input projection, iterated cross + self attention, query decoder."""
+  x = inputs @ p["input_proj"]["kernel"] + p["input_proj"]["bias"]
+  z = np.broadcast_to(p["latents"], (len(inputs), *p["latents"].shape))
+  for i in range(iterations):
+    tag = "0" if i == 0 else "shared" if share else str(i)
+    z = _cross(p[f"cross_{tag}"], z, x)
+    for j in range(depth):
+      z = _self(p[f"self_{tag}_{j}"], z)
+  if queries is None:
+    queries = np.broadcast_to(p["output_queries"], (len(inputs), *p["output_queries"].shape))
+  y = _layer_norm(p["final_norm"], _cross(p["decoder"], queries, z))
+  return y @ p["output_proj"]["kernel"] + p["output_proj"]["bias"]
+
+
+def _model(iterations=3, depth=2, share=True, outputs=3):
+  return PerceiverIO(num_latents=LATENTS, width=WIDTH, num_iterations=iterations, self_attention_depth=depth,
+                     num_heads=HEADS, cross_heads=CROSS_HEADS, mlp_dim=MLP, num_outputs=outputs, output_width=5,
+                     share_weights=share)
+
+
+@pytest.mark.parametrize("share", [True, False], ids=["shared", "unshared"])
+def test_perceiver_io_matches_the_numpy_forward(share):
+  model = _model(share=share)
+  inputs = np.random.default_rng(0).normal(size=(2, 11, 7))
+  params = _randomised(nn.unbox(model.init(jax.random.key(0), jnp.asarray(inputs, jnp.float32))["params"]))
+  got = model.apply({"params": params}, jnp.asarray(inputs, jnp.float32))
+  want = reference(jax.tree.map(lambda a: np.asarray(a, np.float64), params), inputs, 3, 2, share)
+  assert got.shape == (2, 3, 5)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+  # Iterations 2 and 3 share one set of weights, or have their own.
+  blocks = {k.split("_")[1] for k in params if k.startswith("cross_")}
+  assert blocks == ({"0", "shared"} if share else {"0", "1", "2"})
+
+
+def test_perceiver_io_decodes_given_output_queries():
+  model = _model(iterations=1, depth=1)
+  rng = np.random.default_rng(1)
+  inputs, queries = rng.normal(size=(2, 9, 7)), rng.normal(size=(2, 4, WIDTH))
+  params = _randomised(nn.unbox(model.init(jax.random.key(0), jnp.asarray(inputs, jnp.float32))["params"]), seed=1)
+  got = model.apply({"params": params}, jnp.asarray(inputs, jnp.float32), jnp.asarray(queries, jnp.float32))
+  want = reference(jax.tree.map(lambda a: np.asarray(a, np.float64), params), inputs, 1, 1, True, queries)
+  assert got.shape == (2, 4, 5)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_fourier_position_features_follow_the_formula():
+  feats = fourier_position_features(3, 4, num_bands=2, max_resolution=4)
+  assert feats.shape == (12, 2 + 4 * 2)
+  freqs = (1.0, 2.0)  # linspace(1, max_resolution / 2, 2)
+  for index, row in enumerate(feats):
+    i, j = divmod(index, 4)
+    pos = (-1 + 2 * i / 2, -1 + 2 * j / 3)
+    sines = [np.sin(np.pi * f * p) for p in pos for f in freqs]
+    cosines = [np.cos(np.pi * f * p) for p in pos for f in freqs]
+    np.testing.assert_allclose(row, [*pos, *sines, *cosines], atol=1e-6)
+
+
+def _flops(module, length):
+  inputs = jax.ShapeDtypeStruct((1, length, WIDTH), jnp.float32)
+  params = jax.eval_shape(lambda x: module.init(jax.random.key(0), x), inputs)
+  compiled = jax.jit(module.apply).lower(params, inputs).compile()
+  analysis = compiled.cost_analysis()
+  return (analysis[0] if isinstance(analysis, list) else analysis)["flops"]
+
+
+def test_perceiver_cost_is_linear_in_input_length_where_self_attention_is_not():
+  lengths = (256, 512, 1024)
+  perceiver = [_flops(_model(iterations=2, depth=1), n) for n in lengths]
+  # Each doubling of M adds twice the FLOPs the previous doubling added: cost = a + b*M exactly.
+  np.testing.assert_allclose(perceiver[2] - perceiver[1], 2 * (perceiver[1] - perceiver[0]), rtol=0.01)
+  block = Encoder1DBlock(mlp_dim=MLP, num_heads=HEADS)
+  attention = [_flops(block, n) for n in lengths]
+  assert attention[2] - attention[1] > 2.5 * (attention[1] - attention[0])
+
+
+def test_perceiver_recipe_trains_and_evaluates(tmp_path):
+  config = load(os.path.join(REPO, "configs", "perceiver_shapes.py"))
+  config.total_steps, config.optim.warmup_steps, config.data.batch_size = 12, 2, 16
+  config.log_every, config.checkpoint_every, config.eval_every = 4, 12, 12
+  config.evals.per_class, config.evals.batch_size = 2, 48
+  summary = train_lib.train(config, str(tmp_path))
+  logged = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  assert [m["step"] for m in logged if "loss" in m] == [4, 8, 12]
+  assert all(np.isfinite(m["loss"]) for m in logged if "loss" in m)
+  for key in ("acc", "colour_acc", "shape_acc"):
+    assert 0.0 <= summary[key] <= 1.0
