@@ -22,6 +22,12 @@ def tower(**overrides) -> dict:
   return base
 
 
+def swin_tower(**overrides) -> dict:
+  """A Swin image tower (`mmjax.models.swin.Swin`): `depths` and `num_heads` per stage, `width` of the first."""
+  return dict(arch="swin", width=None, depths=None, num_heads=None, window_size=7, patch_size=4, mlp_ratio=4.0,
+              pool="gap", head="dense", act="gelu") | overrides
+
+
 def shapes_decoder(**overrides) -> dict:
   """The small Llama-style decoder of the shapes generative recipes (vocab_size None: the tokenizer's)."""
   return dict(vocab_size=None, width=128, depth=2, num_heads=4, mlp_dim=256, max_len=64, positions="rope",

@@ -92,11 +92,11 @@ def heads_out_inverse(k):
   return k.reshape(-1, k.shape[-1]).T
 
 
-def attention(mm: str, src: str, num_heads: int, fused: bool) -> list[Rule]:
+def attention(mm: str, src: str, num_heads: int, fused: bool, out: str = "out_proj") -> list[Rule]:
   """flax-layout attention (`query/key/value/out`) from torch projections.
 
   `fused`: torch `nn.MultiheadAttention` (`in_proj_weight` [3w, w], `out_proj`); otherwise
-  HF's separate `q_proj`, `k_proj`, `v_proj`, `out_proj`.
+  HF's separate `q_proj`, `k_proj`, `v_proj` and `out` (`out_proj`; Swin's is `o_proj`).
   """
   h = num_heads
   names = ("query", "key", "value")
@@ -117,8 +117,8 @@ def attention(mm: str, src: str, num_heads: int, fused: bool) -> list[Rule]:
     for n, t in zip(names, ("q_proj", "k_proj", "v_proj")):
       rules.append(same(f"{mm}/{n}/kernel", f"{src}.{t}.weight", lambda w: heads_in(w, h), heads_in_inverse))
       rules.append(same(f"{mm}/{n}/bias", f"{src}.{t}.bias", lambda b: b.reshape(h, -1), lambda b: b.reshape(-1)))
-  rules.append(same(f"{mm}/out/kernel", f"{src}.out_proj.weight", lambda w: heads_out(w, h), heads_out_inverse))
-  rules.append(same(f"{mm}/out/bias", f"{src}.out_proj.bias"))
+  rules.append(same(f"{mm}/out/kernel", f"{src}.{out}.weight", lambda w: heads_out(w, h), heads_out_inverse))
+  rules.append(same(f"{mm}/out/bias", f"{src}.{out}.bias"))
   return rules
 
 

@@ -1,11 +1,13 @@
 """Model builders: `build(model_config)` turns a config into a linen module."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Mapping
 
 import jax.numpy as jnp
 
 from mmjax.errors import ConfigError
+from mmjax.models.swin import Swin
 from mmjax.models.text import TextTransformer
 from mmjax.models.two_tower import TwoTower
 from mmjax.models.vit import ViT, decode_variant
@@ -22,8 +24,10 @@ def resolve_tower(model_config: Mapping[str, Any], side: str) -> dict[str, Any]:
   if side not in model_config:
     raise ConfigError(f"{prefix} is required")
   tower = model_config[side]
+  if tower.get("arch", "vit") == "swin":
+    return _resolve_swin(model_config, tower, prefix)
   kw = decode_variant(tower.get("variant"))
-  kw.update({k: v for k, v in tower.items() if k != "variant" and v is not None})
+  kw.update({k: v for k, v in tower.items() if k not in ("variant", "arch") and v is not None})
   missing = [k for k in _TOWER_SHAPE_KEYS if k not in kw]
   if missing:
     raise ConfigError(f"{prefix}: set `variant` or all of {list(_TOWER_SHAPE_KEYS)}; "
@@ -34,12 +38,35 @@ def resolve_tower(model_config: Mapping[str, Any], side: str) -> dict[str, Any]:
   return kw
 
 
+def _resolve_swin(model_config, tower, prefix: str) -> dict[str, Any]:
+  """A Swin tower (`arch="swin"`): its own keys only, each one a field of `Swin`."""
+  fields = {f.name for f in dataclasses.fields(Swin)} - {"parent", "name"}
+  kw = {k: v for k, v in tower.items() if k != "arch" and v is not None}
+  unknown = sorted(set(kw) - fields)
+  missing = [k for k in ("width", "depths", "num_heads") if k not in kw]
+  if unknown or missing:
+    raise ConfigError(f"{prefix} (arch='swin'): unknown keys {[f'{prefix}.{k}' for k in unknown]}, missing "
+                      f"{[f'{prefix}.{k}' for k in missing]}; Swin takes {sorted(fields)}")
+  kw["arch"] = "swin"
+  for k, default in _SHARED_DEFAULTS.items():
+    kw.setdefault(k, model_config.get(k, default))
+  kw["norm_eps"] = float(kw["norm_eps"])
+  return kw
+
+
+def tower_width(kw: Mapping[str, Any]) -> int:
+  """The width of a resolved tower's features: a Swin's last stage doubles its width per merge."""
+  if kw.get("arch") == "swin":
+    return kw["width"] * 2 ** (len(kw["depths"]) - 1)
+  return kw["width"]
+
+
 def _tower_kwargs(cfg: Mapping[str, Any], side: str) -> dict[str, Any]:
   kw = resolve_tower(cfg, side)
   kw["dtype"] = jnp.dtype(kw["dtype"])
   embed_dim = cfg["embed_dim"]
-  if kw.get("head") == "none" and kw["width"] != embed_dim:
-    raise ConfigError(f"model.{side}.head='none' needs model.{side}.width ({kw['width']}) == "
+  if kw.get("head") == "none" and tower_width(kw) != embed_dim:
+    raise ConfigError(f"model.{side}.head='none' needs the tower's output width ({tower_width(kw)}) == "
                       f"model.embed_dim ({embed_dim})")
   kw["num_classes"] = embed_dim
   return kw
@@ -57,4 +84,4 @@ def build(model_config: Mapping[str, Any]):
                   bias_init=cfg.get("bias_init"))
 
 
-__all__ = ["build", "resolve_tower", "TwoTower", "ViT", "TextTransformer", "decode_variant"]
+__all__ = ["build", "resolve_tower", "tower_width", "TwoTower", "ViT", "Swin", "TextTransformer", "decode_variant"]

@@ -8,8 +8,19 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from mmjax.errors import ConfigError
+from mmjax.models.swin import Swin
 from mmjax.models.text import TextTransformer
 from mmjax.models.vit import ViT
+
+
+def image_tower(kw: dict, name: str):
+  """The image tower of a resolved tower config: a ViT, or a Swin when `arch` is "swin"."""
+  kw = dict(kw)
+  arch = kw.pop("arch", "vit")
+  if arch not in ("vit", "swin"):
+    raise ConfigError(f"model.image.arch={arch!r}: expected 'vit' or 'swin'")
+  return (Swin if arch == "swin" else ViT)(**kw, name=name)
 
 
 def _l2_normalize(x, eps=1e-8):
@@ -33,7 +44,7 @@ class TwoTower(nn.Module):
     aux = {}
     zimg = ztxt = None
     if image is not None:
-      out, img_aux = ViT(**self.image, name="img")(image, train=train)
+      out, img_aux = image_tower(self.image, "img")(image, train=train)
       aux.update({f"img/{k}": v for k, v in img_aux.items()})
       zimg = _l2_normalize(out)
     if text is not None:

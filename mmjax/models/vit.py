@@ -133,7 +133,7 @@ class MultiHeadDotProductAttention(nn.Module):
   attention_impl: str = "xla"
 
   @nn.compact
-  def __call__(self, x_q, x_kv=None, *, mask=None, causal=False):
+  def __call__(self, x_q, x_kv=None, *, mask=None, causal=False, bias=None):
     x_kv = x_q if x_kv is None else x_kv
     width = x_q.shape[-1]
     if width % self.num_heads:
@@ -148,7 +148,7 @@ class MultiHeadDotProductAttention(nn.Module):
                        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "kv")))
 
     q, k, v = proj("query")(x_q), proj("key")(x_kv), proj("value")(x_kv)
-    y = dot_product_attention(q, k, v, mask=mask, causal=causal, impl=self.attention_impl)
+    y = dot_product_attention(q, k, v, bias=bias, mask=mask, causal=causal, impl=self.attention_impl)
     out_init = nn.initializers.xavier_uniform(in_axis=(0, 1), out_axis=2)
     return nn.Einsum((self.num_heads, head_dim, width), "blhk,hkd->bld", dtype=self.dtype, name="out",
                      kernel_init=nn.with_logical_partitioning(out_init, ("heads", "kv", "embed")),
