@@ -138,7 +138,7 @@ def build_flamingo(model_cfg: Mapping[str, Any]) -> Flamingo:
       vision=vision,
       perceiver=PerceiverResampler(
           perceiver["depth"], perceiver["num_latents"], perceiver["num_heads"],
-          perceiver["mlp_dim"] or 4 * vision.width, perceiver["max_media"], lm.width, dtype,
+          perceiver["mlp_dim"] or 4 * vision.features_width, perceiver["max_media"], lm.width, dtype,
           cfg["attention_impl"]),
       lm=lm, image_token_id=int(cfg["image_token_id"]), end_of_chunk_id=cfg["end_of_chunk_id"],
       cross_attn_every=int(cfg["cross_attn_every"]), xattn_heads=xattn["num_heads"] or lm.num_heads,

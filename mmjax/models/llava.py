@@ -29,10 +29,12 @@ import numpy as np
 
 from mmjax.errors import ConfigError
 from mmjax.models.decoder import Decoder, build_decoder, decoder_config
+from mmjax.models.swin import Swin
+from mmjax.models.two_tower import image_tower
 from mmjax.models.vit import ViT, _dense
 
 PROJECTORS = ("linear", "mlp2x_gelu")
-VISION_KEYS = ("variant",) + tuple(f.name for f in dataclasses.fields(ViT) if f.name not in ("parent", "name"))
+VISION_KEYS = ("variant", "arch") + tuple(f.name for f in dataclasses.fields(ViT) if f.name not in ("parent", "name"))
 # Every `model` key of a LLaVA config; None marks a required key.
 LLAVA_DEFAULTS = dict(kind="llava", vision=None, lm=None, projector="mlp2x_gelu", vision_layer=-2,
                       vision_class_token=False, image_size=224, image_token_id=None, dtype="float32",
@@ -128,7 +130,9 @@ class LLaVA(SplicedPrompt, nn.Module):
 
   @property
   def num_image_tokens(self) -> int:
-    """Visual tokens per image: one per patch, plus the class token when kept."""
+    """Visual tokens per image: one per patch (a Swin's last-stage tokens), plus the class token when kept."""
+    if isinstance(self.vision, Swin):
+      return self.vision.num_tokens(self.image_size)
     return (self.image_size // self.vision.patch_size) ** 2 + int(self.vision_class_token)
 
   def setup(self):
@@ -160,6 +164,11 @@ def _validate(m: LLaVA):
   check_image_token_id(m.image_token_id, m.lm)
   if m.projector_kind not in PROJECTORS:
     raise ConfigError(f"model.projector={m.projector_kind!r}; known: {list(PROJECTORS)}")
+  if isinstance(m.vision, Swin):
+    if m.vision_layer != "encoded" or m.vision_class_token:
+      raise ConfigError(f"a Swin vision tower gives its last stage's tokens only: set model.vision_layer='encoded' "
+                        f"(got {m.vision_layer!r}) and model.vision_class_token=False")
+    return
   depth, layer = m.vision.depth, m.vision_layer
   if layer != "encoded":
     if isinstance(layer, bool) or not isinstance(layer, int) or not -depth <= layer < depth:
@@ -195,13 +204,17 @@ def resolve_vlm_config(model_config: Mapping[str, Any], defaults: Mapping[str, A
   return cfg
 
 
-def build_vision(cfg: Mapping[str, Any]) -> ViT:
-  """The ViT of `cfg["vision"]` (pool "none" unless set), with the model-wide dtype and attention_impl."""
+def build_vision(cfg: Mapping[str, Any]) -> ViT | Swin:
+  """The ViT (or, with `arch="swin"`, the Swin) of `cfg["vision"]` (pool "none" unless set), with the
+  model-wide dtype and attention_impl."""
   from mmjax.models import resolve_tower  # Here: mmjax.models may import this module's builder.
-  vision = {"pool": "none", **check_keys(cfg["vision"], VISION_KEYS, "model.vision")}
+  vision = cfg["vision"].to_dict() if hasattr(cfg["vision"], "to_dict") else dict(cfg["vision"])
+  if vision.get("arch", "vit") != "swin":  # A Swin's keys are checked against its fields by resolve_tower.
+    vision = check_keys(vision, VISION_KEYS, "model.vision")
+  vision = {"pool": "none", **vision}
   kw = resolve_tower({"vision": vision, "dtype": cfg["dtype"], "attention_impl": cfg["attention_impl"]}, "vision")
   kw["dtype"] = jnp.dtype(kw["dtype"])
-  return ViT(**kw)
+  return image_tower(kw, None)
 
 
 def build_lm(cfg: Mapping[str, Any]) -> Decoder:

@@ -131,6 +131,18 @@ class Swin(nn.Module):
   attention_impl: str = "xla"
   norm_eps: float = 1e-5
 
+  @property
+  def features_width(self) -> int:
+    """The width of the output tokens: each merge doubles the first stage's."""
+    return self.width * 2 ** (len(self.depths) - 1)
+
+  def num_tokens(self, image_size: int) -> int:
+    """Output tokens of a square image: patches padded to whole, halved (rounding up) per merge."""
+    side = -(-image_size // self.patch_size)
+    for _ in self.depths[1:]:
+      side = -(-side // 2)
+    return side * side
+
   @nn.compact
   def __call__(self, image, train=False):
     del train  # No dropout.
@@ -139,7 +151,10 @@ class Swin(nn.Module):
                         "entry per stage")
     if self.pool not in ("gap", "none"):
       raise ConfigError(f"swin pool={self.pool!r}: expected 'gap' or 'none'")
-    x = PatchEmbed(self.width, self.patch_size, self.dtype, name="embedding")(jnp.asarray(image, self.dtype))
+    p = self.patch_size
+    image = jnp.pad(jnp.asarray(image, self.dtype),  # HF pads to whole patches; PatchEmbed would drop the rest.
+                    ((0, 0), (0, -image.shape[1] % p), (0, -image.shape[2] % p), (0, 0)))
+    x = PatchEmbed(self.width, p, self.dtype, name="embedding")(image)
     x = _layer_norm("embedding_norm", self.dtype, self.norm_eps)(x)
     aux = {}
     for i, (depth, heads) in enumerate(zip(self.depths, self.num_heads)):

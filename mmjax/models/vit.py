@@ -276,6 +276,10 @@ class ViT(nn.Module):
   attention_impl: str = "xla"
   norm_eps: float = 1e-6
 
+  @property
+  def features_width(self) -> int:
+    return self.width
+
   @nn.compact
   def __call__(self, image, train=False):
     image = jnp.asarray(image, self.dtype)
