@@ -1,0 +1,125 @@
+"""Embedding indexes over images or texts, built with a trained two-tower model; exact top-k search.
+
+An `EmbeddingIndex` holds L2-normalised embeddings [N, D] (float32), one item string per row
+(the caption, or the image's path or id) and the modality the rows embed. `search(queries, k)`
+returns the k highest cosine similarities found by `jax.lax.top_k`; with a mesh the rows are
+split over all its devices, each device keeps its own top k and the D·k candidates are merged,
+so a device holds N/D rows. An index is a directory: `embeddings.npy` and `index.json`.
+`TwoTowerEncoder` embeds images and texts with an export (`mmjax.load`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from mmjax.data.transforms import ResizeImage
+from mmjax.errors import ConfigError, DataError
+from mmjax.evals import in_chunks
+
+MODALITIES = ("image", "text")
+EMBEDDINGS, META = "embeddings.npy", "index.json"
+
+
+@functools.partial(jax.jit, static_argnames=("k",))
+def _top_k(queries, keys, k):
+  return jax.lax.top_k(queries @ keys.T, k)
+
+
+def top_k(queries: np.ndarray, keys: np.ndarray, k: int, mesh=None) -> tuple[np.ndarray, np.ndarray]:
+  """`(scores [Q, k], indices [Q, k])` of the k largest inner products of each query with `keys` [N, D],
+  best first. With `mesh`, `keys` are split over all of its devices."""
+  n = len(keys)
+  if not 1 <= k <= n:
+    raise ConfigError(f"k={k} must be in [1, {n}] for an index of {n} rows")
+  queries, keys = jnp.asarray(queries, jnp.float32), np.asarray(keys, np.float32)
+  if mesh is None or mesh.size == 1:
+    scores, indices = _top_k(queries, jnp.asarray(keys), k)
+    return np.asarray(scores), np.asarray(indices)
+  axes, shards = tuple(mesh.axis_names), mesh.size
+  rows = -(-n // shards)
+  if k > rows:
+    raise ConfigError(f"k={k} exceeds the {rows} rows each of the {shards} devices holds; search without a mesh")
+  padded = np.concatenate([keys, np.zeros((rows * shards - n, keys.shape[1]), np.float32)])
+
+  def local(q, block):
+    first = jax.lax.axis_index(axes) * rows
+    scores = q @ block.T
+    scores = jnp.where(first + jnp.arange(rows) < n, scores, -jnp.inf)  # Padding rows never win.
+    values, index = jax.lax.top_k(scores, k)
+    values = jax.lax.all_gather(values, axes, axis=1, tiled=True)
+    index = jax.lax.all_gather(index + first, axes, axis=1, tiled=True)
+    best, where = jax.lax.top_k(values, k)
+    return best, jnp.take_along_axis(index, where, axis=1)
+
+  # Every device merges the same gathered candidates, so the outputs are replicated.
+  search = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(), P(axes)), out_specs=(P(), P()),
+                                 check_vma=False))
+  scores, indices = search(queries, padded)
+  return np.asarray(scores), np.asarray(indices)
+
+
+@dataclasses.dataclass
+class EmbeddingIndex:
+  embeddings: np.ndarray  # [N, D] float32, rows L2-normalised.
+  items: list[str]
+  modality: str
+
+  def __post_init__(self):
+    if self.modality not in MODALITIES:
+      raise ConfigError(f"index modality={self.modality!r}: expected one of {MODALITIES}")
+    if len(self.items) != len(self.embeddings):
+      raise ConfigError(f"{len(self.items)} items for {len(self.embeddings)} embeddings")
+
+  def search(self, queries: np.ndarray, k: int, mesh=None) -> list[list[tuple[float, int, str]]]:
+    """Per query, the k best `(cosine, row, item)`, best first."""
+    scores, indices = top_k(queries, self.embeddings, k, mesh)
+    return [[(float(s), int(i), self.items[i]) for s, i in zip(row_s, row_i)] for row_s, row_i in zip(scores, indices)]
+
+  def save(self, path: str) -> str:
+    os.makedirs(path, exist_ok=True)
+    np.save(os.path.join(path, EMBEDDINGS), np.asarray(self.embeddings, np.float32))
+    with open(os.path.join(path, META), "w", encoding="utf-8") as f:
+      json.dump({"modality": self.modality, "items": list(self.items)}, f)
+    return path
+
+  @classmethod
+  def load(cls, path: str) -> EmbeddingIndex:
+    missing = [n for n in (EMBEDDINGS, META) if not os.path.exists(os.path.join(path, n))]
+    if missing:
+      raise DataError(f"{path} is not an embedding index: missing {missing}")
+    with open(os.path.join(path, META), encoding="utf-8") as f:
+      meta = json.load(f)
+    return cls(np.load(os.path.join(path, EMBEDDINGS)), meta["items"], meta["modality"])
+
+
+class TwoTowerEncoder:
+  """Unit-norm image and text embeddings from a two-tower export, in fixed-size batches."""
+
+  def __init__(self, export_dir: str, batch_size: int = 256):
+    from mmjax.export import MODEL_CONFIG, load
+
+    self.model, self.params, self.tokenizer = load(export_dir)
+    with open(os.path.join(export_dir, MODEL_CONFIG), encoding="utf-8") as f:
+      config = json.load(f)
+    if "kind" in config:
+      raise ConfigError(f"{export_dir} holds a {config['kind']!r} model; an index needs a two-tower export")
+    self.image_size, self.max_len, self.batch_size = config["image_size"], config["text"]["max_len"], batch_size
+    self._image = jax.jit(lambda p, x: self.model.apply({"params": p}, image=x)[0])
+    self._text = jax.jit(lambda p, t: self.model.apply({"params": p}, text=t)[1])
+
+  def images(self, images) -> np.ndarray:
+    """uint8 [H, W, 3] images of any size (resized and centre-cropped) -> [N, D]."""
+    resize = ResizeImage(self.image_size)
+    x = np.stack([resize.map({"image": np.asarray(im)})["image"] for im in images]).astype(np.float32) / 127.5 - 1.0
+    return in_chunks(functools.partial(self._image, self.params), (x,), self.batch_size)
+
+  def texts(self, texts: list[str]) -> np.ndarray:
+    return in_chunks(functools.partial(self._text, self.params), (self.tokenizer.encode(texts, self.max_len),),
+                     self.batch_size)

@@ -1,0 +1,119 @@
+"""Embedding index: exact top-k against NumPy on 1 and 8 devices, save/load, and the retrieve CLI end to end."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from flax import linen as nn
+from PIL import Image
+
+from mmjax import models, parallel
+from mmjax.data import shapes
+from mmjax.data.tokenizer import load_tokenizer
+from mmjax.errors import ConfigError, DataError
+from mmjax.export import write_export
+from mmjax.retrieval import EmbeddingIndex, top_k
+from mmjax.retrieve import build
+from mmjax.tasks.contrastive import model_config_with_vocab
+from tests.helpers import tiny_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _numpy_top_k(queries, keys, k):
+  scores = queries.astype(np.float64) @ keys.astype(np.float64).T
+  order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+  return np.take_along_axis(scores, order, axis=1), order
+
+
+@pytest.mark.parametrize("devices", [1, 8])
+@pytest.mark.parametrize("n, k", [(37, 1), (37, 4), (64, 8)])
+def test_top_k_matches_numpy(devices, n, k):
+  rng = np.random.default_rng(n + k)
+  keys, queries = rng.normal(size=(n, 16)).astype(np.float32), rng.normal(size=(5, 16)).astype(np.float32)
+  mesh = parallel.make_mesh((("data", devices),), devices=jax.devices()[:devices])
+  scores, indices = top_k(queries, keys, k, mesh)
+  want_scores, want_indices = _numpy_top_k(queries, keys, k)
+  np.testing.assert_array_equal(indices, want_indices)
+  np.testing.assert_allclose(scores, want_scores, rtol=1e-5)
+
+
+def test_sharded_top_k_never_returns_padding_rows():
+  """37 rows on 8 devices pad 3 zero rows; with every true score negative, an unmasked pad would win."""
+  rng = np.random.default_rng(1)
+  keys, queries = -rng.uniform(0.1, 1, (37, 4)).astype(np.float32), rng.uniform(0.1, 1, (3, 4)).astype(np.float32)
+  scores, indices = top_k(queries, keys, 5, parallel.make_mesh((("data", 8),), devices=jax.devices()[:8]))
+  np.testing.assert_array_equal(indices, _numpy_top_k(queries, keys, 5)[1])
+  assert (scores < 0).all()
+
+def test_index_saves_loads_and_rejects_bad_input(tmp_path):
+  rng = np.random.default_rng(0)
+  emb = rng.normal(size=(10, 4)).astype(np.float32)
+  emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+  index = EmbeddingIndex(emb, [f"item {i}" for i in range(10)], "text")
+  loaded = EmbeddingIndex.load(index.save(str(tmp_path / "index")))
+  np.testing.assert_array_equal(loaded.embeddings, emb)
+  assert loaded.items == index.items and loaded.modality == "text"
+  hits = loaded.search(emb[3:4], k=2)[0]
+  assert hits[0][1:] == (3, "item 3") and hits[0][0] == pytest.approx(1.0, abs=1e-6)
+  with pytest.raises(ConfigError, match=r"k=11 must be in \[1, 10\]"):
+    loaded.search(emb[:1], k=11)
+  with pytest.raises(ConfigError, match="modality='audio'"):
+    EmbeddingIndex(emb, index.items, "audio")
+  with pytest.raises(DataError, match="not an embedding index"):
+    EmbeddingIndex.load(str(tmp_path))
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tmp_path_factory):
+  """An export of an untrained tiny two-tower model: retrieval needs embeddings, not good ones."""
+  config = tiny_config()
+  tokenizer = load_tokenizer(config.data.tokenizer)
+  model_config = model_config_with_vocab(config.model, tokenizer)
+  model_config["image_size"] = config.data.image_size
+  model = models.build(model_config)
+  size, max_len = config.data.image_size, model_config["text"]["max_len"]
+  params = nn.unbox(model.init(jax.random.key(0), image=np.zeros((1, size, size, 3), np.float32),
+                               text=np.zeros((1, max_len), np.int32))["params"])
+  return write_export(str(tmp_path_factory.mktemp("export") / "export"), model_config, params, tokenizer,
+                      {"test": "untrained"})
+
+
+def test_text_index_finds_each_caption_first(tiny_export, tmp_path):
+  captions = tmp_path / "captions.jsonl"
+  texts = shapes.retrieval_set(0, 32, 12)["captions"]
+  captions.write_text("".join(json.dumps({"image": f"{i}.png", "caption": t}) + "\n" for i, t in enumerate(texts)))
+  index, skipped = build(tiny_export, str(tmp_path / "index"), "text", captions=str(captions))
+  assert skipped == 0 and index.items == texts
+  best = [hits[0][1] for hits in index.search(index.embeddings, k=1)]
+  assert best == list(range(len(texts)))
+
+
+def test_retrieve_cli_builds_an_image_index_and_queries_it(tiny_export, tmp_path):
+  data = shapes.retrieval_set(1, 40, 6)  # Another size than the model's: the encoder resizes.
+  lines = []
+  for i, (image, caption) in enumerate(zip(data["images"], data["captions"])):
+    Image.fromarray(image).save(tmp_path / f"{i}.png")
+    lines.append(json.dumps({"image": f"{i}.png", "caption": caption}))
+  (tmp_path / "broken.png").write_bytes(b"not a png")
+  lines.append(json.dumps({"image": "broken.png", "caption": "a broken file"}))
+  (tmp_path / "captions.jsonl").write_text("\n".join(lines) + "\n")
+
+  def cli(*args):
+    result = subprocess.run([sys.executable, "-m", "mmjax.retrieve", *args, "--export", tiny_export],
+                            capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+  out = cli("build", "--out", str(tmp_path / "index"), "--captions", str(tmp_path / "captions.jsonl"))
+  assert "indexed 6 image rows" in out and "skipped 1 unreadable images" in out
+  out = cli("query", "--index", str(tmp_path / "index"), "--image", str(tmp_path / "2.png"), "--text",
+            data["captions"][0], "--k", "3")
+  lines = out.splitlines()
+  image_hits = lines[lines.index(str(tmp_path / "2.png")) + 1:]
+  assert image_hits[0].split()[0] == "1" and image_hits[0].split()[2].endswith("2.png")  # Itself, first.
+  assert float(image_hits[0].split()[1]) == pytest.approx(1.0, abs=1e-4)
+  assert lines[0] == data["captions"][0] and len(lines) == 2 * (1 + 3)
