@@ -9,6 +9,12 @@ sequences interleave two images with their questions or captions; the evals ask 
 with 0, 4 and 8 solved examples in context. Measured on 2 CPU cores: 14 min 37 s; VQA
 exact match 0.449 (majority answer 0.180; colour 0.41, shape 0.46, count 0.47), 0/4/8-shot
 0.414 / 0.422 / 0.414, captions BLEU-4 0.150, CIDEr 0.66.
+
+Few-shot demonstrations are random by default; RICES picks each query's nearest images by a
+two-tower export's image embeddings (README "Results" compares them):
+
+  python -m mmjax.evaluate --workdir runs/flamingo_shapes --config configs/flamingo_shapes.py \
+      --config.evals.few_shot.selection=rices --config.evals.few_shot.retriever=runs/siglip_shapes_export
 """
 from mmjax.config import base_config, shapes_decoder, shapes_vqa_data
 
@@ -27,5 +33,6 @@ def get_config(arg=None):
   c.total_steps = 1500
   c.checkpoint_every, c.eval_every, c.log_every = 500, 1500, 50
   c.evals = dict(batch_size=64, vqa=dict(n=256, max_new_tokens=4), captioning=dict(n=64, max_new_tokens=20),
-                 few_shot=dict(n=128, shots=(0, 4, 8), max_new_tokens=4, max_len=192))
+                 few_shot=dict(n=128, shots=(0, 4, 8), max_new_tokens=4, max_len=192, selection="random",
+                               retriever="", pool=1024))
   return c

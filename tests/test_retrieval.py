@@ -11,7 +11,7 @@ from flax import linen as nn
 from PIL import Image
 
 from mmjax import models, parallel
-from mmjax.data import shapes
+from mmjax.data import shapes, shapes_vqa
 from mmjax.data.tokenizer import load_tokenizer
 from mmjax.errors import ConfigError, DataError
 from mmjax.export import write_export
@@ -117,3 +117,38 @@ def test_retrieve_cli_builds_an_image_index_and_queries_it(tiny_export, tmp_path
   assert image_hits[0].split()[0] == "1" and image_hits[0].split()[2].endswith("2.png")  # Itself, first.
   assert float(image_hits[0].split()[1]) == pytest.approx(1.0, abs=1e-4)
   assert lines[0] == data["captions"][0] and len(lines) == 2 * (1 + 3)
+
+
+def _unit(x):
+  x = x.reshape(len(x), -1).astype(np.float64)
+  return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_retrieved_demonstrations_are_the_nearest_images_best_last():
+  """With raw pixels as the embedding, each query's demonstrations are its nearest pool images, best last."""
+  select = lambda queries, pool, k: top_k(_unit(queries), _unit(pool), k)[1]
+  episodes = shapes_vqa.retrieved_few_shot_set(select, image_size=16, n=4, shots=3, pool=20)
+  source = shapes_vqa.ShapesVQASource(0, 16, 0.2, 20, caption_fraction=0.0, stream=shapes_vqa._SHOTS)
+  pool = np.stack([source.record(i)["image"] for i in range(20)])
+  for episode in episodes:
+    query, demos = episode[-1], episode[:-1]
+    order = np.argsort(-(_unit(pool) @ _unit(query["image"][None])[0]), kind="stable")[:3]
+    np.testing.assert_array_equal(np.stack([d["image"] for d in demos]), pool[order[::-1]])
+    assert all(d["kind"] != "caption" for d in demos)
+
+
+def test_generative_few_shot_selection_by_config(tiny_export):
+  from ml_collections import ConfigDict
+
+  from mmjax.tasks.generative import GenerativeTask
+  kw = dict(seed=0, image_size=32, held_out_fraction=0.2)
+  few_shot = ConfigDict(dict(n=3, shots=(2,), selection="rices", retriever=tiny_export, pool=16))
+  episodes = GenerativeTask._few_shot_set(few_shot, 2, kw)
+  assert [len(ep) for ep in episodes] == [3, 3, 3]
+  assert [ep[-1]["prompt"] for ep in episodes] == [r["prompt"] for r in shapes_vqa.eval_set(n=3, **kw)]
+  few_shot.retriever = ""
+  with pytest.raises(ConfigError, match="retriever"):
+    GenerativeTask._few_shot_set(few_shot, 2, kw)
+  few_shot.selection = "nearest"
+  with pytest.raises(ConfigError, match="selection='nearest'"):
+    GenerativeTask._few_shot_set(few_shot, 2, kw)

@@ -146,6 +146,18 @@ def few_shot_set(seed: int = 0, image_size: int = 64, n: int = 128, shots: int =
   return [[demos.record(i * shots + j) for j in range(shots)] + [q] for i, q in enumerate(queries)]
 
 
+def retrieved_few_shot_set(select, seed: int = 0, image_size: int = 64, n: int = 128, shots: int = 4,
+                           pool: int = 1024, held_out_fraction: float = 0.2) -> list[list[dict]]:
+  """`few_shot_set` with retrieved demonstrations (RICES): each query of `eval_set` gets the `shots`
+  records of a `pool` of solved questions (the demonstration stream) whose images
+  `select(query_images, pool_images, shots) -> [n, shots] indices, best first` ranks highest,
+  ordered so the best one comes last, next to the query."""
+  source = ShapesVQASource(seed, image_size, held_out_fraction, pool, 0.0, stream=_SHOTS)
+  demos = [source.record(i) for i in range(pool)]
+  queries = eval_set(seed, image_size, n, held_out_fraction)
+  chosen = select(np.stack([q["image"] for q in queries]), np.stack([d["image"] for d in demos]), shots)
+  return [[demos[j] for j in reversed(row)] + [q] for row, q in zip(chosen, queries)]
+
 def corpus(num_texts: int, seed: int = 0) -> list[str]:
   """Prompts with their answers, for tokenizer and language-model training (all combinations)."""
   source = ShapesVQASource(seed=seed, held_out_fraction=0.0, caption_fraction=0.25)

@@ -123,3 +123,14 @@ class TwoTowerEncoder:
   def texts(self, texts: list[str]) -> np.ndarray:
     return in_chunks(functools.partial(self._text, self.params), (self.tokenizer.encode(texts, self.max_len),),
                      self.batch_size)
+
+
+def image_similarity_selector(export_dir: str):
+  """`select(query_images, pool_images, k) -> [Q, k]` pool indices of the k most similar images by the
+  cosine of the export's image embeddings, best first (RICES demonstrations)."""
+  encoder = TwoTowerEncoder(export_dir)
+
+  def select(query_images, pool_images, k):
+    return top_k(encoder.images(query_images), encoder.images(pool_images), k)[1]
+
+  return select

@@ -138,9 +138,23 @@ class GenerativeTask:
       if "captioning" in e:
         self._eval_data["captioning"] = shapes_vqa.eval_set(n=e.captioning.n, caption_fraction=1.0, **kw)
       if "few_shot" in e:
-        self._eval_data["few_shot"] = {k: shapes_vqa.few_shot_set(n=e.few_shot.n, shots=k, **kw)
-                                       for k in e.few_shot.shots}
+        self._eval_data["few_shot"] = {k: self._few_shot_set(e.few_shot, k, kw) for k in e.few_shot.shots}
     return self._eval_data
+
+  @staticmethod
+  def _few_shot_set(few_shot, shots: int, kw: dict) -> list[list[dict]]:
+    """Episodes with random demonstrations, or (`few_shot.selection="rices"`) those whose images are
+    nearest the query's by the two-tower export `few_shot.retriever`, from `few_shot.pool` records."""
+    selection = few_shot.get("selection", "random")
+    if selection == "random" or shots == 0:
+      return shapes_vqa.few_shot_set(n=few_shot.n, shots=shots, **kw)
+    if selection != "rices":
+      raise ConfigError(f"evals.few_shot.selection={selection!r}: expected 'random' or 'rices'")
+    if not few_shot.get("retriever"):
+      raise ConfigError("evals.few_shot.selection='rices' needs evals.few_shot.retriever, a two-tower export")
+    from mmjax.retrieval import image_similarity_selector
+    return shapes_vqa.retrieved_few_shot_set(image_similarity_selector(few_shot.retriever), n=few_shot.n,
+                                             shots=shots, pool=few_shot.get("pool", 1024), **kw)
 
   def answer(self, params, episodes: list[dict], max_new_tokens: int, max_len: int | None = None) -> list[str]:
     """`answer` with evals.batch_size, prompts padded to `max_len` tokens (default: data.max_len)."""
