@@ -12,8 +12,11 @@ so every task, the trainer, checkpoints and generation work unchanged. `config.a
                      whose output is scaled by tanh(gate), gate zero-initialised per head
                      (LLaMA-Adapter's zero-init attention; target only the first block for
                      tokens at the input, every block for per-layer prefixes)
+           "shift"   a vector added to each targeted module's output at every position, zero at
+                     init: the in-context vectors of `mmjax.adapt.icv` (extracted or trained)
   targets  [(regex, size), ...] over parameter paths (lora: rank) or module paths (adapter:
-           bottleneck width; prefix: number of tokens), first match wins, size 0 skips
+           bottleneck width; prefix: number of tokens; shift: any size > 0), first match wins,
+           size 0 skips
   alpha, dropout (lora), act (adapter)
 
 Every method leaves the base model's outputs unchanged at initialisation. Training only the
@@ -35,7 +38,7 @@ from mmjax.adapt import lora
 from mmjax.errors import ConfigError
 from mmjax.models.decoder import apply_rope
 
-METHODS = ("lora", "adapter", "prefix")
+METHODS = ("lora", "adapter", "prefix", "shift")
 BASE, ADAPTER = "base", "adapter"
 _ACTS = {"gelu": nn.gelu, "relu": nn.relu, "silu": nn.silu}
 
@@ -142,6 +145,8 @@ class Adapted:
               "down_bias": box(jnp.zeros((size,)), names=(None,)),
               "up": box(jnp.zeros((size, width)), names=(None, "embed")),
               "up_bias": box(jnp.zeros((width,)), names=("embed",))}
+    if self.method == "shift":
+      return {"vector": box(jnp.zeros((width,)), names=("embed",))}
     heads = getattr(module, "num_heads", None)
     if heads is None or not hasattr(module, "dtype"):
       raise ConfigError(f"adapt.method='prefix' targets attention modules; {path} "
@@ -184,6 +189,8 @@ class Adapted:
       if self.method == "adapter":
         h = act(y.astype(jnp.float32) @ p["down"] + p["down_bias"])
         y = y + (h @ p["up"] + p["up_bias"]).astype(y.dtype)
+      elif self.method == "shift":
+        y = y + p["vector"].astype(y.dtype)
       else:
         y = y + _prefix_attention(context.module, p, a, kw).astype(y.dtype)
       return (y, *extra) if isinstance(out, tuple) else y

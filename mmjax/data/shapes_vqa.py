@@ -138,11 +138,16 @@ def eval_set(seed: int = 0, image_size: int = 64, n: int = 256, held_out_fractio
 
 
 def few_shot_set(seed: int = 0, image_size: int = 64, n: int = 128, shots: int = 4,
-                 held_out_fraction: float = 0.2) -> list[list[dict]]:
+                 held_out_fraction: float = 0.2, train_queries: bool = False) -> list[list[dict]]:
   """`n` question episodes for in-context evaluation: `shots` solved demonstrations (from their
-  own stream) followed by the query record of `eval_set` (so 0 shots is `eval_set`)."""
+  own stream) followed by the query record of `eval_set` (so 0 shots is `eval_set`), or with
+  `train_queries` a question of the training stream (to fit in-context vectors on)."""
   demos = ShapesVQASource(seed, image_size, held_out_fraction, n * max(shots, 1), 0.0, stream=_SHOTS)
-  queries = eval_set(seed, image_size, n, held_out_fraction)
+  if train_queries:
+    source = ShapesVQASource(seed, image_size, held_out_fraction, n, 0.0, stream=_TRAIN)
+    queries = [source.record(i) for i in range(n)]
+  else:
+    queries = eval_set(seed, image_size, n, held_out_fraction)
   return [[demos.record(i * shots + j) for j in range(shots)] + [q] for i, q in enumerate(queries)]
 
 
