@@ -4,8 +4,9 @@
 
 `make train`'s recipe with the ViT replaced by a two-stage Swin: 4 x 4 patches (16 x 16 tokens
 of width 48), attention in 4 x 4 windows, shifted every second block, then patch merging to
-8 x 8 tokens of width 96; average-pooled and projected. CPU; README "Results" has the measured
-time and accuracies.
+8 x 8 tokens of width 96; average-pooled and projected. About 3x the ViT's step time on CPU:
+800 steps took 504 s (CPU shared) and reached zero-shot 0.439 seen / 0.390 held-out, i2t R@1
+0.443; README "Results".
 """
 from configs import siglip_shapes
 from mmjax.config import swin_tower
