@@ -1,4 +1,9 @@
-"""Small configs shared by the tests: tiny towers that compile and train in seconds."""
+"""Small configs shared by the tests (tiny towers that compile and train in seconds), and float64 NumPy
+references of the layers many models share, with random parameters to run them on."""
+import flax
+import jax
+import numpy as np
+
 from mmjax.config import tower
 from configs import siglip_shapes
 
@@ -19,3 +24,40 @@ def tiny_config(**overrides):
                  binding=dict(n=64))
   c.update(overrides)
   return c
+
+
+def random_params(model, *args, seed=0, scale=0.3):
+  """float32 parameters of `model.init(*args)`'s shapes, every one drawn N(0, scale²): no bias or norm
+  is left at its initial 0 or 1, so a reference that skips one fails."""
+  shapes = flax.linen.meta.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0), *args)["params"])
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda s: (scale * rng.normal(size=s.shape)).astype(np.float32), shapes)
+
+
+def np_layer_norm(p, x, eps=1e-6):
+  x = x - x.mean(-1, keepdims=True)
+  return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * p["scale"] + p["bias"]
+
+
+def np_attention(p, xq, xkv):
+  """Multi-head attention with flax's `query/key/value/out` einsum parameters."""
+  q, k, v = (np.einsum("bld,dhk->blhk", x, p[n]["kernel"]) + p[n]["bias"]
+             for n, x in (("query", xq), ("key", xkv), ("value", xkv)))
+  logits = np.einsum("bqhk,bshk->bhqs", q, k) / np.sqrt(q.shape[-1])
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  return np.einsum("bqhk,hkd->bqd", np.einsum("bhqs,bshk->bqhk", probs, v), p["out"]["kernel"]) + p["out"]["bias"]
+
+
+def np_mlp(p, x):
+  """`MlpBlock` with the tanh GELU."""
+  h = x @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"]
+  h = 0.5 * h * (1 + np.tanh(np.sqrt(2 / np.pi) * (h + 0.044715 * h ** 3)))
+  return h @ p["Dense_1"]["kernel"] + p["Dense_1"]["bias"]
+
+
+def np_cross_block(p, queries, inputs):
+  """`CrossAttentionBlock`: pre-LN cross-attention, then the MLP, each with a residual."""
+  y = queries + np_attention(p["attention"], np_layer_norm(p["query_norm"], queries),
+                             np_layer_norm(p["input_norm"], inputs))
+  return y + np_mlp(p["mlp"], np_layer_norm(p["mlp_norm"], y))

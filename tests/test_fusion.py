@@ -5,7 +5,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import linen as nn
 
 from mmjax import train as train_lib
 from mmjax.config import load
@@ -13,7 +12,7 @@ from mmjax.data import shapes_vqa
 from mmjax.models.fusion import FUSIONS, FusionClassifier
 from mmjax.models.text import TextTransformer
 from mmjax.models.vit import ViT
-from tests.test_perceiver import _cross, _randomised
+from tests.helpers import np_cross_block, random_params
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGE = dict(width=16, depth=1, mlp_dim=32, num_heads=2, patch_size=8, pool="map")
@@ -32,8 +31,7 @@ def _model(fusion):
 
 
 def _params(model):
-  image, text = _inputs(0)
-  return _randomised(nn.unbox(model.init(jax.random.key(0), image, text)["params"]))
+  return random_params(model, *_inputs(0))
 
 
 def _dense(p, x):
@@ -59,7 +57,7 @@ def test_fusion_matches_numpy_on_the_towers_outputs(fusion):
   else:
     tokens, image_tokens = (np.asarray(a["encoded"], np.float64) for a in (txt_aux, img_aux))
     for i in range(2):
-      tokens = _cross(p[f"fusion_{i}"], tokens, image_tokens)
+      tokens = np_cross_block(p[f"fusion_{i}"], tokens, image_tokens)
     want = _dense(p["classifier"], tokens[:, -1])
   assert got.shape == (3, CLASSES)
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)

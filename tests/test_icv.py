@@ -12,16 +12,15 @@ from mmjax.data import shapes_vqa
 from mmjax.data.tokenizer import load_tokenizer
 from mmjax.models.decoder import build_decoder
 from mmjax.tasks.generative import make_sequence
+from tests.helpers import random_params
 
 
 @pytest.fixture(scope="module")
 def lm():
   tokenizer = load_tokenizer("shapes_vlm")
   model = build_decoder(shapes_decoder(vocab_size=tokenizer.vocab_size, width=32, depth=2, num_heads=2, mlp_dim=64))
-  params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
-  # Redrawn larger than the init (std 0.02), so the logits have a range a shift can move.
-  rng = np.random.default_rng(0)
-  params = jax.tree.map(lambda x: jnp.asarray(0.3 * rng.normal(size=x.shape), x.dtype), params)
+  # Larger than the init (std 0.02), so the logits have a range a shift can move.
+  params = random_params(model, jnp.zeros((1, 8), jnp.int32))
   return model, params, make_sequence(model, tokenizer, 160, loss_on="answer")
 
 

@@ -7,7 +7,6 @@ one matters; references are built from them independently (numpy, or the bare Vi
 import functools
 import math
 
-import flax
 import jax
 import numpy as np
 import optax
@@ -20,6 +19,7 @@ from mmjax.generate import generate
 from mmjax.models.llava import build_llava, expand_image_tokens
 from mmjax.models.qformer import QFormer, build_blip2
 from mmjax.optim import make
+from tests.helpers import np_attention, np_layer_norm, random_params
 
 RTOL = 1e-5
 VOCAB, IMG, PAD = 61, 60, 1
@@ -44,12 +44,6 @@ def blip2_config(**overrides):
 def rel_err(a, b):
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
   return np.abs(a - b).max() / np.abs(b).max()
-
-
-def random_params(model, *args, seed=0, scale=0.3):
-  shapes = flax.linen.meta.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0), *args)["params"])
-  rng = np.random.default_rng(seed)
-  return jax.tree.map(lambda s: (scale * rng.normal(size=s.shape)).astype(np.float32), shapes)
 
 
 @functools.lru_cache(maxsize=None)
@@ -159,20 +153,6 @@ def test_llava_image_features(vision_layer, class_token, pool, key, first, proje
     gelu_tanh = 0.5 * h * (1 + np.tanh(math.sqrt(2 / math.pi) * (h + 0.044715 * h ** 3)))
     tanh = dense(params["projector"]["linear_2"], gelu_tanh)
     assert rel_err(features, tanh.reshape(ref.shape)) > 2 * RTOL, "the test must tell the exact GELU from tanh's"
-
-
-def np_layer_norm(p, x, eps=1e-6):
-  x = x - x.mean(-1, keepdims=True)
-  return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * p["scale"] + p["bias"]
-
-
-def np_attention(p, xq, xkv):
-  q, k, v = (np.einsum("bld,dhk->blhk", x, p[n]["kernel"]) + p[n]["bias"]
-             for n, x in (("query", xq), ("key", xkv), ("value", xkv)))
-  logits = np.einsum("bqhk,bshk->bhqs", q, k) / math.sqrt(q.shape[-1])
-  probs = np.exp(logits - logits.max(-1, keepdims=True))
-  probs /= probs.sum(-1, keepdims=True)
-  return np.einsum("bqhk,hkd->bqd", np.einsum("bhqs,bshk->bqhk", probs, v), p["out"]["kernel"]) + p["out"]["bias"]
 
 
 def np_qformer(p, image, depth, cross_attention_every):

@@ -6,54 +6,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import linen as nn
 
 from mmjax import train as train_lib
 from mmjax.config import load
 from mmjax.models.perceiver import PerceiverIO, fourier_position_features
 from mmjax.models.vit import Encoder1DBlock
+from tests.helpers import np_attention, np_cross_block, np_layer_norm, np_mlp, random_params
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WIDTH, HEADS, CROSS_HEADS, MLP, LATENTS = 16, 4, 2, 24, 6
 
 
-def _randomised(params, seed=0):
-  """Every parameter redrawn, so biases and norms are not their (zero / one) initial values."""
-  rng = np.random.default_rng(seed)
-  return jax.tree.map(lambda x: jnp.asarray(0.3 * rng.normal(size=x.shape), x.dtype), params)
-
-
-def _layer_norm(p, x, eps=1e-6):
-  mu = x.mean(-1, keepdims=True)
-  var = ((x - mu) ** 2).mean(-1, keepdims=True)
-  return (x - mu) / np.sqrt(var + eps) * p["scale"] + p["bias"]
-
-
-def _attention(p, xq, xkv):
-  q, k, v = (np.einsum("bld,dhk->blhk", x, p[n]["kernel"]) + p[n]["bias"]
-             for n, x in (("query", xq), ("key", xkv), ("value", xkv)))
-  scores = np.einsum("bqhk,bvhk->bhqv", q, k) / np.sqrt(q.shape[-1])
-  weights = np.exp(scores - scores.max(-1, keepdims=True))
-  weights /= weights.sum(-1, keepdims=True)
-  out = np.einsum("bhqv,bvhk->bqhk", weights, v)
-  return np.einsum("bqhk,hkd->bqd", out, p["out"]["kernel"]) + p["out"]["bias"]
-
-
-def _mlp(p, x):
-  h = x @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"]
-  h = 0.5 * h * (1 + np.tanh(np.sqrt(2 / np.pi) * (h + 0.044715 * h ** 3)))
-  return h @ p["Dense_1"]["kernel"] + p["Dense_1"]["bias"]
-
-
-def _cross(p, queries, inputs):
-  y = queries + _attention(p["attention"], _layer_norm(p["query_norm"], queries), _layer_norm(p["input_norm"], inputs))
-  return y + _mlp(p["mlp"], _layer_norm(p["mlp_norm"], y))
-
-
 def _self(p, z):
-  h = _layer_norm(p["LayerNorm_0"], z)
-  y = z + _attention(p["MultiHeadDotProductAttention_0"], h, h)
-  return y + _mlp(p["MlpBlock_0"], _layer_norm(p["LayerNorm_1"], y))
+  h = np_layer_norm(p["LayerNorm_0"], z)
+  y = z + np_attention(p["MultiHeadDotProductAttention_0"], h, h)
+  return y + np_mlp(p["MlpBlock_0"], np_layer_norm(p["LayerNorm_1"], y))
 
 
 def reference(p, inputs, iterations, depth, share, queries=None):
@@ -62,12 +29,12 @@ def reference(p, inputs, iterations, depth, share, queries=None):
   z = np.broadcast_to(p["latents"], (len(inputs), *p["latents"].shape))
   for i in range(iterations):
     tag = "0" if i == 0 else "shared" if share else str(i)
-    z = _cross(p[f"cross_{tag}"], z, x)
+    z = np_cross_block(p[f"cross_{tag}"], z, x)
     for j in range(depth):
       z = _self(p[f"self_{tag}_{j}"], z)
   if queries is None:
     queries = np.broadcast_to(p["output_queries"], (len(inputs), *p["output_queries"].shape))
-  y = _layer_norm(p["final_norm"], _cross(p["decoder"], queries, z))
+  y = np_layer_norm(p["final_norm"], np_cross_block(p["decoder"], queries, z))
   return y @ p["output_proj"]["kernel"] + p["output_proj"]["bias"]
 
 
@@ -81,7 +48,7 @@ def _model(iterations=3, depth=2, share=True, outputs=3):
 def test_perceiver_io_matches_the_numpy_forward(share):
   model = _model(share=share)
   inputs = np.random.default_rng(0).normal(size=(2, 11, 7))
-  params = _randomised(nn.unbox(model.init(jax.random.key(0), jnp.asarray(inputs, jnp.float32))["params"]))
+  params = random_params(model, jnp.asarray(inputs, jnp.float32))
   got = model.apply({"params": params}, jnp.asarray(inputs, jnp.float32))
   want = reference(jax.tree.map(lambda a: np.asarray(a, np.float64), params), inputs, 3, 2, share)
   assert got.shape == (2, 3, 5)
@@ -95,7 +62,7 @@ def test_perceiver_io_decodes_given_output_queries():
   model = _model(iterations=1, depth=1)
   rng = np.random.default_rng(1)
   inputs, queries = rng.normal(size=(2, 9, 7)), rng.normal(size=(2, 4, WIDTH))
-  params = _randomised(nn.unbox(model.init(jax.random.key(0), jnp.asarray(inputs, jnp.float32))["params"]), seed=1)
+  params = random_params(model, jnp.asarray(inputs, jnp.float32), seed=1)
   got = model.apply({"params": params}, jnp.asarray(inputs, jnp.float32), jnp.asarray(queries, jnp.float32))
   want = reference(jax.tree.map(lambda a: np.asarray(a, np.float64), params), inputs, 1, 1, True, queries)
   assert got.shape == (2, 4, 5)

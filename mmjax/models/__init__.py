@@ -7,7 +7,7 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 
 from mmjax.errors import ConfigError
-from mmjax.models.swin import Swin
+from mmjax.models.swin import Swin, swin_output_width
 from mmjax.models.text import TextTransformer
 from mmjax.models.two_tower import TwoTower
 from mmjax.models.vit import ViT, decode_variant
@@ -25,21 +25,22 @@ def resolve_tower(model_config: Mapping[str, Any], side: str) -> dict[str, Any]:
     raise ConfigError(f"{prefix} is required")
   tower = model_config[side]
   if tower.get("arch", "vit") == "swin":
-    return _resolve_swin(model_config, tower, prefix)
-  kw = decode_variant(tower.get("variant"))
-  kw.update({k: v for k, v in tower.items() if k not in ("variant", "arch") and v is not None})
-  missing = [k for k in _TOWER_SHAPE_KEYS if k not in kw]
-  if missing:
-    raise ConfigError(f"{prefix}: set `variant` or all of {list(_TOWER_SHAPE_KEYS)}; "
-                      f"missing {[f'{prefix}.{k}' for k in missing]}")
+    kw = _swin_keys(tower, prefix)
+  else:
+    kw = decode_variant(tower.get("variant"))
+    kw.update({k: v for k, v in tower.items() if k not in ("variant", "arch") and v is not None})
+    missing = [k for k in _TOWER_SHAPE_KEYS if k not in kw]
+    if missing:
+      raise ConfigError(f"{prefix}: set `variant` or all of {list(_TOWER_SHAPE_KEYS)}; "
+                        f"missing {[f'{prefix}.{k}' for k in missing]}")
   for k, default in _SHARED_DEFAULTS.items():
     kw.setdefault(k, model_config.get(k, default))
   kw["norm_eps"] = float(kw["norm_eps"])
   return kw
 
 
-def _resolve_swin(model_config, tower, prefix: str) -> dict[str, Any]:
-  """A Swin tower (`arch="swin"`): its own keys only, each one a field of `Swin`."""
+def _swin_keys(tower, prefix: str) -> dict[str, Any]:
+  """A Swin tower's keys (`arch="swin"`), each one a field of `Swin`."""
   fields = {f.name for f in dataclasses.fields(Swin)} - {"parent", "name"}
   kw = {k: v for k, v in tower.items() if k != "arch" and v is not None}
   unknown = sorted(set(kw) - fields)
@@ -47,17 +48,13 @@ def _resolve_swin(model_config, tower, prefix: str) -> dict[str, Any]:
   if unknown or missing:
     raise ConfigError(f"{prefix} (arch='swin'): unknown keys {[f'{prefix}.{k}' for k in unknown]}, missing "
                       f"{[f'{prefix}.{k}' for k in missing]}; Swin takes {sorted(fields)}")
-  kw["arch"] = "swin"
-  for k, default in _SHARED_DEFAULTS.items():
-    kw.setdefault(k, model_config.get(k, default))
-  kw["norm_eps"] = float(kw["norm_eps"])
-  return kw
+  return {**kw, "arch": "swin"}
 
 
 def tower_width(kw: Mapping[str, Any]) -> int:
   """The width of a resolved tower's features: a Swin's last stage doubles its width per merge."""
   if kw.get("arch") == "swin":
-    return kw["width"] * 2 ** (len(kw["depths"]) - 1)
+    return swin_output_width(kw["width"], kw["depths"])
   return kw["width"]
 
 

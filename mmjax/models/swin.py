@@ -26,6 +26,11 @@ from mmjax.models.vit import MlpBlock, MultiHeadDotProductAttention, PatchEmbed,
 _MASKED = -100.0
 
 
+def swin_output_width(width: int, depths) -> int:
+  """The width of a Swin's output tokens: each merge doubles the first stage's `width`."""
+  return width * 2 ** (len(depths) - 1)
+
+
 def window_partition(x, window: int):
   """[batch, H, W, C] -> [batch * windows, window², C], windows in row-major order within each image."""
   b, h, w, c = x.shape
@@ -133,8 +138,7 @@ class Swin(nn.Module):
 
   @property
   def features_width(self) -> int:
-    """The width of the output tokens: each merge doubles the first stage's."""
-    return self.width * 2 ** (len(self.depths) - 1)
+    return swin_output_width(self.width, self.depths)
 
   def num_tokens(self, image_size: int) -> int:
     """Output tokens of a square image: patches padded to whole, halved (rounding up) per merge."""

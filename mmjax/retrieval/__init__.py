@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import os
 
@@ -42,11 +43,19 @@ def top_k(queries: np.ndarray, keys: np.ndarray, k: int, mesh=None) -> tuple[np.
   if mesh is None or mesh.size == 1:
     scores, indices = _top_k(queries, jnp.asarray(keys), k)
     return np.asarray(scores), np.asarray(indices)
-  axes, shards = tuple(mesh.axis_names), mesh.size
+  shards = mesh.size
   rows = -(-n // shards)
   if k > rows:
     raise ConfigError(f"k={k} exceeds the {rows} rows each of the {shards} devices holds; search without a mesh")
   padded = np.concatenate([keys, np.zeros((rows * shards - n, keys.shape[1]), np.float32)])
+  scores, indices = _sharded_search(mesh, rows, n, k)(queries, padded)
+  return np.asarray(scores), np.asarray(indices)
+
+
+@functools.lru_cache(maxsize=None)
+def _sharded_search(mesh, rows: int, n: int, k: int):
+  """The jitted search over `rows` keys per device of `n` real ones; built once per shape."""
+  axes = tuple(mesh.axis_names)
 
   def local(q, block):
     first = jax.lax.axis_index(axes) * rows
@@ -59,10 +68,7 @@ def top_k(queries: np.ndarray, keys: np.ndarray, k: int, mesh=None) -> tuple[np.
     return best, jnp.take_along_axis(index, where, axis=1)
 
   # Every device merges the same gathered candidates, so the outputs are replicated.
-  search = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(), P(axes)), out_specs=(P(), P()),
-                                 check_vma=False))
-  scores, indices = search(queries, padded)
-  return np.asarray(scores), np.asarray(indices)
+  return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(), P(axes)), out_specs=(P(), P()), check_vma=False))
 
 
 @dataclasses.dataclass
@@ -129,8 +135,15 @@ def image_similarity_selector(export_dir: str):
   """`select(query_images, pool_images, k) -> [Q, k]` pool indices of the k most similar images by the
   cosine of the export's image embeddings, best first (RICES demonstrations)."""
   encoder = TwoTowerEncoder(export_dir)
+  embedded = {}  # Callers reuse one pool and one query set across shot counts: embed each once.
+
+  def embed(images):
+    key = hashlib.sha1(np.ascontiguousarray(images).tobytes()).hexdigest()
+    if key not in embedded:
+      embedded[key] = encoder.images(images)
+    return embedded[key]
 
   def select(query_images, pool_images, k):
-    return top_k(encoder.images(query_images), encoder.images(pool_images), k)[1]
+    return top_k(embed(query_images), embed(pool_images), k)[1]
 
   return select
