@@ -13,7 +13,7 @@ and LoRA (rank 8) on the LM's attention and MLP, the projector trained (LLaVA-1.
 0.488 (majority answer 0.180, text-only LM 0.332; colour 0.46, shape 0.42, count 0.59,
 relation 0.50), captions BLEU-4 0.226, CIDEr 1.41.
 """
-from mmjax.config import base_config, shapes_decoder, shapes_vqa_data
+from mmjax.config import base_config, shapes_decoder, shapes_vqa_data, vision_layer
 
 
 def get_config(arg=None):
@@ -23,7 +23,7 @@ def get_config(arg=None):
   c.task = "generative"
   c.model = dict(kind="llava", vision=dict(width=96, depth=2, mlp_dim=192, num_heads=4, patch_size=8,
                                            posemb="learn"),
-                 lm=shapes_decoder(), projector="mlp2x_gelu", vision_layer=-1, image_size=32)
+                 lm=shapes_decoder(), projector="mlp2x_gelu", vision_layer=vision_layer(-1), image_size=32)
   c.data = shapes_vqa_data(max_len=56)  # 16 image tokens and up to 33 of text.
   c.init_from = (("lm", "runs/lm_shapes"),)
   if arg == "stage1":

@@ -12,7 +12,7 @@ projector and the LM. The pipeline only reads the synthetic `shapes_vqa` source 
 instruction data (LLaVA-Instruct) needs a source of image / prompt / answer records. Not run
 here; a test builds and lowers it.
 """
-from mmjax.config import base_config, shapes_vqa_data
+from mmjax.config import base_config, shapes_vqa_data, vision_layer
 
 
 def get_config(arg=None):
@@ -24,7 +24,7 @@ def get_config(arg=None):
                  lm=dict(vocab_size=32000, width=4096, depth=32, num_heads=32, num_kv_heads=32, mlp_dim=11008,
                          max_len=4096, positions="rope", rope_theta=10000.0, norm="rmsnorm", norm_eps=1e-5,
                          mlp="gated", act="silu"),
-                 projector="mlp2x_gelu", vision_layer=-2, vision_class_token=False, image_size=336,
+                 projector="mlp2x_gelu", vision_layer=vision_layer(-2), vision_class_token=False, image_size=336,
                  dtype="bfloat16")
   c.data = shapes_vqa_data(image_size=336, batch_size=128, max_len=640, worker_count=16)  # 576 image tokens.
   c.mesh = (("data", 1), ("fsdp", -1), ("tensor", 1))

@@ -10,6 +10,7 @@ import os
 import sys
 
 import ml_collections
+from ml_collections import config_dict
 
 from mmjax.errors import ConfigError
 
@@ -26,6 +27,12 @@ def swin_tower(**overrides) -> dict:
   """A Swin image tower (`mmjax.models.swin.Swin`): `depths` and `num_heads` per stage, `width` of the first."""
   return dict(arch="swin", width=None, depths=None, num_heads=None, window_size=7, patch_size=4, mlp_ratio=4.0,
               pool="gap", head="dense", act="gelu") | overrides
+
+
+def vision_layer(index: int = -1) -> config_dict.FieldReference:
+  """`config.model.vision_layer` of LLaVA: the ViT layer whose tokens it projects, or "encoded" (a
+  Swin tower's output); typed so `--config.model.vision_layer=encoded` overrides an index."""
+  return config_dict.FieldReference(index, field_type=object)
 
 
 def shapes_decoder(**overrides) -> dict:

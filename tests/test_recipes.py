@@ -2,6 +2,8 @@
 import glob
 import importlib.util
 import os
+import subprocess
+import sys
 
 import jax
 import pytest
@@ -45,3 +47,13 @@ def test_recipe_lowers(path, arg):
   if mesh.shape.get("fsdp", 1) > 1:  # FSDP recipes split every large matrix over `fsdp`.
     largest = max(jax.tree.leaves(abstract["params"]), key=lambda x: x.size)
     assert "fsdp" in str(largest.sharding.spec)
+
+
+def test_llava_vision_layer_takes_an_index_or_encoded_from_the_command_line():
+  script = ("from absl import app; from ml_collections import config_flags; "
+            "c = config_flags.DEFINE_config_file('config'); "
+            "app.run(lambda _: print(repr(c.value.model.vision_layer)))")
+  for value, want in (("encoded", "'encoded'"), ("-3", "-3")):
+    out = subprocess.run([sys.executable, "-c", script, "--config", os.path.join(REPO, "configs", "llava_shapes.py"),
+                          f"--config.model.vision_layer={value}"], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == want, out.stderr[-1000:]
