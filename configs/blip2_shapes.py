@@ -5,9 +5,10 @@
 
 A ViT (32 px, patch 8), a Q-Former whose 8 learned queries cross-attend to the image tokens,
 and a linear projection of the queries into the frozen decoder of `lm_shapes.py` (`init_from`);
-loss on answer tokens only. Measured on 2 CPU cores: 7 min 4 s; VQA exact match 0.352
-(majority answer 0.180), barely above the text-only LM's 0.332: through a frozen 2-layer LM
-the 8 query tokens carry little (colour 0.20, shape 0.21); captions BLEU-4 0.190, CIDEr 1.02.
+loss on answer tokens only. Measured on 2 CPU cores (2026-12-01): 3 min 43 s; VQA exact match
+0.648 (majority answer 0.180, text-only LM 0.328; colour 0.79, shape 0.30, count 0.93, relation
+0.50), captions BLEU-4 0.235, CIDEr 2.00. Frozen in front of an LM trained on bare questions
+only, the 8 query tokens did not move its answers: 0.328, against that LM's own 0.332.
 """
 from mmjax.config import base_config, shapes_decoder, shapes_vqa_data
 

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 
 
-def _fmt_duration(seconds: float) -> str:
+def fmt_duration(seconds: float) -> str:
   seconds = int(max(seconds, 0))
   h, rem = divmod(seconds, 3600)
   m, s = divmod(rem, 60)
@@ -60,5 +60,5 @@ class Progress:
     if self.enabled:
       eta = (self.total - step) / max(steps_per_s, 1e-9)
       print(f"step {step}/{self.total} | loss {loss:.4f} | {rate['samples_per_s']:.1f} samples/s"
-            f" | ETA {_fmt_duration(eta)}", flush=True)
+            f" | ETA {fmt_duration(eta)}", flush=True)
     return rate

@@ -1,5 +1,7 @@
 """Small configs shared by the tests (tiny towers that compile and train in seconds), and float64 NumPy
 references of the layers many models share, with random parameters to run them on."""
+import importlib
+
 import flax
 import jax
 import numpy as np
@@ -23,6 +25,22 @@ def tiny_config(**overrides):
   c.evals.update(batch_size=64, zeroshot=dict(templates="shapes", per_class=2), retrieval=dict(n=64),
                  binding=dict(n=64))
   c.update(overrides)
+  return c
+
+
+def tiny_generative_recipe(name, arg=None, **overrides):
+  """`configs/<name>.py[:arg]` cut to 4 steps of 16 sequences with 16-question evals; `overrides` maps
+  dotted config keys ("model.lm.width") to values."""
+  c = importlib.import_module(f"configs.{name}").get_config(arg)
+  c.total_steps, c.optim.warmup_steps, c.log_every, c.eval_every, c.checkpoint_every = 4, 1, 2, 4, 4
+  c.data.batch_size, c.evals.batch_size = 16, 16
+  c.evals.vqa.n = 16
+  for key, value in overrides.items():
+    target = c
+    *path, last = key.split(".")
+    for part in path:
+      target = target[part]
+    target[last] = value
   return c
 
 

@@ -1,5 +1,4 @@
 """Generative training end to end: a text-only LM, then LLaVA starting its `lm` from that run."""
-import importlib.util
 import os
 
 import jax
@@ -13,26 +12,10 @@ from mmjax.data import shapes_vqa
 from mmjax.evals import vqa
 from mmjax.tasks import generative
 from mmjax.errors import ConfigError
+from tests.helpers import tiny_generative_recipe
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_LM = dict(width=32, depth=1, num_heads=2, mlp_dim=64)
-
-
-def _recipe(name, **overrides):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "configs", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config()
-  c.total_steps, c.optim.warmup_steps, c.log_every, c.eval_every, c.checkpoint_every = 4, 1, 2, 4, 4
-  c.data.batch_size, c.evals.batch_size = 16, 16
-  c.evals.vqa.n = 16
-  for key, value in overrides.items():
-    target = c
-    *path, last = key.split(".")
-    for part in path:
-      target = target[part]
-    target[last] = value
-  return c
 
 
 def test_next_token_loss_matches_numpy():
@@ -49,14 +32,14 @@ def test_next_token_loss_matches_numpy():
 @pytest.fixture(scope="module")
 def lm_run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("lm"))
-  config = _recipe("lm_shapes", **{f"model.{k}": v for k, v in TINY_LM.items()})
+  config = tiny_generative_recipe("lm_shapes", **{f"model.{k}": v for k, v in TINY_LM.items()})
   return workdir, train_lib.train(config, workdir)
 
 
 def test_lm_trains_and_reports_vqa_against_the_majority_baseline(lm_run):
   _, summary = lm_run
   assert 0.0 <= summary["vqa/accuracy"] <= 1.0 and 0.0 < summary["vqa/majority_baseline"] < 1.0
-  assert {"vqa/count", "vqa/colour", "vqa/shape"} <= set(summary)
+  assert {"vqa/count", "vqa/colour", "vqa/shape", "described_vqa/accuracy", "described_vqa/colour"} <= set(summary)
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +50,7 @@ def llava_run(lm_run, tmp_path_factory):
   overrides.update({"model.vision.width": 32, "model.vision.depth": 1, "model.vision.mlp_dim": 64,
                     "model.vision.num_heads": 2, "evals.captioning.n": 16, "init_from": (("lm", lm_dir),),
                     "optim.frozen": (r"^lm/",)})
-  config = _recipe("llava_shapes", **overrides)
+  config = tiny_generative_recipe("llava_shapes", **overrides)
   return workdir, config, train_lib.train(config, workdir)
 
 

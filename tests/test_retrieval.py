@@ -15,10 +15,10 @@ from mmjax.data import shapes, shapes_vqa
 from mmjax.data.tokenizer import load_tokenizer
 from mmjax.errors import ConfigError, DataError
 from mmjax.export import write_export
-from mmjax.retrieval import EmbeddingIndex, top_k
+from mmjax.retrieval import EmbeddingIndex, rag, top_k
 from mmjax.retrieve import build
 from mmjax.tasks.contrastive import model_config_with_vocab
-from tests.helpers import tiny_config
+from tests.helpers import tiny_config, tiny_generative_recipe
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -152,3 +152,78 @@ def test_generative_few_shot_selection_by_config(tiny_export):
   few_shot.selection = "nearest"
   with pytest.raises(ConfigError, match="selection='nearest'"):
     GenerativeTask._few_shot_set(few_shot, 2, kw)
+
+
+def test_retrieval_augmented_source_puts_each_records_captions_before_its_prompt():
+  contexts = [[f"a red circle {i}", f"a blue star {i}"] for i in range(6)]
+  source = shapes_vqa.RetrievalAugmentedSource(contexts, image_size=16, media_per_record=2)
+  plain = shapes_vqa.ShapesVQASource(0, 16, 0.2, 3, media_per_record=2)
+  assert len(source) == 3
+  for i in range(3):
+    got, want = source[i], plain[i]
+    np.testing.assert_array_equal(got["image"], want["image"])
+    assert got["answers"] == want["answers"]
+    assert got["prompts"] == [f"caption: a red circle {j} caption: a blue star {j} {p}"
+                              for j, p in zip((2 * i, 2 * i + 1), want["prompts"])]
+
+
+def test_caption_pool_is_distinct_and_never_names_a_held_out_combination():
+  pool = shapes_vqa.caption_pool(seed=0, n=512)
+  assert len(pool) == len(set(pool)) > 300
+  seen = set(shapes._seen_combos(0, 0.2))
+  held_out = [shapes.class_name(c, s) for c in range(len(shapes.COLOUR_NAMES)) for s in range(len(shapes.SHAPES))
+              if (c, s) not in seen]
+  assert held_out and not any(name in caption for caption in pool for name in held_out)
+
+
+@pytest.fixture(scope="module")
+def rag_retriever(tiny_export):
+  return rag.CaptionRetriever(tiny_export, shapes_vqa.caption_pool(n=40))
+
+
+def test_caption_retriever_returns_the_captions_nearest_each_image(rag_retriever):
+  images = np.stack([r["image"] for r in shapes_vqa.eval_set(image_size=32, n=5)])
+  got = rag_retriever(images, 3)
+  image_emb = rag_retriever.encoder.images(images).astype(np.float64)
+  text_emb = rag_retriever.encoder.texts(rag_retriever.index.items).astype(np.float64)
+  _, want = _numpy_top_k(_unit(image_emb), _unit(text_emb), 3)
+  assert got == [[rag_retriever.index.items[j] for j in row] for row in want]
+
+
+def test_random_caption_selection_is_seeded_and_distinct(tiny_export):
+  pool = shapes_vqa.caption_pool(n=40)
+  images = np.zeros((4, 32, 32, 3), np.uint8)
+  first, again = (rag.CaptionRetriever(tiny_export, pool, "random", seed=3)(images, 5) for _ in range(2))
+  assert first == again and all(len(set(row)) == 5 and set(row) <= set(pool) for row in first)
+  assert len({tuple(row) for row in first}) > 1  # Drawn per image, not once.
+  with pytest.raises(ConfigError, match="selection='nearest'"):
+    rag.CaptionRetriever(tiny_export, pool, "nearest")
+  with pytest.raises(ConfigError, match="duplicates"):
+    rag.CaptionRetriever(tiny_export, pool + pool[:1])
+
+
+def test_rag_recipe_trains_on_retrieved_prompts_and_evaluates_with_them(tiny_export, rag_retriever, tmp_path):
+  from mmjax import train as train_lib
+  from mmjax.data import pipeline
+  from mmjax.tasks.generative import GenerativeTask
+  tiny = dict(width=32, depth=1, num_heads=2, mlp_dim=64)
+  overrides = {f"model.{part}.{k}": v for part in ("lm", "vision") for k, v in tiny.items()}
+  overrides.update({"init_from": (), "evals.captioning.n": 16, "data.rag.retriever": tiny_export,
+                    "data.rag.records": 40, "data.rag.pool": 40})
+  config = tiny_generative_recipe("llava_shapes", "rag", **overrides)
+  source = pipeline.make_source(config.data)
+  plain = shapes_vqa.ShapesVQASource(image_size=32, num_records=40)
+  want = rag_retriever(np.stack([plain.record(i)["image"] for i in range(40)]), 2)
+  assert len(source) == 40
+  assert [source[i]["prompts"][0] for i in range(40)] == [
+      f"caption: {a} caption: {b} {plain.record(i)['prompt']}" for i, (a, b) in enumerate(want)]
+  summary = train_lib.train(config, str(tmp_path))
+  assert {"vqa/accuracy", "captioning/cider"} <= set(summary)
+  task = GenerativeTask(config, parallel.make_mesh(config.mesh))
+  plain = shapes_vqa.eval_set(image_size=32, n=16)
+  want = rag_retriever(np.stack([r["image"] for r in plain]), 2)
+  assert [r["prompt"] for r in task._eval_sets()["vqa"]] == [
+      f"caption: {a} caption: {b} {r['prompt']}" for r, (a, b) in zip(plain, want)]
+  config.data.rag.retriever = ""
+  with pytest.raises(ConfigError, match="data.rag.retriever"):
+    pipeline.make_source(config.data)

@@ -66,6 +66,34 @@ def test_eval_and_few_shot_sets_come_from_their_own_streams():
   assert all(d["kind"] != shapes_vqa.CAPTION for e in episodes for d in e)
 
 
+def test_described_questions_follow_their_own_scenes_caption():
+  plain = shapes_vqa.ShapesVQASource(image_size=16, caption_fraction=0.25)
+  described = shapes_vqa.ShapesVQASource(image_size=16, caption_fraction=0.25, described_fraction=1.0)
+  checked = collections.Counter()
+  for i in range(200):
+    want, got = plain.record(i), described.record(i)
+    np.testing.assert_array_equal(got["image"], want["image"])
+    assert (got["answer"], got["kind"]) == (want["answer"], want["kind"])
+    if want["kind"] == shapes_vqa.CAPTION:  # Another description of the scene: the same objects.
+      description, prompt = got["prompt"].rsplit(" ", 1)
+      assert description.startswith("scene: ") and prompt == want["prompt"]
+      names = [shapes.class_name(c, s) for c in range(len(shapes.COLOUR_NAMES)) for s in range(len(shapes.SHAPES))]
+      assert [n in description for n in names] == [n in want["answer"] for n in names]
+      checked["caption"] += 1
+      continue
+    caption, question = got["prompt"].split(" question: ")
+    assert caption.startswith("scene: ") and f"question: {question}" == want["prompt"]
+    words = question.split()
+    if want["kind"] == "colour":  # "what colour is the circle?": the caption names "<answer> circle".
+      assert f"{want['answer']} {words[-2].rstrip('?')}" in caption
+    if want["kind"] == "shape":  # "what shape is the red object?": the caption names "red <answer>".
+      assert f"{words[4]} {want['answer']}" in caption
+    checked[want["kind"]] += 1
+  assert checked["colour"] > 10 and checked["shape"] > 10 and checked["caption"] > 10
+  half = shapes_vqa.ShapesVQASource(image_size=16, caption_fraction=0.0, described_fraction=0.5)
+  assert 70 < sum(half.record(i)["prompt"].startswith("scene: ") for i in range(200)) < 130
+
+
 def test_vlm_tokenizer_has_media_markers_as_single_pieces():
   tok = load_tokenizer("shapes_vlm")
   image, end = tok.piece_id(IMAGE_TOKEN), tok.piece_id(END_OF_CHUNK)

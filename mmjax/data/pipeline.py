@@ -195,11 +195,15 @@ def make_source(data_config):
                         image_size=data_config.get("image_size", 64),
                         held_out_fraction=data_config.get("held_out_fraction", 0.2),
                         twins=data_config.get("twins", False))
+  if kind == "shapes_vqa" and data_config.get("rag"):
+    from mmjax.retrieval import rag  # Imports the model code the retriever runs on.
+    return rag.training_source(data_config)
   if kind == "shapes_vqa":
     return ShapesVQASource(seed=data_config.get("seed", 0), image_size=data_config.get("image_size", 64),
                            held_out_fraction=data_config.get("held_out_fraction", 0.2),
                            caption_fraction=data_config.get("caption_fraction", 0.25),
-                           media_per_record=data_config.get("media_per_record", 1))
+                           media_per_record=data_config.get("media_per_record", 1),
+                           described_fraction=data_config.get("described_fraction", 0.0))
   if kind == "shapes_vqa_labels":
     return ShapesVQALabelSource(seed=data_config.get("seed", 0), image_size=data_config.get("image_size", 64),
                                 held_out_fraction=data_config.get("held_out_fraction", 0.2))

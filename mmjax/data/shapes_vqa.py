@@ -28,7 +28,8 @@ RELATIONS = {"left of": (1, -1), "right of": (1, 1), "above": (0, -1), "below": 
 # Fixed-form prompts; models see them after the image and answer after them.
 QUESTION_PROMPT = "question: {} answer:"
 CAPTION_PROMPT = "caption:"
-_TRAIN, _EVAL, _SHOTS = 10, 11, 12  # Streams apart from those of mmjax.data.shapes.
+SCENE_PROMPT = "scene:"  # Before a description of the record's own scene (`described_fraction`).
+_TRAIN, _EVAL, _SHOTS, _POOL = 10, 11, 12, 13  # Streams apart from those of mmjax.data.shapes.
 
 
 def _relation_holds(a: shapes._Object, b: shapes._Object, relation: str) -> bool:
@@ -65,13 +66,18 @@ def question(rng: random.Random, objects: list[shapes._Object]) -> tuple[str, st
   return text, "yes" if want_yes else "no", kind
 
 
-def _record(rng: random.Random, combos, image_size: int, caption_fraction: float) -> dict:
+def _record(rng: random.Random, combos, image_size: int, caption_fraction: float,
+            described_fraction: float = 0.0) -> dict:
   objects = shapes._scene(rng, combos, shapes._object_count(rng))
   image = shapes._render(rng, objects, image_size)
   if rng.random() < caption_fraction:
-    return dict(image=image, prompt=CAPTION_PROMPT, answer=shapes._caption(rng, objects), kind=CAPTION)
-  text, answer, kind = question(rng, objects)
-  return dict(image=image, prompt=QUESTION_PROMPT.format(text), answer=answer, kind=kind)
+    record = dict(image=image, prompt=CAPTION_PROMPT, answer=shapes._caption(rng, objects), kind=CAPTION)
+  else:
+    text, answer, kind = question(rng, objects)
+    record = dict(image=image, prompt=QUESTION_PROMPT.format(text), answer=answer, kind=kind)
+  if described_fraction and rng.random() < described_fraction:  # No draw when 0: the plain streams stay.
+    record["prompt"] = f"{SCENE_PROMPT} {shapes._caption(rng, objects)} {record['prompt']}"
+  return record
 
 
 def episode(records: list[dict]) -> dict:
@@ -82,21 +88,27 @@ def episode(records: list[dict]) -> dict:
 
 class ShapesVQASource:
   """Grain random-access source of episodes (see `episode`) of `media_per_record` images each;
-  `record(i)` is one image with its task, dict(image=uint8 [S, S, 3], prompt, answer, kind)."""
+  `record(i)` is one image with its task, dict(image=uint8 [S, S, 3], prompt, answer, kind).
+  With `described_fraction`, that share of the records come after a description of their own
+  scene ("scene: a red circle question: what colour is the circle? answer:", "scene: a red
+  circle caption:" -> "a photo of a small red circle"): text from which a language model
+  without images learns to answer and caption from what precedes the prompt, as large language
+  models learn from documents; a frozen one can then read images placed there."""
 
   def __init__(self, seed: int = 0, image_size: int = 64, held_out_fraction: float = 0.2,
                num_records: int = 1_000_000, caption_fraction: float = 0.25, stream: int = _TRAIN,
-               media_per_record: int = 1):
+               media_per_record: int = 1, described_fraction: float = 0.0):
     self.seed, self.image_size, self.num_records = seed, image_size, num_records
     self.held_out_fraction, self.caption_fraction, self.stream = held_out_fraction, caption_fraction, stream
-    self.media_per_record = media_per_record
+    self.media_per_record, self.described_fraction = media_per_record, described_fraction
     self._combos = shapes._seen_combos(seed, held_out_fraction)
 
   def __len__(self) -> int:
     return self.num_records
 
   def record(self, index: int) -> dict:
-    return _record(shapes._rng(self.seed, self.stream, index), self._combos, self.image_size, self.caption_fraction)
+    return _record(shapes._rng(self.seed, self.stream, index), self._combos, self.image_size, self.caption_fraction,
+                   self.described_fraction)
 
   def __getitem__(self, index: int) -> dict:
     m = self.media_per_record
@@ -106,7 +118,36 @@ class ShapesVQASource:
     return (f"ShapesVQASource(seed={self.seed}, image_size={self.image_size}, "
             f"held_out_fraction={self.held_out_fraction}, num_records={self.num_records}, "
             f"caption_fraction={self.caption_fraction}, stream={self.stream}, "
-            f"media_per_record={self.media_per_record})")
+            f"media_per_record={self.media_per_record}"
+            + (f", described_fraction={self.described_fraction})" if self.described_fraction else ")"))
+
+
+class RetrievalAugmentedSource(ShapesVQASource):
+  """`ShapesVQASource` whose record i carries `contexts[i]`, captions retrieved for its image, in
+  its prompt (`with_context`); it has `len(contexts) // media_per_record` episodes."""
+
+  def __init__(self, contexts: list[list[str]], seed: int = 0, image_size: int = 64, held_out_fraction: float = 0.2,
+               caption_fraction: float = 0.25, media_per_record: int = 1):
+    super().__init__(seed, image_size, held_out_fraction, len(contexts) // media_per_record, caption_fraction,
+                     media_per_record=media_per_record)
+    self.contexts = contexts
+
+  def record(self, index: int) -> dict:
+    return with_context(super().record(index), self.contexts[index])
+
+
+def with_context(record: dict, captions: list[str]) -> dict:
+  """The record with retrieved captions before its prompt, each as a solved caption prompt
+  ("caption: a red circle caption: ... question: ... answer:"): retrieval-augmented generation."""
+  context = "".join(f"{CAPTION_PROMPT} {c} " for c in captions)
+  return dict(record, prompt=context + record["prompt"], context=list(captions))
+
+
+def caption_pool(seed: int = 0, n: int = 8192, held_out_fraction: float = 0.2) -> list[str]:
+  """The distinct captions of `n` training scenes from their own stream: the text a retriever
+  searches for retrieval-augmented generation (held-out combinations never appear in it)."""
+  source = ShapesVQASource(seed, 8, held_out_fraction, n, caption_fraction=1.0, stream=_POOL)
+  return list(dict.fromkeys(source.record(i)["answer"] for i in range(n)))
 
 
 def labelled(record: dict) -> dict:
@@ -131,9 +172,10 @@ class ShapesVQALabelSource(ShapesVQASource):
 
 
 def eval_set(seed: int = 0, image_size: int = 64, n: int = 256, held_out_fraction: float = 0.2,
-             caption_fraction: float = 0.0) -> list[dict]:
+             caption_fraction: float = 0.0, described_fraction: float = 0.0) -> list[dict]:
   """`n` records from the evaluation stream (never seen in training)."""
-  source = ShapesVQASource(seed, image_size, held_out_fraction, n, caption_fraction, stream=_EVAL)
+  source = ShapesVQASource(seed, image_size, held_out_fraction, n, caption_fraction, stream=_EVAL,
+                           described_fraction=described_fraction)
   return [source.record(i) for i in range(n)]
 
 

@@ -135,11 +135,26 @@ class GenerativeTask:
         train = shapes_vqa.ShapesVQASource(caption_fraction=0.0, **kw)
         self._eval_data["vqa"] = shapes_vqa.eval_set(n=e.vqa.n, **kw)
         self._eval_data["vqa_train_answers"] = [train.record(i)["answer"] for i in range(_BASELINE_RECORDS)]
+      if "described_vqa" in e:  # Each question after its scene's caption: does the model read the context?
+        self._eval_data["described_vqa"] = shapes_vqa.eval_set(n=e.described_vqa.n, described_fraction=1.0, **kw)
       if "captioning" in e:
         self._eval_data["captioning"] = shapes_vqa.eval_set(n=e.captioning.n, caption_fraction=1.0, **kw)
       if "few_shot" in e:
         self._eval_data["few_shot"] = {k: self._few_shot_set(e.few_shot, k, kw) for k in e.few_shot.shots}
+      if d.get("rag") and d.rag.get("k", 0):
+        self._with_retrieved_captions()
     return self._eval_data
+
+  def _with_retrieved_captions(self):
+    """Every evaluation record with the captions `data.rag` retrieves for it, as in training."""
+    from mmjax.retrieval import rag
+    retrieve, k = rag.retriever(self.config.data), self.config.data.rag.k
+    for name in ("vqa", "captioning"):
+      if name in self._eval_data:
+        self._eval_data[name] = rag.augment(self._eval_data[name], retrieve, k)
+    for shots, episodes in self._eval_data.get("few_shot", {}).items():
+      flat = iter(rag.augment([r for ep in episodes for r in ep], retrieve, k))
+      self._eval_data["few_shot"][shots] = [[next(flat) for _ in ep] for ep in episodes]
 
   @staticmethod
   def _few_shot_set(few_shot, shots: int, kw: dict) -> list[list[dict]]:
@@ -169,14 +184,17 @@ class GenerativeTask:
   def evaluate(self, params) -> dict[str, float]:
     """`{"vqa/accuracy": ..., "vqa/majority_baseline": ..., "captioning/cider": ..., "few_shot/4": ...}`."""
     sets, e, results = self._eval_sets(), self.config.evals, {}
-    if "vqa" in sets:
-      records = sets["vqa"]
-      predictions = self.answer(params, [shapes_vqa.episode([r]) for r in records], e.vqa.max_new_tokens)
+    for name in ("vqa", "described_vqa"):
+      if name not in sets:
+        continue
+      records = sets[name]
+      predictions = self.answer(params, [shapes_vqa.episode([r]) for r in records], e[name].max_new_tokens)
       references = [r["answer"] for r in records]
-      results["vqa/accuracy"] = vqa.exact_match(predictions, references)
-      results["vqa/majority_baseline"] = vqa.majority_baseline(sets["vqa_train_answers"], references)[1]
+      results[f"{name}/accuracy"] = vqa.exact_match(predictions, references)
+      if name == "vqa":
+        results["vqa/majority_baseline"] = vqa.majority_baseline(sets["vqa_train_answers"], references)[1]
       for kind, acc in vqa.per_type(predictions, references, [r["kind"] for r in records]).items():
-        results[f"vqa/{kind}"] = acc
+        results[f"{name}/{kind}"] = acc
     if "captioning" in sets:
       records = sets["captioning"]
       predictions = self.answer(params, [shapes_vqa.episode([r]) for r in records], e.captioning.max_new_tokens)
