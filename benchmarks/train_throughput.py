@@ -143,7 +143,7 @@ def _timed(fn) -> float:
 def serve(side: str, args: argparse.Namespace, conn) -> None:
   """One side in its own process, so that each framework has its own allocator: builds the
   step, reports `info`, then runs the number of steps it is sent and answers with the seconds."""
-  host_memory_reuse = side == "mmjax" and parallel.reuse_freed_host_memory()  # As `mmjax.train` does.
+  runtime = parallel.tune_cpu_runtime() if side == "mmjax" else {}  # As `mmjax.train` does.
   cfg = open_clip_config(args.model)
   images, tokens = random_batch(cfg, args.batch)
   t0 = time.perf_counter()
@@ -151,7 +151,7 @@ def serve(side: str, args: argparse.Namespace, conn) -> None:
     if jax.devices()[0].platform != args.device:
       raise SystemExit(f"--device {args.device}, but JAX runs on {jax.devices()[0].platform}")
     run = MMJaxStep(cfg, args.batch, args.dtype, args.attention_impl, images, tokens)
-    info = {"flops": run.flops(), "device": jax.devices()[0].device_kind, "host_memory_reuse": host_memory_reuse}
+    info = {"flops": run.flops(), "device": jax.devices()[0].device_kind, **runtime}
   else:
     run = TorchStep(cfg, images, tokens)
     info = {}
@@ -216,6 +216,7 @@ def report(args, info: dict, times: dict, peak: float) -> None:
             "parameters": ours["parameters"], "build_s": {side: round(i["build_s"], 1) for side, i in info.items()},
             "step_s": step_s, "samples_per_s": rate, "flops_per_step": flops, "achieved_flops": achieved,
             "peak_flops": peak, "host_memory_reuse": ours["host_memory_reuse"],
+            "sequential_schedule": ours["sequential_schedule"],
             "peak_source": "given" if args.peak_tflops else "measured float32 matmul",
             "fraction_of_peak": achieved / peak, "rounds": times}
   print(f"{args.model} CLIP, batch {args.batch}, {args.dtype}, attention {args.attention_impl}, "

@@ -26,7 +26,7 @@ def evaluate(config, workdir: str, step: int | None = None) -> dict:
 def main(argv):
   del argv
   quiet_logs()
-  parallel.reuse_freed_host_memory()
+  parallel.tune_cpu_runtime()
   f = flags.FLAGS
   config = f.config or load_run_config(f.workdir)
   print(summary_table(evaluate(config, f.workdir, f.step)))

@@ -65,6 +65,30 @@ def reuse_freed_host_memory() -> bool:
   return all(mallopt(param, value) == 1 for param, value in settings)
 
 
+_CPU_SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler"
+
+
+def prefer_sequential_cpu_schedule() -> bool:
+  """Turns XLA:CPU's concurrency-optimised scheduler off, unless XLA_FLAGS already sets it.
+
+  That scheduler orders a step so that independent ops (a CLIP's two towers) run at the same
+  time; on a few cores their matmuls then contend for the same cores and caches (ViT-B/32 CLIP,
+  batch 32, 2 cores: 7.16 s per step with it, 5.96 s without; `benchmarks/RESULTS.md`). Call
+  before JAX creates its CPU backend; returns whether the flag was added.
+  """
+  flags = os.environ.get("XLA_FLAGS", "")
+  if _CPU_SCHEDULER_FLAG in flags:
+    return False
+  os.environ["XLA_FLAGS"] = f"{flags} {_CPU_SCHEDULER_FLAG}=false".strip()
+  return True
+
+
+def tune_cpu_runtime() -> dict[str, bool]:
+  """`reuse_freed_host_memory` and `prefer_sequential_cpu_schedule`, as the trainer, the
+  evaluator and the throughput benchmark start; returns which of them took effect."""
+  return {"host_memory_reuse": reuse_freed_host_memory(), "sequential_schedule": prefer_sequential_cpu_schedule()}
+
+
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
                process_id: int | None = None) -> bool:
   """Joins a multi-process run and returns True, or does nothing and returns False.

@@ -292,7 +292,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   quiet_logs()
-  parallel.reuse_freed_host_memory()
+  parallel.tune_cpu_runtime()
   f = flags.FLAGS
   parallel.initialize(f.coordinator_address, f.num_processes, f.process_id)
   try:

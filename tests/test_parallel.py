@@ -121,3 +121,19 @@ def test_reuse_freed_host_memory_stops_refaulting_large_blocks():
   default, reused = faults("default"), faults("reuse")
   assert default > 10_000, default  # glibc mmaps the 256 MiB block afresh: its pages fault again.
   assert reused < default / 100, (reused, default)
+
+
+def test_sequential_cpu_schedule_is_added_once_and_known_to_this_xla(monkeypatch):
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+  assert parallel.prefer_sequential_cpu_schedule()
+  assert os.environ["XLA_FLAGS"] == ("--xla_force_host_platform_device_count=2 "
+                                     "--xla_cpu_enable_concurrency_optimized_scheduler=false")
+  assert not parallel.prefer_sequential_cpu_schedule()  # Never twice, and a user's own setting stays.
+  monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_concurrency_optimized_scheduler=true")
+  assert not parallel.prefer_sequential_cpu_schedule()
+  assert os.environ["XLA_FLAGS"] == "--xla_cpu_enable_concurrency_optimized_scheduler=true"
+  # XLA aborts on flags it does not know: the trainer's setting must be one this jaxlib has.
+  script = ("import os; os.environ.pop('XLA_FLAGS', None); from mmjax import parallel; import jax; "
+            "assert parallel.tune_cpu_runtime()['sequential_schedule']; print(int(jax.jit(lambda x: x + 1)(1)))")
+  out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0 and out.stdout.strip() == "2", out.stderr[-2000:]
