@@ -35,6 +35,8 @@ def tiny_generative_recipe(name, arg=None, **overrides):
   c.total_steps, c.optim.warmup_steps, c.log_every, c.eval_every, c.checkpoint_every = 4, 1, 2, 4, 4
   c.data.batch_size, c.evals.batch_size = 16, 16
   c.evals.vqa.n = 16
+  if "described_vqa" in c.evals:
+    c.evals.described_vqa.n = 16
   for key, value in overrides.items():
     target = c
     *path, last = key.split(".")

@@ -200,6 +200,8 @@ def test_random_caption_selection_is_seeded_and_distinct(tiny_export):
     rag.CaptionRetriever(tiny_export, pool, "nearest")
   with pytest.raises(ConfigError, match="duplicates"):
     rag.CaptionRetriever(tiny_export, pool + pool[:1])
+  with pytest.raises(ConfigError, match=rf"data.rag.k={len(pool) + 1}: must be in \[1, {len(pool)}\]"):
+    rag.CaptionRetriever(tiny_export, pool, "random")(images, len(pool) + 1)
 
 
 def test_rag_recipe_trains_on_retrieved_prompts_and_evaluates_with_them(tiny_export, rag_retriever, tmp_path):
@@ -214,7 +216,7 @@ def test_rag_recipe_trains_on_retrieved_prompts_and_evaluates_with_them(tiny_exp
   source = pipeline.make_source(config.data)
   plain = shapes_vqa.ShapesVQASource(image_size=32, num_records=40)
   want = rag_retriever(np.stack([plain.record(i)["image"] for i in range(40)]), 2)
-  assert len(source) == 40
+  assert len(source) == 40 and "contexts=40@" in repr(source)
   assert [source[i]["prompts"][0] for i in range(40)] == [
       f"caption: {a} caption: {b} {plain.record(i)['prompt']}" for i, (a, b) in enumerate(want)]
   summary = train_lib.train(config, str(tmp_path))

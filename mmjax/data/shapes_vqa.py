@@ -12,6 +12,8 @@ record is a pure function of (seed, stream, index). Question types:
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 
 import numpy as np
@@ -127,13 +129,17 @@ class RetrievalAugmentedSource(ShapesVQASource):
   its prompt (`with_context`); it has `len(contexts) // media_per_record` episodes."""
 
   def __init__(self, contexts: list[list[str]], seed: int = 0, image_size: int = 64, held_out_fraction: float = 0.2,
-               caption_fraction: float = 0.25, media_per_record: int = 1):
+               caption_fraction: float = 0.25, media_per_record: int = 1, described_fraction: float = 0.0):
     super().__init__(seed, image_size, held_out_fraction, len(contexts) // media_per_record, caption_fraction,
-                     media_per_record=media_per_record)
+                     media_per_record=media_per_record, described_fraction=described_fraction)
     self.contexts = contexts
+    self._digest = hashlib.sha1(json.dumps(contexts).encode()).hexdigest()[:12]
 
   def record(self, index: int) -> dict:
     return with_context(super().record(index), self.contexts[index])
+
+  def __repr__(self) -> str:  # Names the retrieved contexts too: another retriever gives other episodes.
+    return f"{super().__repr__()[:-1]}, contexts={len(self.contexts)}@{self._digest})"
 
 
 def with_context(record: dict, captions: list[str]) -> dict:

@@ -7,7 +7,8 @@ retrieved passage together with the image and the question).
   retriever  a two-tower export (`mmjax.export`) whose image tower embeds the image and whose
              text tower embeds the captions of `shapes_vqa.caption_pool` (`pool` scenes)
   k          captions per image (0: none, the plain prompts)
-  records    training records the retrieval is computed for, once, before training starts
+  records    training episodes (of data.media_per_record records each) the retrieval is computed
+             for, once, before training starts
   selection  "retrieved" (the k captions nearest the image) or "random" (k pool captions drawn
              at random: the control that shows whether what is retrieved matters)
 """
@@ -42,6 +43,8 @@ class CaptionRetriever:
     self.selection, self._rng = selection, np.random.default_rng(seed)
 
   def __call__(self, images: np.ndarray, k: int) -> list[list[str]]:
+    if not 1 <= k <= len(self.index.items):
+      raise ConfigError(f"data.rag.k={k}: must be in [1, {len(self.index.items)}], the captions in the pool")
     if self.selection == "random":
       rows = [self._rng.choice(len(self.index.items), k, replace=False) for _ in range(len(images))]
       return [[self.index.items[i] for i in row] for row in rows]
@@ -69,7 +72,8 @@ def training_source(data) -> shapes_vqa.RetrievalAugmentedSource:
   retrieved for the first `rag.records` episodes, `_CHUNK` images at a time."""
   rag, m = data.rag, data.get("media_per_record", 1)
   kw = dict(seed=data.get("seed", 0), image_size=data.get("image_size", 64),
-            held_out_fraction=data.get("held_out_fraction", 0.2), caption_fraction=data.get("caption_fraction", 0.25))
+            held_out_fraction=data.get("held_out_fraction", 0.2), caption_fraction=data.get("caption_fraction", 0.25),
+            described_fraction=data.get("described_fraction", 0.0))
   records = rag.get("records", 0) * m
   if records <= 0:
     raise ConfigError(f"data.rag.records={rag.get('records')}: need a positive number of training records")

@@ -146,7 +146,8 @@ class GenerativeTask:
     return self._eval_data
 
   def _with_retrieved_captions(self):
-    """Every evaluation record with the captions `data.rag` retrieves for it, as in training."""
+    """The VQA, captioning and few-shot records with the captions `data.rag` retrieves for them, as
+    in training (`described_vqa` asks after the scene's own description instead)."""
     from mmjax.retrieval import rag
     retrieve, k = rag.retriever(self.config.data), self.config.data.rag.k
     for name in ("vqa", "captioning"):
