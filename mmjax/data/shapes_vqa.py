@@ -146,7 +146,7 @@ def with_context(record: dict, captions: list[str]) -> dict:
   """The record with retrieved captions before its prompt, each as a solved caption prompt
   ("caption: a red circle caption: ... question: ... answer:"): retrieval-augmented generation."""
   context = "".join(f"{CAPTION_PROMPT} {c} " for c in captions)
-  return dict(record, prompt=context + record["prompt"], context=list(captions))
+  return dict(record, prompt=context + record["prompt"])
 
 
 def caption_pool(seed: int = 0, n: int = 8192, held_out_fraction: float = 0.2) -> list[str]:

@@ -83,8 +83,8 @@ def training_source(data) -> shapes_vqa.RetrievalAugmentedSource:
   else:
     retrieve, contexts, began = retriever(data), [], time.perf_counter()
     for start in range(0, records, _CHUNK):
-      chunk = [plain.record(i) for i in range(start, min(start + _CHUNK, records))]
-      contexts += [r["context"] for r in augment(chunk, retrieve, rag.k)]
+      contexts += retrieve(np.stack([plain.record(i)["image"] for i in range(start, min(start + _CHUNK, records))]),
+                           rag.k)
       if jax.process_index() == 0:
         rate = len(contexts) / (time.perf_counter() - began)
         print(f"rag: captions retrieved for {len(contexts)}/{records} records | {rate:.0f} records/s | "
