@@ -93,6 +93,50 @@ def test_causal_text_tower_ignores_later_tokens_and_pools_at_eos():
   np.testing.assert_allclose(np.asarray(aux_a["pre_logits"]), np.asarray(aux_a["encoded"][:, 3]), rtol=1e-6)
 
 
+def _pooled_both_ways(tower, x, params):
+  """The tower's output and pre-logits computed on every token, then pooled at one only."""
+  full, full_aux = tower.apply(params, x)
+  pooled, pooled_aux = tower.apply(params, x, pooled_only=True)
+  np.testing.assert_allclose(np.asarray(pooled), np.asarray(full), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(pooled_aux["pre_logits"]), np.asarray(full_aux["pre_logits"]),
+                             rtol=1e-5, atol=1e-6)
+  assert "encoded" not in pooled_aux  # Not computed, so not returned.
+
+
+def _flops(fn, *args) -> float:
+  cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+  return float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
+
+
+@pytest.mark.parametrize("pool,causal", [("eos", True), ("argmax", True), ("last", False), ("first", False)])
+def test_text_tower_pooled_only_computes_the_last_block_for_the_pooled_token(pool, causal):
+  tower = TextTransformer(vocab_size=20, max_len=8, pool=pool, causal=causal, eos_id=19, head="linear",
+                          num_classes=8, **TINY)
+  # End-of-text (the highest id, 19) at a different position in each row; row 2 has none.
+  text = jnp.array([[5, 6, 19, 0, 0, 0, 0, 0], [5, 6, 7, 8, 9, 10, 11, 19], [3, 4, 5, 6, 7, 8, 9, 10]])
+  params = tower.init(jax.random.key(0), text)
+  _pooled_both_ways(tower, text, params)
+  # The last of TINY's two blocks runs for 1 of 8 tokens: a quarter of the work goes (less attention).
+  full = _flops(lambda p, t: tower.apply(p, t)[0], params, text)
+  pooled = _flops(lambda p, t: tower.apply(p, t, pooled_only=True)[0], params, text)
+  assert pooled < 0.75 * full
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_vit_pooled_only_matches_every_token_and_ignores_averaging_pools(scan):
+  x = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
+  for pool in ("tok", "gap", "map"):
+    vit = ViT(**TINY, patch_size=4, pool=pool, scan=scan)
+    params = vit.init(jax.random.key(0), x)
+    out, aux = vit.apply(params, x, pooled_only=True)
+    want, _ = vit.apply(params, x)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(want), rtol=1e-5, atol=1e-6)
+    if pool == "tok":
+      _pooled_both_ways(vit, x, params)
+    else:
+      assert aux["encoded"].shape == (2, 16, 32)
+
+
 def test_bidirectional_text_tower_sees_every_token():
   tower = TextTransformer(vocab_size=20, max_len=8, pool="last", causal=False, **TINY)
   a = jnp.array([[5, 6, 7, 2, 0, 0, 0, 0]])

@@ -148,8 +148,9 @@ class Swin(nn.Module):
     return side * side
 
   @nn.compact
-  def __call__(self, image, train=False):
-    del train  # No dropout.
+  def __call__(self, image, train=False, pooled_only=False):
+    """`pooled_only` is accepted as every image tower takes it; averaging reads every token."""
+    del train, pooled_only  # No dropout; nothing to skip.
     if len(self.depths) != len(self.num_heads):
       raise ConfigError(f"swin depths {tuple(self.depths)} and num_heads {tuple(self.num_heads)} need one "
                         "entry per stage")

@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from mmjax.errors import ConfigError
-from mmjax.models.vit import Encoder, pool_tokens, tower_head
+from mmjax.models.vit import SINGLE_TOKEN_POOLS, Encoder, pool_tokens, tower_head
 
 
 class TextTransformer(nn.Module):
@@ -38,7 +38,9 @@ class TextTransformer(nn.Module):
   norm_eps: float = 1e-6
 
   @nn.compact
-  def __call__(self, text, train=False):
+  def __call__(self, text, train=False, pooled_only=False):
+    """`pooled_only`: the caller reads only the pooled output and `aux["pre_logits"]`, so a
+    tower pooled at one token computes its last block for that token alone."""
     if text.shape[1] > self.max_len:
       raise ConfigError(f"text length {text.shape[1]} exceeds model.text.max_len={self.max_len}")
     embed = nn.Embed(self.vocab_size, self.width, dtype=self.dtype, name="Embed_0",
@@ -50,19 +52,27 @@ class TextTransformer(nn.Module):
                                                   (None, None, "embed")), (1, self.max_len, self.width))
     x = x + pos[:, :text.shape[1]].astype(x.dtype)
     x = nn.Dropout(self.dropout)(x, not train)
+    token_index = self._pooled_token(text)
+    keep = None
+    if pooled_only and self.pool in SINGLE_TOKEN_POOLS:
+      keep = jnp.broadcast_to(jnp.asarray(token_index, jnp.int32) % text.shape[1], text.shape[:1])
+      token_index = 0
     x, aux = Encoder(self.depth, self.mlp_dim, self.num_heads, causal=self.causal, act=self.act,
                      dropout=self.dropout, scan=self.scan, remat_policy=self.remat_policy,
                      dtype=self.dtype, attention_impl=self.attention_impl, norm_eps=self.norm_eps,
-                     name="Encoder_0")(x, not train)
-    aux["encoded"] = x
-    if self.pool == "eos":
-      # The first end-of-text token; a sequence truncated without one pools its last position.
-      is_eos = text == self.eos_id
-      token_index = jnp.where(is_eos.any(axis=1), jnp.argmax(is_eos, axis=1), text.shape[1] - 1)
-    elif self.pool == "argmax":  # open_clip's default: OpenAI's end-of-text has the highest id.
-      token_index = jnp.argmax(text, axis=1)
-    else:
-      token_index = {"first": 0, "last": -1}.get(self.pool, 0)
+                     name="Encoder_0")(x, not train, keep)
+    if keep is None:
+      aux["encoded"] = x
     x = pool_tokens(self, x, self.pool, token_index)
     aux["pre_logits"] = x
     return tower_head(self, x), aux
+
+  def _pooled_token(self, text):
+    """The index of the token a single-token pool reads: an int, or one per example."""
+    if self.pool == "eos":
+      # The first end-of-text token; a sequence truncated without one pools its last position.
+      is_eos = text == self.eos_id
+      return jnp.where(is_eos.any(axis=1), jnp.argmax(is_eos, axis=1), text.shape[1] - 1)
+    if self.pool == "argmax":  # open_clip's default: OpenAI's end-of-text has the highest id.
+      return jnp.argmax(text, axis=1)
+    return {"first": 0, "last": -1}.get(self.pool, 0)

@@ -44,11 +44,11 @@ class TwoTower(nn.Module):
     aux = {}
     zimg = ztxt = None
     if image is not None:
-      out, img_aux = image_tower(self.image, "img")(image, train=train)
+      out, img_aux = image_tower(self.image, "img")(image, train=train, pooled_only=True)
       aux.update({f"img/{k}": v for k, v in img_aux.items()})
       zimg = _l2_normalize(out)
     if text is not None:
-      out, txt_aux = TextTransformer(**self.text, name="txt")(text, train=train)
+      out, txt_aux = TextTransformer(**self.text, name="txt")(text, train=train, pooled_only=True)
       aux.update({f"txt/{k}": v for k, v in txt_aux.items()})
       ztxt = _l2_normalize(out)
     t = self.param("t", nn.with_logical_partitioning(nn.initializers.constant(np.log(self.temperature_init)),

@@ -158,7 +158,9 @@ class MultiHeadDotProductAttention(nn.Module):
 class Encoder1DBlock(nn.Module):
   """Pre-LN block: x + attn(LN(x)), then x + mlp(LN(x)).
 
-  Returns `(x, None)`, the (carry, output) pair `nn.scan` expects.
+  With `keep` (token indices [batch]) only the token `keep[b]` of each example is computed:
+  its query attends to every key (causal: the keys up to it), and the output is [batch, 1,
+  width]. Returns `(x, None)`, the (carry, output) pair `nn.scan` expects.
   """
   mlp_dim: int
   num_heads: int
@@ -170,11 +172,17 @@ class Encoder1DBlock(nn.Module):
   norm_eps: float = 1e-6
 
   @nn.compact
-  def __call__(self, x, deterministic=True):
+  def __call__(self, x, deterministic=True, keep=None):
     x = nn.with_logical_constraint(x, ACT_AXES)
     y = _layer_norm("LayerNorm_0", self.dtype, self.norm_eps)(x)
-    y = MultiHeadDotProductAttention(self.num_heads, self.dtype, self.attention_impl,
-                                     name="MultiHeadDotProductAttention_0")(y, causal=self.causal)
+    attention = MultiHeadDotProductAttention(self.num_heads, self.dtype, self.attention_impl,
+                                             name="MultiHeadDotProductAttention_0")
+    if keep is None:
+      y = attention(y, causal=self.causal)
+    else:
+      x = take_tokens(x, keep)
+      mask = jnp.arange(y.shape[1]) <= keep[:, None, None, None] if self.causal else None
+      y = attention(take_tokens(y, keep), y, mask=mask)
     x = x + nn.Dropout(self.dropout)(y, deterministic)
     y = _layer_norm("LayerNorm_1", self.dtype, self.norm_eps)(x)
     y = MlpBlock(self.mlp_dim, self.act, self.dropout, self.dtype, name="MlpBlock_0")(y, deterministic)
@@ -182,8 +190,18 @@ class Encoder1DBlock(nn.Module):
     return nn.with_logical_constraint(x, ACT_AXES), None
 
 
+def take_tokens(x, index):
+  """`x[b, index[b]]` for each example, as [batch, 1, width]."""
+  return jnp.take_along_axis(x, index[:, None, None], axis=1)
+
+
 class Encoder(nn.Module):
-  """A stack of blocks and a final LayerNorm; optionally `nn.scan`ned and rematerialised."""
+  """A stack of blocks and a final LayerNorm; optionally `nn.scan`ned and rematerialised.
+
+  `keep` (token indices [batch]): only those tokens are read from the output, so the last
+  block computes just them (output [batch, 1, width]; its aux entries likewise). A CLIP tower
+  pooled at one token saves most of a block's work. A scanned stack computes every token.
+  """
   depth: int
   mlp_dim: int
   num_heads: int
@@ -197,7 +215,7 @@ class Encoder(nn.Module):
   norm_eps: float = 1e-6
 
   @nn.compact
-  def __call__(self, x, deterministic=True):
+  def __call__(self, x, deterministic=True, keep=None):
     if self.remat_policy not in REMAT_POLICIES:
       raise ConfigError(f"remat_policy={self.remat_policy!r}; known: {sorted(REMAT_POLICIES)}")
     block_kw = dict(mlp_dim=self.mlp_dim, num_heads=self.num_heads, causal=self.causal, act=self.act,
@@ -215,11 +233,13 @@ class Encoder(nn.Module):
       x, _ = scanned(name="encoderblock", **block_kw)(x, deterministic)
     else:
       for i in range(self.depth):
-        x, _ = block(name=f"encoderblock_{i}", **block_kw)(x, deterministic)
+        last = keep if i == self.depth - 1 else None
+        x, _ = block(name=f"encoderblock_{i}", **block_kw)(x, deterministic, last)
         aux[f"block{i:02d}"] = x
+    if keep is not None and (self.scan or not self.depth):
+      x = take_tokens(x, keep)
     aux["pre_norm"] = x
     return _layer_norm("encoder_norm", self.dtype, self.norm_eps)(x), aux
-
 
 
 class MAPHead(nn.Module):
@@ -281,7 +301,9 @@ class ViT(nn.Module):
     return self.width
 
   @nn.compact
-  def __call__(self, image, train=False):
+  def __call__(self, image, train=False, pooled_only=False):
+    """`pooled_only`: the caller reads only the pooled output and `aux["pre_logits"]`, so a
+    tower pooled at one token computes its last block for that token alone."""
     image = jnp.asarray(image, self.dtype)
     p = self.patch_size
     x = PatchEmbed(self.width, p, self.dtype, name="embedding")(image)
@@ -306,14 +328,20 @@ class ViT(nn.Module):
       x = _layer_norm("pre_norm", self.dtype, self.norm_eps)(x)
 
     x = nn.Dropout(self.dropout)(x, not train)
+    keep = jnp.zeros(batch, jnp.int32) if pooled_only and self.pool in SINGLE_TOKEN_POOLS else None
     x, aux = Encoder(self.depth, self.mlp_dim, self.num_heads, act=self.act, dropout=self.dropout,
                      scan=self.scan, remat_policy=self.remat_policy, dtype=self.dtype,
-                     attention_impl=self.attention_impl, norm_eps=self.norm_eps, name="Transformer")(x, not train)
-    aux["encoded"] = x
+                     attention_impl=self.attention_impl, norm_eps=self.norm_eps,
+                     name="Transformer")(x, not train, keep)
+    if keep is None:
+      aux["encoded"] = x
     x = pool_tokens(self, x, self.pool, token_index=0)
     aux["pre_logits"] = x
     x = tower_head(self, x)
     return x, aux
+
+
+SINGLE_TOKEN_POOLS = ("tok", "first", "last", "eos", "argmax")
 
 
 def pool_tokens(module: nn.Module, x, pool: str, token_index):
@@ -328,7 +356,7 @@ def pool_tokens(module: nn.Module, x, pool: str, token_index):
     return jnp.mean(x, axis=1)
   if pool == "none":
     return x
-  if pool in ("tok", "first", "last", "eos", "argmax"):
+  if pool in SINGLE_TOKEN_POOLS:
     if isinstance(token_index, int):
       return x[:, token_index]
     return jnp.take_along_axis(x, token_index[:, None, None], axis=1)[:, 0]
