@@ -40,8 +40,9 @@ class FusionClassifier(nn.Module):
   def __call__(self, image, text, train=False):
     if self.fusion not in FUSIONS:
       raise ConfigError(f"model.fusion={self.fusion!r}: expected one of {FUSIONS}")
-    img, img_aux = ViT(**self.image, head="none", name="img")(image, train=train)
-    txt, txt_aux = TextTransformer(**self.text, head="none", name="txt")(text, train=train)
+    pooled_only = self.fusion != "cross"  # Only cross-attention fusion reads every token.
+    img, img_aux = ViT(**self.image, head="none", name="img")(image, train=train, pooled_only=pooled_only)
+    txt, txt_aux = TextTransformer(**self.text, head="none", name="txt")(text, train=train, pooled_only=pooled_only)
     logits = lambda x, name: _dense(self.num_classes, ("embed", None), name, self.dtype)(x)
     if self.fusion == "early":
       x = jnp.concatenate([img, txt], axis=-1)
