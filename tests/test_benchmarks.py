@@ -53,9 +53,9 @@ def test_train_throughput_runs_both_sides_and_counts_the_models_flops(tmp_path):
   # XLA counts every op; the matmuls are nearly all of it. The rest (AdamW over 16 M
   # parameters, norms, softmax, GELU) stays within a few percent at this size. open_clip runs
   # its last blocks on every token; mmjax on the pooled ones (40% less work at 2 layers). torch's
-  # counter does not see its CPU flash-attention kernel.
+  # counter (2.14) does not see its CPU flash-attention kernel; one that does may come.
   flops = result["flops_per_step"]
   ours = matmul_flops_per_step(SMALL, BATCH, pooled_last_block=True)
-  theirs = matmul_flops_per_step(SMALL, BATCH, pooled_last_block=False, attention=False)
   assert 1.0 <= flops["mmjax"] / ours < 1.15, (flops["mmjax"], ours)
-  assert 0.99 <= flops["open_clip"] / theirs < 1.01, (flops["open_clip"], theirs)
+  theirs = [matmul_flops_per_step(SMALL, BATCH, pooled_last_block=False, attention=a) for a in (False, True)]
+  assert 0.99 * theirs[0] <= flops["open_clip"] <= 1.01 * theirs[1], (flops["open_clip"], theirs)

@@ -108,15 +108,19 @@ def _flops(fn, *args) -> float:
   return float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
 
 
-@pytest.mark.parametrize("pool,causal", [("eos", True), ("argmax", True), ("last", False), ("first", False)])
-def test_text_tower_pooled_only_computes_the_last_block_for_the_pooled_token(pool, causal):
+@pytest.mark.parametrize("pool,causal,remat", [("eos", True, "none"), ("argmax", True, "full"),
+                                                ("last", False, "none"), ("first", False, "dots")])
+def test_text_tower_pooled_only_computes_the_last_block_for_the_pooled_token(pool, causal, remat):
   tower = TextTransformer(vocab_size=20, max_len=8, pool=pool, causal=causal, eos_id=19, head="linear",
-                          num_classes=8, **TINY)
+                          num_classes=8, remat_policy=remat, **TINY)
   # End-of-text (the highest id, 19) at a different position in each row; row 2 has none.
   text = jnp.array([[5, 6, 19, 0, 0, 0, 0, 0], [5, 6, 7, 8, 9, 10, 11, 19], [3, 4, 5, 6, 7, 8, 9, 10]])
   params = tower.init(jax.random.key(0), text)
   _pooled_both_ways(tower, text, params)
-  # The last of TINY's two blocks runs for 1 of 8 tokens: a quarter of the work goes (less attention).
+  grads = [jax.grad(lambda p, pooled=pooled: jnp.sum(tower.apply(p, text, train=True, pooled_only=pooled)[0] ** 2))(
+      params) for pooled in (False, True)]
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5), *grads)
+  # The last of TINY's two blocks runs for 1 of 8 tokens: a third of the forward work goes.
   full = _flops(lambda p, t: tower.apply(p, t)[0], params, text)
   pooled = _flops(lambda p, t: tower.apply(p, t, pooled_only=True)[0], params, text)
   assert pooled < 0.75 * full

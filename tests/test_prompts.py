@@ -109,8 +109,9 @@ def _text_by_hand(model, base, tokens, ctx, deep=None):
 
 
 def _image_by_hand(model, base, images, prompts=None):
-  """ViT: patch conv as a matmul, + pos_embedding, `prompts[0]` appended after the patch tokens,
-  replaced by `prompts[i]` before block i, dropped before the MAP head (image head 'none'), L2."""
+  """ViT: patch conv as a matmul, + pos_embedding, the class token first (pool 'tok'), `prompts[0]`
+  appended after the patch tokens, replaced by `prompts[i]` before block i, dropped before the
+  MAP head (image head 'none') or the class token's linear head, L2."""
   p, kw = base["img"], model.image
   ps, b, s = kw["patch_size"], images.shape[0], images.shape[1]
   g = s // ps
@@ -118,6 +119,8 @@ def _image_by_hand(model, base, images, prompts=None):
   kernel = np.asarray(p["embedding"]["kernel"], np.float64)
   x = patches.reshape(b, g * g, -1) @ kernel.reshape(-1, kernel.shape[-1]) + np.asarray(p["embedding"]["bias"])
   x = x + np.asarray(p["pos_embedding"])
+  if kw["pool"] == "tok":
+    x = np.concatenate([np.broadcast_to(np.asarray(p["cls"], np.float64), (b, 1, x.shape[-1])), x], axis=1)
   n = x.shape[1]
   if prompts is not None:
     x = np.concatenate([x, np.broadcast_to(prompts[0], (b,) + prompts[0].shape)], axis=1)
@@ -128,6 +131,9 @@ def _image_by_hand(model, base, images, prompts=None):
     return h
 
   x = _blocks(kw, p["Transformer"], x, replace)[:, :n]
+  if kw["pool"] == "tok":
+    assert kw["head"] == "linear"
+    return _l2(x[:, 0] @ np.asarray(p["head"]["kernel"], np.float64))
   assert kw["pool"] == "map" and kw["head"] == "none"
   head = MAPHead(kw["mlp_dim"], kw["num_heads"], kw["act"], norm_eps=kw["norm_eps"])
   return _l2(head.apply({"params": p["MAPHead_0"]}, jnp.asarray(x, jnp.float32)))
@@ -202,6 +208,24 @@ def test_maple_vision_prompts_are_the_coupled_text_prompts_inside_the_vit(setup)
   # ... and the hand-built frozen path is the model's own forward.
   np.testing.assert_allclose(np.asarray(task.model.apply({"params": params["base"]}, image=images)[0]), frozen,
                              atol=2e-5)
+
+
+def test_maple_vision_prompts_in_a_class_token_vit():
+  """CLIP's image tower (class token, linear head) computes its last block for the class token only;
+  the prompts appended after the patches must still reach it."""
+  c = _config("maple", 2, init_words="", num_context=3)
+  c.model.image.update(pool="tok", head="linear")
+  task = PromptLearningTask(c, None)
+  params = _unbox(task.init(jax.random.key(0), task.dummy_batch(1)))
+  prompt = {**params["prompt"], "ctx": _random(4, (3, 32)), "deep_ctx": _random(5, (1, 3, 32)),
+            "coupling": {"w": _random(6, (2, 32, 32), 0.2), "b": _random(7, (2, 32))}}
+  vision = np.asarray(task.learner.vision_prompts(prompt, params["base"]), np.float64)
+  images = _images(4)
+  zimg, _ = task.learner.encode_images(task.model, prompt, params["base"], images)
+  np.testing.assert_allclose(np.asarray(zimg), _image_by_hand(task.model, params["base"], images, vision),
+                             atol=2e-5)
+  np.testing.assert_allclose(np.asarray(task.model.apply({"params": params["base"]}, image=images)[0]),
+                             _image_by_hand(task.model, params["base"], images), atol=2e-5)
 
 
 def test_cocoop_meta_net_adds_an_image_token_to_every_context_vector(setup):

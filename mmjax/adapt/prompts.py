@@ -189,7 +189,9 @@ class PromptLearner:
           x = args[0]
           prompts = jnp.broadcast_to(image_prompts[0].astype(x.dtype), (x.shape[0],) + image_prompts.shape[1:])
           out, aux = next_fun(jnp.concatenate([x, prompts], axis=1), *args[1:], **kwargs)
-          return out[:, :-p], aux
+          keep = args[2] if len(args) > 2 else kwargs.get("keep")
+          # With `keep` (a tower pooled at its class token) only that token comes back.
+          return (out if keep is not None else out[:, :-p]), aux
         block = IMAGE_BLOCK.match(path)
         if block and 0 < int(block.group(1)) < self.depth:
           calls["image"] += 1

@@ -52,18 +52,17 @@ class TextTransformer(nn.Module):
                                                   (None, None, "embed")), (1, self.max_len, self.width))
     x = x + pos[:, :text.shape[1]].astype(x.dtype)
     x = nn.Dropout(self.dropout)(x, not train)
-    token_index = self._pooled_token(text)
+    pooled_token = self._pooled_token(text)
     keep = None
-    if pooled_only and self.pool in SINGLE_TOKEN_POOLS:
-      keep = jnp.broadcast_to(jnp.asarray(token_index, jnp.int32) % text.shape[1], text.shape[:1])
-      token_index = 0
+    if pooled_only and self.pool in SINGLE_TOKEN_POOLS:  # The encoder returns that token alone.
+      keep = jnp.broadcast_to(jnp.asarray(pooled_token, jnp.int32) % text.shape[1], text.shape[:1])
     x, aux = Encoder(self.depth, self.mlp_dim, self.num_heads, causal=self.causal, act=self.act,
                      dropout=self.dropout, scan=self.scan, remat_policy=self.remat_policy,
                      dtype=self.dtype, attention_impl=self.attention_impl, norm_eps=self.norm_eps,
                      name="Encoder_0")(x, not train, keep)
     if keep is None:
       aux["encoded"] = x
-    x = pool_tokens(self, x, self.pool, token_index)
+    x = pool_tokens(self, x, self.pool, pooled_token if keep is None else 0)
     aux["pre_logits"] = x
     return tower_head(self, x), aux
 

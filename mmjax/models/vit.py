@@ -175,7 +175,10 @@ class Encoder1DBlock(nn.Module):
   def __call__(self, x, deterministic=True, keep=None):
     x = nn.with_logical_constraint(x, ACT_AXES)
     y = _layer_norm("LayerNorm_0", self.dtype, self.norm_eps)(x)
-    attention = MultiHeadDotProductAttention(self.num_heads, self.dtype, self.attention_impl,
+    # One query per example takes XLA's path: no kernel gains there, and cuDNN's refuses the
+    # mask with odd lengths in training.
+    attention = MultiHeadDotProductAttention(self.num_heads, self.dtype,
+                                             self.attention_impl if keep is None else "xla",
                                              name="MultiHeadDotProductAttention_0")
     if keep is None:
       y = attention(y, causal=self.causal)
@@ -199,8 +202,9 @@ class Encoder(nn.Module):
   """A stack of blocks and a final LayerNorm; optionally `nn.scan`ned and rematerialised.
 
   `keep` (token indices [batch]): only those tokens are read from the output, so the last
-  block computes just them (output [batch, 1, width]; its aux entries likewise). A CLIP tower
-  pooled at one token saves most of a block's work. A scanned stack computes every token.
+  block computes just them (output [batch, 1, width], and so are the last `blockNN`
+  and `pre_norm` aux entries). A CLIP tower pooled at one token saves most of a block's work.
+  A scanned stack computes every token.
   """
   depth: int
   mlp_dim: int
@@ -276,6 +280,10 @@ def posemb_sincos_2d(h, w, width, temperature=10_000.0):
   return jnp.asarray(emb[None], jnp.float32)
 
 
+# Pools that read one token; a tower asked for its pooled output only computes that token last.
+SINGLE_TOKEN_POOLS = ("tok", "first", "last", "eos", "argmax")
+
+
 class ViT(nn.Module):
   """ViT image encoder: `(images NHWC) -> (head output or pooled features, aux)`."""
   width: int
@@ -328,6 +336,7 @@ class ViT(nn.Module):
       x = _layer_norm("pre_norm", self.dtype, self.norm_eps)(x)
 
     x = nn.Dropout(self.dropout)(x, not train)
+    # An index per example, as nn.remat traces every argument it is not told is static.
     keep = jnp.zeros(batch, jnp.int32) if pooled_only and self.pool in SINGLE_TOKEN_POOLS else None
     x, aux = Encoder(self.depth, self.mlp_dim, self.num_heads, act=self.act, dropout=self.dropout,
                      scan=self.scan, remat_policy=self.remat_policy, dtype=self.dtype,
@@ -339,9 +348,6 @@ class ViT(nn.Module):
     aux["pre_logits"] = x
     x = tower_head(self, x)
     return x, aux
-
-
-SINGLE_TOKEN_POOLS = ("tok", "first", "last", "eos", "argmax")
 
 
 def pool_tokens(module: nn.Module, x, pool: str, token_index):
@@ -360,4 +366,4 @@ def pool_tokens(module: nn.Module, x, pool: str, token_index):
     if isinstance(token_index, int):
       return x[:, token_index]
     return jnp.take_along_axis(x, token_index[:, None, None], axis=1)[:, 0]
-  raise ConfigError(f"pool={pool!r}; known: tok, first, last, eos, argmax, gap, map, none")
+  raise ConfigError(f"pool={pool!r}; known: {', '.join(SINGLE_TOKEN_POOLS)}, gap, map, none")

@@ -50,7 +50,7 @@ class ViTClassifier(nn.Module):
 
   @nn.compact
   def __call__(self, image, train=False):
-    return ViT(**self.tower, name="vit")(image, train=train)[0]
+    return ViT(**self.tower, name="vit")(image, train=train, pooled_only=True)[0]
 
 
 class ClassificationTask:
