@@ -181,13 +181,16 @@ def rag_retriever(tiny_export):
   return rag.CaptionRetriever(tiny_export, shapes_vqa.caption_pool(n=40))
 
 
-def test_caption_retriever_returns_the_captions_nearest_each_image(rag_retriever):
+def test_caption_retriever_returns_the_captions_nearest_each_image(tiny_export, rag_retriever):
   images = np.stack([r["image"] for r in shapes_vqa.eval_set(image_size=32, n=5)])
   got = rag_retriever(images, 3)
   image_emb = rag_retriever.encoder.images(images).astype(np.float64)
   text_emb = rag_retriever.encoder.texts(rag_retriever.index.items).astype(np.float64)
   _, want = _numpy_top_k(_unit(image_emb), _unit(text_emb), 3)
   assert got == [[rag_retriever.index.items[j] for j in row] for row in want]
+  # Another retriever of the same export and pool (the eval sets' after the training source's)
+  # reuses the loaded export and the embedded captions.
+  assert rag.CaptionRetriever(tiny_export, rag_retriever.index.items, "random").index is rag_retriever.index
 
 
 def test_random_caption_selection_is_seeded_and_distinct(tiny_export):

@@ -365,5 +365,5 @@ def pool_tokens(module: nn.Module, x, pool: str, token_index):
   if pool in SINGLE_TOKEN_POOLS:
     if isinstance(token_index, int):
       return x[:, token_index]
-    return jnp.take_along_axis(x, token_index[:, None, None], axis=1)[:, 0]
+    return take_tokens(x, token_index)[:, 0]
   raise ConfigError(f"pool={pool!r}; known: {', '.join(SINGLE_TOKEN_POOLS)}, gap, map, none")

@@ -14,6 +14,7 @@ retrieved passage together with the image and the question).
 """
 from __future__ import annotations
 
+import functools
 import time
 
 import jax
@@ -38,8 +39,7 @@ class CaptionRetriever:
       raise ConfigError(f"data.rag.selection={selection!r}: expected one of {SELECTIONS}")
     if len(set(captions)) != len(captions):
       raise ConfigError("CaptionRetriever: the caption pool has duplicates; pass distinct captions")
-    self.encoder = TwoTowerEncoder(export_dir)
-    self.index = EmbeddingIndex(self.encoder.texts(captions), list(captions), "text")
+    self.encoder, self.index = _embedded_pool(export_dir, tuple(captions))
     self.selection, self._rng = selection, np.random.default_rng(seed)
 
   def __call__(self, images: np.ndarray, k: int) -> list[list[str]]:
@@ -50,6 +50,14 @@ class CaptionRetriever:
       return [[self.index.items[i] for i in row] for row in rows]
     hits = self.index.search(self.encoder.images(images), k)
     return [[item for _, _, item in row] for row in hits]
+
+
+@functools.lru_cache(maxsize=1)
+def _embedded_pool(export_dir: str, captions: tuple[str, ...]) -> tuple[TwoTowerEncoder, EmbeddingIndex]:
+  """The export's encoder and an index of its caption embeddings, built once per process: a run's
+  training source and its eval sets search the same pool."""
+  encoder = TwoTowerEncoder(export_dir)
+  return encoder, EmbeddingIndex(encoder.texts(list(captions)), list(captions), "text")
 
 
 def retriever(data) -> CaptionRetriever:
