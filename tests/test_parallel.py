@@ -25,8 +25,9 @@ def _batches(config, vocab):
            "text": rng.integers(3, vocab, (b, length)).astype(np.int32)} for _ in range(STEPS)]
 
 
-def _train(mesh_config, n_devices):
+def _train(mesh_config, n_devices, **text_tower):
   config = tiny_config(mesh=mesh_config)
+  config.model.text.update(text_tower)
   mesh = parallel.make_mesh(config.mesh, devices=jax.devices()[:n_devices])
   rules = parallel.axis_rules(config.axis_rules, mesh)
   task = ContrastiveTask(config, mesh)
@@ -69,6 +70,18 @@ def test_sharded_training_matches_one_device(single, mesh_config):
   # Parameters and their Adam moments are split over fsdp: 1/fsdp of the rows per device.
   assert kernel.addressable_shards[0].data.shape == (32 // fsdp, 64)
   assert mu.sharding == kernel.sharding
+
+
+def test_scanned_text_tower_pooled_at_one_token_trains_sharded_as_on_one_device():
+  # The pooled tower scans all but its last layer, then runs that layer's slice of the stacked
+  # (fsdp-sharded) parameters for the pooled token alone.
+  tower = dict(scan=True, depth=3, remat_policy="dots")
+  losses_1, state_1 = _train((("data", 1),), 1, **tower)
+  losses_n, state_n = _train((("data", 2), ("fsdp", 4), ("tensor", 1)), 8, **tower)
+  assert losses_1[0, 0] != losses_1[-1, 0]
+  np.testing.assert_allclose(losses_n, losses_1, rtol=1e-5)
+  kernel = state_n["params"]["txt"]["Encoder_0"]["encoderblock"]["MlpBlock_0"]["Dense_0"]["kernel"]
+  assert kernel.shape == (3, 32, 64) and kernel.addressable_shards[0].data.shape == (3, 32 // 4, 64)
 
 
 def test_mesh_errors_name_the_problem():

@@ -204,7 +204,8 @@ class Encoder(nn.Module):
   `keep` (token indices [batch]): only those tokens are read from the output, so the last
   block computes just them (output [batch, 1, width], and so are the last `blockNN`
   and `pre_norm` aux entries). A CLIP tower pooled at one token saves most of a block's work.
-  A scanned stack computes every token.
+  A scanned stack then scans the first depth - 1 layers and runs the last on its slice of
+  the stacked parameters: the same module, so parameter and module paths do not change.
   """
   depth: int
   mlp_dim: int
@@ -231,19 +232,43 @@ class Encoder(nn.Module):
                        static_argnums=(2,))
     aux = {}
     if self.scan:
-      scanned = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                        in_axes=nn.broadcast, length=self.depth,
-                        metadata_params={nn.PARTITION_NAME: "layers"})
-      x, _ = scanned(name="encoderblock", **block_kw)(x, deterministic)
+      x = self._scanned(block(name="encoderblock", **block_kw), x, deterministic, keep)
     else:
       for i in range(self.depth):
         last = keep if i == self.depth - 1 else None
         x, _ = block(name=f"encoderblock_{i}", **block_kw)(x, deterministic, last)
         aux[f"block{i:02d}"] = x
-    if keep is not None and (self.scan or not self.depth):
+    if keep is not None and not self.depth:
       x = take_tokens(x, keep)
     aux["pre_norm"] = x
     return _layer_norm("encoder_norm", self.dtype, self.norm_eps)(x), aux
+
+  def _scanned(self, block, x, deterministic, keep):
+    """`block` (one module, parameters stacked over layers) scanned over the stack; with `keep`,
+    over all but the last layer, which then computes the kept tokens alone. Initialisation
+    always scans the whole stack, so both paths read the same parameters."""
+    def stack(length):
+      return nn.scan(lambda module, carry, _: module(carry, deterministic), variable_axes={"params": 0},
+                     split_rngs={"params": True, "dropout": True}, length=length,
+                     metadata_params={nn.PARTITION_NAME: "layers"})
+
+    if keep is None or not self.depth:
+      return stack(self.depth)(block, x, None)[0]
+    if self.is_initializing():
+      return take_tokens(stack(self.depth)(block, x, None)[0], keep)
+    if self.depth > 1:
+      x, _ = nn.map_variables(stack(self.depth - 1), "params", trans_in_fn=_layers_but_last)(block, x, None)
+    run_last = nn.map_variables(lambda module, x: module(x, deterministic, keep), "params", trans_in_fn=_last_layer)
+    return run_last(block, x)[0]
+
+
+def _layers_but_last(params):
+  return jax.tree.map(lambda p: p[:-1], params)
+
+
+def _last_layer(params):
+  # Unboxed first: the sliced parameter loses the `layers` axis its partitioning names.
+  return jax.tree.map(lambda p: p[-1], nn.meta.unbox(params))
 
 
 class MAPHead(nn.Module):
