@@ -122,7 +122,8 @@ def _matmul_flops(fn, *args) -> float:
 
 @pytest.mark.parametrize("pool,causal,remat,scan", [("eos", True, "none", False), ("argmax", True, "full", False),
                                                      ("last", False, "none", False), ("first", False, "dots", False),
-                                                     ("eos", True, "dots", True), ("first", False, "none", True)])
+                                                     ("eos", True, "none", True), ("first", False, "none", True),
+                                                     ("argmax", True, "dots", True)])
 def test_text_tower_pooled_only_computes_the_last_block_for_the_pooled_token(pool, causal, remat, scan):
   tower = TextTransformer(vocab_size=20, max_len=8, pool=pool, causal=causal, eos_id=19, head="linear",
                           num_classes=8, remat_policy=remat, scan=scan, **TINY)
@@ -136,7 +137,10 @@ def test_text_tower_pooled_only_computes_the_last_block_for_the_pooled_token(poo
   # The last of TINY's two blocks runs for 1 of 8 tokens: a third of the forward work goes.
   full = _matmul_flops(lambda p, t: tower.apply(p, t)[0], params, text)
   pooled = _matmul_flops(lambda p, t: tower.apply(p, t, pooled_only=True)[0], params, text)
-  assert pooled < 0.75 * full
+  if scan and remat != "none":  # Slicing the stacked parameters would cost more memory than remat saves.
+    assert pooled == full
+  else:
+    assert pooled < 0.75 * full
 
 
 @pytest.mark.parametrize("scan", [False, True])

@@ -75,7 +75,7 @@ def test_sharded_training_matches_one_device(single, mesh_config):
 def test_scanned_text_tower_pooled_at_one_token_trains_sharded_as_on_one_device():
   # The pooled tower scans all but its last layer, then runs that layer's slice of the stacked
   # (fsdp-sharded) parameters for the pooled token alone.
-  tower = dict(scan=True, depth=3, remat_policy="dots")
+  tower = dict(scan=True, depth=3)
   losses_1, state_1 = _train((("data", 1),), 1, **tower)
   losses_n, state_n = _train((("data", 2), ("fsdp", 4), ("tensor", 1)), 8, **tower)
   assert losses_1[0, 0] != losses_1[-1, 0]

@@ -204,8 +204,10 @@ class Encoder(nn.Module):
   `keep` (token indices [batch]): only those tokens are read from the output, so the last
   block computes just them (output [batch, 1, width], and so are the last `blockNN`
   and `pre_norm` aux entries). A CLIP tower pooled at one token saves most of a block's work.
-  A scanned stack then scans the first depth - 1 layers and runs the last on its slice of
-  the stacked parameters: the same module, so parameter and module paths do not change.
+  A scanned stack without remat then scans the first depth - 1 layers and runs the last on
+  its slice of the stacked parameters (the same module, so parameter and module paths do not
+  change). The slices cost up to a copy of the stacked parameters, more than a rematerialised
+  stack saves in activations, so with remat the scanned stack computes every token.
   """
   depth: int
   mlp_dim: int
@@ -244,9 +246,9 @@ class Encoder(nn.Module):
     return _layer_norm("encoder_norm", self.dtype, self.norm_eps)(x), aux
 
   def _scanned(self, block, x, deterministic, keep):
-    """`block` (one module, parameters stacked over layers) scanned over the stack; with `keep`,
-    over all but the last layer, which then computes the kept tokens alone. Initialisation
-    always scans the whole stack, so both paths read the same parameters."""
+    """`block` (one module, parameters stacked over layers) scanned over the stack; with `keep`
+    and no remat, over all but the last layer, which then computes the kept tokens alone.
+    Initialisation always scans the whole stack, so both paths read the same parameters."""
     def stack(length):
       return nn.scan(lambda module, carry, _: module(carry, deterministic), variable_axes={"params": 0},
                      split_rngs={"params": True, "dropout": True}, length=length,
@@ -254,7 +256,7 @@ class Encoder(nn.Module):
 
     if keep is None or not self.depth:
       return stack(self.depth)(block, x, None)[0]
-    if self.is_initializing():
+    if self.is_initializing() or self.remat_policy != "none":
       return take_tokens(stack(self.depth)(block, x, None)[0], keep)
     if self.depth > 1:
       x, _ = nn.map_variables(stack(self.depth - 1), "params", trans_in_fn=_layers_but_last)(block, x, None)
