@@ -206,8 +206,9 @@ class Encoder(nn.Module):
   and `pre_norm` aux entries). A CLIP tower pooled at one token saves most of a block's work.
   A scanned stack without remat then scans the first depth - 1 layers and runs the last on
   its slice of the stacked parameters (the same module, so parameter and module paths do not
-  change). The slices cost up to a copy of the stacked parameters, more than a rematerialised
-  stack saves in activations, so with remat the scanned stack computes every token.
+  change). The slices cost up to a copy of the stacked parameters, which for SigLIP B/16's
+  rematerialised towers was more than the activations saved (`benchmarks/RESULTS.md`), so
+  with remat the scanned stack computes every token.
   """
   depth: int
   mlp_dim: int
@@ -258,6 +259,11 @@ class Encoder(nn.Module):
       return stack(self.depth)(block, x, None)[0]
     if self.is_initializing() or self.remat_policy != "none":
       return take_tokens(stack(self.depth)(block, x, None)[0], keep)
+    # Slicing would run any stack; the whole scan would have refused a wrong one.
+    layers = {p.shape[0] for p in jax.tree.leaves(self.variables["params"][block.name])}
+    if layers != {self.depth}:
+      raise ConfigError(f"{'/'.join(self.path + (block.name,))}: parameters stacked over {sorted(layers)} "
+                        f"layers; the model has depth={self.depth}")
     if self.depth > 1:
       x, _ = nn.map_variables(stack(self.depth - 1), "params", trans_in_fn=_layers_but_last)(block, x, None)
     run_last = nn.map_variables(lambda module, x: module(x, deterministic, keep), "params", trans_in_fn=_last_layer)
