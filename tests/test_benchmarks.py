@@ -35,13 +35,25 @@ def matmul_flops_per_step(cfg: dict, batch: int, pooled_last_block: bool, attent
   return batch * (3 * forward + 2 * patch_embedding)
 
 
-@pytest.mark.slow
-def test_train_throughput_runs_both_sides_and_counts_the_models_flops(tmp_path):
+def _benchmark_models() -> dict:
   sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
   try:
-    from train_throughput import SMALL
+    from train_throughput import MODELS
   finally:
     sys.path.pop(0)
+  return MODELS
+
+
+def test_throughput_architectures_are_open_clips():
+  import open_clip
+  models = _benchmark_models()
+  for name, theirs in (("b32", "ViT-B-32"), ("b16", "ViT-B-16")):
+    assert models[name] == open_clip.get_model_config(theirs), name
+
+
+@pytest.mark.slow
+def test_train_throughput_runs_both_sides_and_counts_the_models_flops(tmp_path):
+  small = _benchmark_models()["small"]
   out = tmp_path / "throughput.json"
   subprocess.run([sys.executable, "benchmarks/train_throughput.py", "--model", "small", "--batch", str(BATCH),
                   "--warmup", "1", "--rounds", "1", "--steps", "1", "--out", str(out)],
@@ -55,7 +67,7 @@ def test_train_throughput_runs_both_sides_and_counts_the_models_flops(tmp_path):
   # its last blocks on every token; mmjax on the pooled ones (40% less work at 2 layers). torch's
   # counter (2.14) does not see its CPU flash-attention kernel; one that does may come.
   flops = result["flops_per_step"]
-  ours = matmul_flops_per_step(SMALL, BATCH, pooled_last_block=True)
+  ours = matmul_flops_per_step(small, BATCH, pooled_last_block=True)
   assert 1.0 <= flops["mmjax"] / ours < 1.15, (flops["mmjax"], ours)
-  theirs = [matmul_flops_per_step(SMALL, BATCH, pooled_last_block=False, attention=a) for a in (False, True)]
+  theirs = [matmul_flops_per_step(small, BATCH, pooled_last_block=False, attention=a) for a in (False, True)]
   assert 0.99 * theirs[0] <= flops["open_clip"] <= 1.01 * theirs[1], (flops["open_clip"], theirs)
