@@ -6,8 +6,8 @@ Both sides build the architecture from one open_clip model config (`MODELS`; mmj
 allocator and thread pools, as users run them), and are timed in alternating rounds after
 warm-up, so machine noise hits both alike. Prints samples/s of each and their ratio, the FLOPs
 of each side's step (XLA's cost analysis of mmjax's compiled step; torch's FlopCounterMode for
-open_clip, matmuls and convolutions), achieved FLOP/s, and that as a fraction of a float32 matmul peak measured in the
-same run; writes JSON.
+open_clip, matmuls and convolutions), achieved FLOP/s, and that as a fraction of a float32
+matmul peak measured in the same run; writes JSON.
 
   python benchmarks/train_throughput.py                       # ViT-B/32 CLIP, 224 px, batch 32
   python benchmarks/train_throughput.py --model small         # a quick run

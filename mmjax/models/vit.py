@@ -241,8 +241,8 @@ class Encoder(nn.Module):
         last = keep if i == self.depth - 1 else None
         x, _ = block(name=f"encoderblock_{i}", **block_kw)(x, deterministic, last)
         aux[f"block{i:02d}"] = x
-    if keep is not None and not self.depth:
-      x = take_tokens(x, keep)
+      if keep is not None and not self.depth:
+        x = take_tokens(x, keep)
     aux["pre_norm"] = x
     return _layer_norm("encoder_norm", self.dtype, self.norm_eps)(x), aux
 
@@ -255,9 +255,9 @@ class Encoder(nn.Module):
                      split_rngs={"params": True, "dropout": True}, length=length,
                      metadata_params={nn.PARTITION_NAME: "layers"})
 
-    if keep is None or not self.depth:
+    if keep is None:
       return stack(self.depth)(block, x, None)[0]
-    if self.is_initializing() or self.remat_policy != "none":
+    if not self.depth or self.is_initializing() or self.remat_policy != "none":
       return take_tokens(stack(self.depth)(block, x, None)[0], keep)
     # Slicing would run any stack; the whole scan would have refused a wrong one.
     layers = {p.shape[0] for p in jax.tree.leaves(self.variables["params"][block.name])}
