@@ -15,6 +15,7 @@ import numpy as np
 
 from mmjax.errors import ConfigError
 from mmjax.ops.attention import dot_product_attention
+from mmjax.ops.dense import dense_dot_general
 
 # big_vision's ViT family: width, depth, MLP width and heads per variant name.
 VARIANTS = {
@@ -63,7 +64,7 @@ def decode_variant(variant: str | None) -> dict[str, int]:
 
 def _dense(features, axes, name, dtype, kernel_init=nn.initializers.xavier_uniform(),
            bias_init=nn.initializers.zeros, use_bias=True):
-  return nn.Dense(features, dtype=dtype, name=name, use_bias=use_bias,
+  return nn.Dense(features, dtype=dtype, name=name, use_bias=use_bias, dot_general=dense_dot_general,
                   kernel_init=nn.with_logical_partitioning(kernel_init, axes),
                   bias_init=nn.with_logical_partitioning(bias_init, axes[-1:]))
 

@@ -1,0 +1,23 @@
+"""A `dot_general` for `nn.Dense` that multiplies the tokens as one 2-D matrix.
+
+For `x @ kernel` with x [batch, length, in], autodiff's kernel gradient contracts the output
+gradient with `x` over both leading axes. XLA:CPU lays that out as an explicit transpose of the
+output gradient and a matmul with both operands transposed, which its Eigen path runs at 190-240
+GFLOP/s where the same product in other forms reaches 300 (ViT-B/32 MLP shapes;
+`benchmarks/RESULTS.md`). Flattened to [tokens, in] first, the same values come from a kernel
+gradient XLA computes without the transpose.
+"""
+from __future__ import annotations
+
+from jax import lax
+
+
+def dense_dot_general(x, kernel, dimension_numbers, precision=None, preferred_element_type=None):
+  """`lax.dot_general` for `nn.Dense`'s contraction (x [..., in] with kernel [in, out])."""
+  if dimension_numbers != (((x.ndim - 1,), (0,)), ((), ())) or kernel.ndim != 2:
+    raise ValueError(f"dense_dot_general contracts x's last axis with a 2-D kernel's first; "
+                     f"got dimension_numbers={dimension_numbers}, kernel shape {kernel.shape}")
+  tokens = x.reshape(-1, x.shape[-1])
+  y = lax.dot_general(tokens, kernel, (((1,), (0,)), ((), ())), precision=precision,
+                      preferred_element_type=preferred_element_type)
+  return y.reshape(*x.shape[:-1], kernel.shape[1])

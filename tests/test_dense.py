@@ -1,0 +1,58 @@
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from mmjax.models import vit
+from mmjax.ops.dense import dense_dot_general
+
+
+@pytest.mark.parametrize("x_shape", [(7,), (4, 7), (3, 5, 7), (2, 3, 2, 7)])
+def test_matches_float64_matmul_and_its_gradients(x_shape):
+  rng = np.random.default_rng(0)
+  x, kernel = rng.normal(size=x_shape), rng.normal(size=(7, 6))
+  cotangent = rng.normal(size=x_shape[:-1] + (6,))
+
+  def loss(x, kernel):
+    y = dense_dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+    return jnp.sum(y * cotangent.astype(np.float32)), y
+
+  (_, y), (dx, dkernel) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
+      x.astype(np.float32), kernel.astype(np.float32))
+  np.testing.assert_allclose(y, x @ kernel, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dx, cotangent @ kernel.T, rtol=1e-5, atol=1e-5)
+  tokens = x.reshape(-1, 7)
+  np.testing.assert_allclose(dkernel, tokens.T @ cotangent.reshape(-1, 6), rtol=1e-5, atol=1e-5)
+
+
+def test_refuses_a_contraction_that_is_not_dense():
+  x, kernel = jnp.ones((2, 3, 4)), jnp.ones((3, 5))
+  with pytest.raises(ValueError, match="dimension_numbers"):
+    dense_dot_general(x, kernel, (((1,), (0,)), ((), ())))
+
+
+def _transposed_dots(hlo: str) -> int:
+  """Dots that contract the first axis of the left operand with the last of the right: both
+  operands transposed, the form XLA:CPU runs slowest."""
+  return len(re.findall(r" dot\([^)]*\), lhs_contracting_dims=\{0\}, rhs_contracting_dims=\{1\}", hlo))
+
+
+def test_mlp_kernel_gradients_need_no_transposed_operands_on_cpu(monkeypatch):
+  """The MLP block's kernel gradients compile without the doubly transposed matmul that
+  `lax.dot_general`'s gradient becomes on XLA:CPU (tokens [batch, length, width])."""
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(8, 50, 64)), jnp.float32)
+  block = vit.MlpBlock(mlp_dim=256, act="gelu")
+  params = block.init(jax.random.key(0), x)
+
+  def compiled_gradient():
+    loss = lambda params: jnp.sum(block.apply(params, x) ** 2)
+    return jax.jit(jax.grad(loss)).lower(params).compile().as_text()
+
+  ours = compiled_gradient()
+  monkeypatch.setattr(vit, "dense_dot_general", lax.dot_general)
+  if not _transposed_dots(compiled_gradient()):
+    pytest.skip("this XLA lays out lax.dot_general's kernel gradient without the transposes")
+  assert _transposed_dots(ours) == 0
