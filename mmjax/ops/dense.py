@@ -6,8 +6,13 @@ output gradient and a matmul with both operands transposed, which its Eigen path
 GFLOP/s where the same product in other forms reaches 300 (ViT-B/32 MLP shapes;
 `benchmarks/RESULTS.md`). Flattened to [tokens, in] first, the same values come from a kernel
 gradient XLA computes without the transpose.
+
+Flattening keeps a batch-axis sharding. A sharded length axis (`act_seq` mapped to a mesh axis,
+which no recipe does) cannot survive the merge: XLA would gather x on every device first.
 """
 from __future__ import annotations
+
+import math
 
 from jax import lax
 
@@ -17,7 +22,7 @@ def dense_dot_general(x, kernel, dimension_numbers, precision=None, preferred_el
   if dimension_numbers != (((x.ndim - 1,), (0,)), ((), ())) or kernel.ndim != 2:
     raise ValueError(f"dense_dot_general contracts x's last axis with a 2-D kernel's first; "
                      f"got dimension_numbers={dimension_numbers}, kernel shape {kernel.shape}")
-  tokens = x.reshape(-1, x.shape[-1])
+  tokens = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
   y = lax.dot_general(tokens, kernel, (((1,), (0,)), ((), ())), precision=precision,
                       preferred_element_type=preferred_element_type)
   return y.reshape(*x.shape[:-1], kernel.shape[1])
