@@ -29,9 +29,8 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.errors import ConfigError
-from mmjax.models.vit import ACT_AXES, ACTIVATIONS
+from mmjax.models.vit import ACT_AXES, ACTIVATIONS, _dense as vit_dense
 from mmjax.ops.attention import IMPLS, dot_product_attention
-from mmjax.ops.dense import dense_dot_general
 
 LM_ACTIVATIONS = {**ACTIVATIONS, "silu": nn.silu, "relu": nn.relu}
 POSITIONS = ("rope", "learn")
@@ -41,9 +40,7 @@ _INIT = nn.initializers.normal(stddev=0.02)
 
 
 def _dense(features, axes, name, dtype, use_bias):
-  return nn.Dense(features, dtype=dtype, name=name, use_bias=use_bias, dot_general=dense_dot_general,
-                  kernel_init=nn.with_logical_partitioning(_INIT, axes),
-                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[-1:]))
+  return vit_dense(features, axes, name, dtype, kernel_init=_INIT, use_bias=use_bias)
 
 
 class RMSNorm(nn.Module):
