@@ -62,7 +62,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss = dict(kind="sigmoid", impl="ring", num_negatives=0, margin=0.2, hardest=False)
   # twins (shapes only): every image comes with a negative differing only in its shapes.
   c.data = dict(source="shapes", tokenizer="shapes", image_size=64, batch_size=128, held_out_fraction=0.2,
-                twins=True, captions="", image_root="", shards="", on_bad_image="skip", worker_count=0, seed=0)
+                twins=True, captions="", image_root="", shards="", on_bad_image="skip", worker_count=0, seed=0,
+                pack_text=False)
   c.mesh = (("data", -1), ("fsdp", 1), ("tensor", 1))
   c.axis_rules = (("batch", ("data", "fsdp")), ("act_batch", ("data", "fsdp")), ("embed", "fsdp"),
                   ("mlp", "tensor"), ("heads", "tensor"), ("vocab", "tensor"))

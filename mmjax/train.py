@@ -247,6 +247,8 @@ def _run(config, workdir, task, mesh, rules, ckpt, loader, preempted) -> dict[st
   for step in range(start + 1, config.total_steps + 1):
     local = next(data_iter)
     skipped += int(local.pop(pipeline.SKIPPED))
+    if hasattr(task, "prepare_batch"):
+      local = task.prepare_batch(local)
     state, metrics = train_step(state, parallel.global_batch(local, mesh), rng)
     # Check the previous step's loss while this one runs, so dispatch stays asynchronous.
     if pending is not None:

@@ -12,27 +12,30 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BATCH = 8
 
 
-def matmul_flops_per_step(cfg: dict, batch: int, pooled_last_block: bool, attention: bool = True) -> float:
+def matmul_flops_per_step(cfg: dict, batch: int, pooled_last_block: bool, attention: bool = True,
+                          text_rows: int | None = None) -> float:
   """Training-step matmul FLOPs of an open_clip CLIP config counted by hand: forward, plus
   twice that backward (input and weight gradients), except that the pixels need no gradient.
   `pooled_last_block`: each tower's last block computes only its pooled token (keys and values
-  still come from every token). `attention=False` leaves out the scores and weighted values."""
+  still come from every token). `attention=False` leaves out the scores and weighted values.
+  `text_rows`: the captions packed two per row into that many rows (each pooling two tokens)."""
   def layer(tokens, queries, width, mlp_ratio=4):  # multiply-adds
     return (2 * tokens * width * width  # k, v projections
             + 2 * queries * width * width  # q, out projections
             + 2 * queries * tokens * width * attention  # scores and weighted values
             + 2 * queries * width * mlp_ratio * width)  # MLP
 
-  def tower(tokens, width, layers):
-    last = layer(tokens, 1 if pooled_last_block else tokens, width)
+  def tower(tokens, width, layers, pooled=1):
+    last = layer(tokens, pooled if pooled_last_block else tokens, width)
     return 2 * ((layers - 1) * layer(tokens, tokens, width) + last)
   vision, text, embed = cfg["vision_cfg"], cfg["text_cfg"], cfg["embed_dim"]
   patches = (vision["image_size"] // vision["patch_size"]) ** 2
   patch_embedding = 2 * patches * vision["patch_size"] ** 2 * 3 * vision["width"]
-  forward = (tower(patches + 1, vision["width"], vision["layers"])
-             + tower(text["context_length"], text["width"], text["layers"])
-             + 2 * embed * (vision["width"] + text["width"]))  # the two projections
-  return batch * (3 * forward + 2 * patch_embedding)
+  image = tower(patches + 1, vision["width"], vision["layers"]) + 2 * embed * vision["width"]
+  rows, pooled = (batch, 1) if text_rows is None else (text_rows, 2)
+  caption_row = (tower(text["context_length"], text["width"], text["layers"], pooled)
+                 + pooled * 2 * embed * text["width"])
+  return batch * (3 * image + 2 * patch_embedding) + rows * 3 * caption_row
 
 
 def _benchmark_models() -> dict:
@@ -71,3 +74,18 @@ def test_train_throughput_runs_both_sides_and_counts_the_models_flops(tmp_path):
   assert 1.0 <= flops["mmjax"] / ours < 1.15, (flops["mmjax"], ours)
   theirs = [matmul_flops_per_step(small, BATCH, pooled_last_block=False, attention=a) for a in (False, True)]
   assert 0.99 * theirs[0] <= flops["open_clip"] <= 1.01 * theirs[1], (flops["open_clip"], theirs)
+
+
+@pytest.mark.slow
+def test_packed_captions_cut_the_counted_flops_as_their_rows(tmp_path):
+  small = _benchmark_models()["small"]
+  out = tmp_path / "throughput.json"
+  subprocess.run([sys.executable, "benchmarks/train_throughput.py", "--model", "small", "--batch", str(BATCH),
+                  "--pack_text", "--no_torch", "--warmup", "1", "--rounds", "1", "--steps", "1", "--out", str(out)],
+                 cwd=ROOT, check=True, capture_output=True, text=True)
+  result = json.loads(out.read_text())
+  rows = result["mmjax_text_rows"]
+  assert result["pack_text"] and rows < BATCH
+  flops = result["flops_per_step"]["mmjax"]
+  ours = matmul_flops_per_step(small, BATCH, pooled_last_block=True, text_rows=rows)
+  assert 1.0 <= flops / ours < 1.15, (flops, ours)

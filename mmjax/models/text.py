@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from mmjax.errors import ConfigError
-from mmjax.models.vit import SINGLE_TOKEN_POOLS, Encoder, pool_tokens, tower_head
+from mmjax.models.vit import SINGLE_TOKEN_POOLS, Encoder, pool_tokens, take_tokens, tower_head
 
 
 class TextTransformer(nn.Module):
@@ -38,9 +38,13 @@ class TextTransformer(nn.Module):
   norm_eps: float = 1e-6
 
   @nn.compact
-  def __call__(self, text, train=False, pooled_only=False):
+  def __call__(self, text, train=False, pooled_only=False, packing=None):
     """`pooled_only`: the caller reads only the pooled output and `aux["pre_logits"]`, so a
-    tower pooled at one token computes its last block for that token alone."""
+    tower pooled at one token computes its last block for that token alone.
+
+    `packing`: `text` holds captions packed two per row (`mmjax.data.packing`), and this dict
+    their `positions`, `segments` and `pool` columns (other keys are ignored); the output is
+    then [rows, 2, ...], one entry per segment."""
     if text.shape[1] > self.max_len:
       raise ConfigError(f"text length {text.shape[1]} exceeds model.text.max_len={self.max_len}")
     embed = nn.Embed(self.vocab_size, self.width, dtype=self.dtype, name="Embed_0",
@@ -50,19 +54,29 @@ class TextTransformer(nn.Module):
     pos = self.param("pos_embedding",
                      nn.with_logical_partitioning(nn.initializers.normal(stddev=self.width ** -0.5),
                                                   (None, None, "embed")), (1, self.max_len, self.width))
-    x = x + pos[:, :text.shape[1]].astype(x.dtype)
+    if packing is None:
+      x = x + pos[:, :text.shape[1]].astype(x.dtype)
+      pooled_token, segments = self._pooled_token(text), None
+    else:
+      if not self.causal or self.pool not in ("eos", "argmax"):
+        raise ConfigError(f"packed captions need a causal text tower pooled at its end of text; this one has "
+                          f"causal={self.causal}, pool={self.pool!r}")
+      x = x + pos[0, packing["positions"]].astype(x.dtype)
+      pooled_token, segments = packing["pool"], packing["segments"]
     x = nn.Dropout(self.dropout)(x, not train)
-    pooled_token = self._pooled_token(text)
     keep = None
     if pooled_only and self.pool in SINGLE_TOKEN_POOLS:  # The encoder returns that token alone.
-      keep = jnp.broadcast_to(jnp.asarray(pooled_token, jnp.int32) % text.shape[1], text.shape[:1])
+      keep = jnp.broadcast_to(jnp.asarray(pooled_token, jnp.int32) % text.shape[1],
+                              text.shape[:1] + jnp.shape(pooled_token)[1:])
     x, aux = Encoder(self.depth, self.mlp_dim, self.num_heads, causal=self.causal, act=self.act,
                      dropout=self.dropout, scan=self.scan, remat_policy=self.remat_policy,
                      dtype=self.dtype, attention_impl=self.attention_impl, norm_eps=self.norm_eps,
-                     name="Encoder_0")(x, not train, keep)
+                     name="Encoder_0")(x, not train, keep, segments)
     if keep is None:
       aux["encoded"] = x
-    x = pool_tokens(self, x, self.pool, pooled_token if keep is None else 0)
+      x = take_tokens(x, pooled_token) if packing is not None else pool_tokens(self, x, self.pool, pooled_token)
+    elif packing is None:
+      x = x[:, 0]
     aux["pre_logits"] = x
     return tower_head(self, x), aux
 

@@ -33,6 +33,9 @@ class TwoTower(nn.Module):
 
   `zimg`/`ztxt` are L2-normalised float32 embeddings; `aux["t"]` is the positive logit
   scale exp(t) and `aux["b"]` the logit bias (absent when `bias_init` is None).
+
+  `text_packing` (`positions`, `segments`, `pool` and `slot` of a batch whose `text` is packed
+  by `mmjax.data.packing`): `ztxt` is still one embedding per caption, in the batch's order.
   """
   image: dict
   text: dict
@@ -40,7 +43,7 @@ class TwoTower(nn.Module):
   bias_init: float | None = None
 
   @nn.compact
-  def __call__(self, image=None, text=None, train=False):
+  def __call__(self, image=None, text=None, train=False, text_packing=None):
     aux = {}
     zimg = ztxt = None
     if image is not None:
@@ -48,8 +51,11 @@ class TwoTower(nn.Module):
       aux.update({f"img/{k}": v for k, v in img_aux.items()})
       zimg = _l2_normalize(out)
     if text is not None:
-      out, txt_aux = TextTransformer(**self.text, name="txt")(text, train=train, pooled_only=True)
+      out, txt_aux = TextTransformer(**self.text, name="txt")(text, train=train, pooled_only=True,
+                                                              packing=text_packing)
       aux.update({f"txt/{k}": v for k, v in txt_aux.items()})
+      if text_packing is not None:
+        out = out.reshape(-1, out.shape[-1])[text_packing["slot"]]
       ztxt = _l2_normalize(out)
     t = self.param("t", nn.with_logical_partitioning(nn.initializers.constant(np.log(self.temperature_init)),
                                                      (None,)), (1,))

@@ -159,9 +159,11 @@ class MultiHeadDotProductAttention(nn.Module):
 class Encoder1DBlock(nn.Module):
   """Pre-LN block: x + attn(LN(x)), then x + mlp(LN(x)).
 
-  With `keep` (token indices [batch]) only the token `keep[b]` of each example is computed:
-  its query attends to every key (causal: the keys up to it), and the output is [batch, 1,
-  width]. Returns `(x, None)`, the (carry, output) pair `nn.scan` expects.
+  With `keep` (token indices [batch], or [batch, k]) only the tokens `keep[b]` of each example
+  are computed: their queries attend to every key (causal: the keys up to them), and the output
+  is [batch, 1 or k, width]. With `segments` ([batch, seq] ids: packed sequences) a token
+  attends only to tokens of its own segment. Returns `(x, None)`, the (carry, output) pair
+  `nn.scan` expects.
   """
   mlp_dim: int
   num_heads: int
@@ -173,19 +175,24 @@ class Encoder1DBlock(nn.Module):
   norm_eps: float = 1e-6
 
   @nn.compact
-  def __call__(self, x, deterministic=True, keep=None):
+  def __call__(self, x, deterministic=True, keep=None, segments=None):
     x = nn.with_logical_constraint(x, ACT_AXES)
     y = _layer_norm("LayerNorm_0", self.dtype, self.norm_eps)(x)
-    # One query per example takes XLA's path: no kernel gains there, and cuDNN's refuses the
-    # mask with odd lengths in training.
+    # A few queries per example, or a segment mask, take XLA's path: no kernel gains there, and
+    # cuDNN's refuses such masks in training.
     attention = MultiHeadDotProductAttention(self.num_heads, self.dtype,
-                                             self.attention_impl if keep is None else "xla",
+                                             self.attention_impl if keep is None and segments is None else "xla",
                                              name="MultiHeadDotProductAttention_0")
     if keep is None:
-      y = attention(y, causal=self.causal)
+      mask = None if segments is None else segments[:, None, :, None] == segments[:, None, None, :]
+      y = attention(y, causal=self.causal, mask=mask)
     else:
+      keep = keep.reshape(keep.shape[0], -1)
       x = take_tokens(x, keep)
-      mask = jnp.arange(y.shape[1]) <= keep[:, None, None, None] if self.causal else None
+      mask = jnp.arange(y.shape[1]) <= keep[:, None, :, None] if self.causal else None
+      if segments is not None:
+        same = jnp.take_along_axis(segments, keep, axis=1)[:, None, :, None] == segments[:, None, None, :]
+        mask = same if mask is None else mask & same
       y = attention(take_tokens(y, keep), y, mask=mask)
     x = x + nn.Dropout(self.dropout)(y, deterministic)
     y = _layer_norm("LayerNorm_1", self.dtype, self.norm_eps)(x)
@@ -195,16 +202,17 @@ class Encoder1DBlock(nn.Module):
 
 
 def take_tokens(x, index):
-  """`x[b, index[b]]` for each example, as [batch, 1, width]."""
-  return jnp.take_along_axis(x, index[:, None, None], axis=1)
+  """`x[b, index[b]]` for each example, as [batch, 1, width] (index [batch]) or [batch, k, width]
+  (index [batch, k])."""
+  return jnp.take_along_axis(x, index.reshape(index.shape[0], -1)[..., None], axis=1)
 
 
 class Encoder(nn.Module):
   """A stack of blocks and a final LayerNorm; optionally `nn.scan`ned and rematerialised.
 
-  `keep` (token indices [batch]): only those tokens are read from the output, so the last
-  block computes just them (output [batch, 1, width], and so are the last `blockNN`
-  and `pre_norm` aux entries). A CLIP tower pooled at one token saves most of a block's work.
+  `keep` (token indices [batch] or [batch, k]): only those tokens are read from the output, so
+  the last block computes just them (output [batch, 1 or k, width], and so are the last
+  `blockNN` and `pre_norm` aux entries). `segments`: see `Encoder1DBlock`. A CLIP tower pooled at one token saves most of a block's work.
   A scanned stack without remat then scans the first depth - 1 layers and runs the last on
   its slice of the stacked parameters (the same module, so parameter and module paths do not
   change). The slices cost up to a copy of the stacked parameters, which for SigLIP B/16's
@@ -224,7 +232,7 @@ class Encoder(nn.Module):
   norm_eps: float = 1e-6
 
   @nn.compact
-  def __call__(self, x, deterministic=True, keep=None):
+  def __call__(self, x, deterministic=True, keep=None, segments=None):
     if self.remat_policy not in REMAT_POLICIES:
       raise ConfigError(f"remat_policy={self.remat_policy!r}; known: {sorted(REMAT_POLICIES)}")
     block_kw = dict(mlp_dim=self.mlp_dim, num_heads=self.num_heads, causal=self.causal, act=self.act,
@@ -236,24 +244,24 @@ class Encoder(nn.Module):
                        static_argnums=(2,))
     aux = {}
     if self.scan:
-      x = self._scanned(block(name="encoderblock", **block_kw), x, deterministic, keep)
+      x = self._scanned(block(name="encoderblock", **block_kw), x, deterministic, keep, segments)
     else:
       for i in range(self.depth):
         last = keep if i == self.depth - 1 else None
-        x, _ = block(name=f"encoderblock_{i}", **block_kw)(x, deterministic, last)
+        x, _ = block(name=f"encoderblock_{i}", **block_kw)(x, deterministic, last, segments)
         aux[f"block{i:02d}"] = x
       if keep is not None and not self.depth:
         x = take_tokens(x, keep)
     aux["pre_norm"] = x
     return _layer_norm("encoder_norm", self.dtype, self.norm_eps)(x), aux
 
-  def _scanned(self, block, x, deterministic, keep):
+  def _scanned(self, block, x, deterministic, keep, segments):
     """`block` (one module, parameters stacked over layers) scanned over the stack; with `keep`
     and no remat, over all but the last layer, which then computes the kept tokens alone.
     Initialisation always scans the whole stack, so both paths read the same parameters."""
     def stack(length):
-      return nn.scan(lambda module, carry, _: module(carry, deterministic), variable_axes={"params": 0},
-                     split_rngs={"params": True, "dropout": True}, length=length,
+      return nn.scan(lambda module, carry, _: module(carry, deterministic, None, segments),
+                     variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True}, length=length,
                      metadata_params={nn.PARTITION_NAME: "layers"})
 
     if keep is None:
@@ -267,7 +275,8 @@ class Encoder(nn.Module):
                         f"layers; the model has depth={self.depth}")
     if self.depth > 1:
       x, _ = nn.map_variables(stack(self.depth - 1), "params", trans_in_fn=_layers_but_last)(block, x, None)
-    run_last = nn.map_variables(lambda module, x: module(x, deterministic, keep), "params", trans_in_fn=_last_layer)
+    run_last = nn.map_variables(lambda module, x: module(x, deterministic, keep, segments), "params",
+                                trans_in_fn=_last_layer)
     return run_last(block, x)[0]
 
 

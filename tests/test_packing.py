@@ -1,0 +1,181 @@
+"""Caption packing (`data.pack_text`): the pairing, the packed fields, and the text tower on packed
+rows against open_clip's own text encoder and against the unpacked tower's gradients."""
+import json
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mmjax import models, parallel, tasks, train as train_lib
+from mmjax.data import packing
+from mmjax.errors import ConfigError
+from tests.helpers import tiny_config
+
+TEXT = dict(vocab_size=50, width=32, depth=3, mlp_dim=64, num_heads=4, max_len=16, pool="argmax", causal=True)
+MODEL = dict(embed_dim=16, image=dict(width=32, depth=1, mlp_dim=64, num_heads=4, patch_size=8, pool="gap"),
+             text=TEXT)
+
+
+def captions(lengths, context, vocab, seed=0):
+  """Rows of random ids ending in the highest id (open_clip's end of text), padded with 0."""
+  rng = np.random.default_rng(seed)
+  tokens = np.zeros((len(lengths), context), np.int32)
+  for row, n in zip(tokens, lengths):
+    row[:n - 1] = rng.integers(1, vocab - 1, n - 1)
+    row[n - 1] = vocab - 1
+  return tokens
+
+
+def fewest_rows(lengths, context):
+  """Brute force: the fewest rows of at most two captions each that hold every caption."""
+  if len(lengths) == 0:
+    return 0
+  first, rest = lengths[0], lengths[1:]
+  best = 1 + fewest_rows(rest, context)
+  for i, other in enumerate(rest):
+    if first + other <= context:
+      best = min(best, 1 + fewest_rows(rest[:i] + rest[i + 1:], context))
+  return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_pairing_uses_as_few_rows_as_any_pairing(seed):
+  rng = np.random.default_rng(seed)
+  lengths = rng.integers(1, 13, 7)
+  rows = packing.pair_captions(lengths, 12)
+  assert len(rows) == fewest_rows(list(lengths), 12)
+  placed = [c for row in rows for c in row if c is not None]
+  assert sorted(placed) == list(range(7))
+  assert all(b is None or lengths[a] + lengths[b] <= 12 for a, b in rows)
+
+
+def test_packed_fields_place_every_caption_in_its_slot():
+  lengths = np.array([9, 3, 16, 1, 7, 12, 4, 5])
+  tokens = captions(lengths, 16, 50)
+  out = packing.pack_caption_pairs(tokens, lengths, divisor=2)
+  rows = len(out["text"])
+  assert rows in packing.row_counts(8, 2) and rows % 2 == 0
+  for i, n in enumerate(lengths):
+    row, segment = divmod(int(out["text_slot"][i]), 2)
+    columns = np.flatnonzero(out["text_segments"][row] == segment + 1)
+    assert len(columns) == n and np.all(np.diff(columns) == 1)
+    np.testing.assert_array_equal(out["text"][row, columns], tokens[i, :n])
+    np.testing.assert_array_equal(out["text_positions"][row, columns], np.arange(n))
+    assert out["text_pool"][row, segment] == columns[-1]
+  assert len(set(out["text_slot"].tolist())) == 8
+  assert (out["text_segments"] > 0).sum() == lengths.sum()
+
+
+def test_row_counts_and_refusals():
+  assert packing.row_counts(32) == [16, 20, 24, 28, 32]
+  assert packing.row_counts(16, 8) == [8, 16]
+  # Nothing pairs: every caption takes its own row, the whole batch.
+  long_ = np.full(4, 10)
+  assert len(packing.pack_caption_pairs(captions(long_, 16, 50), long_)["text"]) == 4
+  with pytest.raises(ConfigError, match="divisible"):
+    packing.pack_caption_pairs(captions(long_, 16, 50), long_, divisor=3)
+  with pytest.raises(ConfigError, match=r"lengths must lie in \[1, 16\]"):
+    packing.pack_caption_pairs(captions(long_, 16, 50), np.array([10, 10, 17, 10]))
+  with pytest.raises(ConfigError, match="pool='last'"):
+    packing.pooled_lengths(np.zeros((2, 4), np.int32), "last", 2)
+
+
+def test_pooled_lengths_follow_the_towers_rule():
+  tokens = np.array([[5, 2, 0, 0], [5, 6, 7, 8], [3, 49, 2, 0]])
+  np.testing.assert_array_equal(packing.pooled_lengths(tokens, "eos", 2), [2, 4, 3])
+  np.testing.assert_array_equal(packing.pooled_lengths(tokens, "argmax", 2), [1, 4, 2])
+
+
+def _packed(tokens, pool="argmax", eos_id=2):
+  out = packing.pack_caption_pairs(tokens, packing.pooled_lengths(tokens, pool, eos_id))
+  return out["text"], {key.removeprefix("text_"): out[key] for key in packing.PACKED_KEYS}
+
+
+@pytest.mark.parametrize("scan", [False, True])
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_packed_gradients_match_the_unpacked_tower(scan, remat):
+  model = models.build({**MODEL, "text": {**TEXT, "scan": scan, "remat_policy": remat}})
+  tokens = captions([14, 11, 9, 5, 5, 1, 2, 16], 16, 50)
+  params = nn.meta.unbox(model.init(jax.random.key(0), text=tokens)["params"])
+  rows, fields = _packed(tokens)
+  assert len(rows) < len(tokens)
+  weights = jax.random.normal(jax.random.key(1), (8, 16))
+
+  def loss(p, packed):
+    ztxt = model.apply({"params": p}, text=rows if packed else tokens, text_packing=fields if packed else None)[1]
+    return jnp.sum(ztxt * weights)
+
+  grads = [jax.grad(loss)(params, packed) for packed in (False, True)]
+  for path, a in jax.tree_util.tree_leaves_with_path(grads[0]):
+    b = dict(jax.tree_util.tree_leaves_with_path(grads[1]))[path]
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+  assert np.abs(grads[1]["txt"]["pos_embedding"]).sum() > 0
+
+
+def test_packed_text_embeddings_match_open_clip():
+  torch = pytest.importorskip("torch", reason="needs torch: pip install -e '.[interop]'")
+  open_clip = pytest.importorskip("open_clip", reason="needs open_clip_torch: pip install -e '.[interop]'")
+  from mmjax.interop import from_open_clip
+  torch.manual_seed(0)
+  model = open_clip.CLIP(embed_dim=24, vision_cfg=dict(image_size=32, patch_size=8, width=32, layers=2, head_width=8),
+                         text_cfg=dict(context_length=16, vocab_size=100, width=32, heads=4, layers=2)).eval()
+  model_config, params = from_open_clip(model)
+  tokens = captions(np.random.default_rng(1).integers(1, 17, 12), 16, 100)
+  with torch.no_grad():
+    reference = model.encode_text(torch.from_numpy(tokens).long(), normalize=True).numpy()
+  rows, fields = _packed(tokens)
+  assert len(rows) < len(tokens)
+  ztxt = models.build(model_config).apply({"params": params}, text=rows, text_packing=fields)[1]
+  np.testing.assert_allclose(ztxt, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_packed_text_refuses_a_tower_that_reads_the_padding():
+  tokens = captions([3, 4], 16, 50)
+  rows, fields = _packed(tokens)
+  model = models.build({**MODEL, "text": {**TEXT, "pool": "last", "causal": False}})
+  params = model.init(jax.random.key(0), text=tokens)["params"]
+  with pytest.raises(ConfigError, match="causal text tower"):
+    model.apply({"params": params}, text=rows, text_packing=fields)
+  with pytest.raises(ConfigError, match="data.pack_text"):
+    train_lib.train(tiny_config(data=dict(tiny_config().data, pack_text=True)), "/nonexistent")
+
+
+def _clip_config(pack_text):
+  c = tiny_config(total_steps=2, checkpoint_every=2, log_every=1)
+  c.model.text.update(causal=True, pool="eos", max_len=48)  # Room for two shapes captions (up to 25 ids).
+  c.loss.kind = "softmax"
+  c.data.pack_text = pack_text
+  return c
+
+
+def test_training_on_packed_captions_follows_the_unpacked_run(tmp_path, monkeypatch):
+  """Two steps on 8 devices from the same start: packed and unpacked runs log the same losses and
+  gradient norms. (Parameters are not compared: AdamW's first steps scale each gradient to about
+  ±lr, so float noise in gradients that are zero in exact arithmetic, such as the key biases',
+  becomes a visible difference.)"""
+  packed_rows = []
+  pack = packing.pack_caption_pairs
+  monkeypatch.setattr(packing, "pack_caption_pairs", lambda *a: packed_rows.append(len(pack(*a)["text"])) or pack(*a))
+  logged = []
+  for pack_text in (False, True):
+    workdir = str(tmp_path / f"pack_{pack_text}")
+    train_lib.train(_clip_config(pack_text), workdir)
+    with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+      logged.append([(m["loss"], m["grad_norm"]) for m in map(json.loads, f)])
+  assert packed_rows == [8, 8]  # Both steps of the packed run, in half the rows.
+  assert len(logged[1]) == 2
+  np.testing.assert_allclose(logged[1], logged[0], rtol=1e-5)
+
+
+def test_shapes_captions_pack_into_fewer_rows():
+  """The shapes recipe's captions are short: its batch packs into half the rows."""
+  c = _clip_config(True)
+  mesh = parallel.make_mesh(c.mesh)
+  task = tasks.get(c.task)(c, mesh)
+  texts = task.tokenizer.encode(["a red circle", "a small blue square above a green triangle"] * 8, task.max_len)
+  batch = task.prepare_batch({"image": np.zeros((16, 32, 32, 3), np.float32), "text": texts})
+  assert batch["text"].shape == (8, task.max_len) and batch["text_slot"].shape == (16,)
+  assert sorted(batch) == sorted(("image", "text") + packing.PACKED_KEYS)
