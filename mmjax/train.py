@@ -126,7 +126,8 @@ def make_train_step(task, tx, lr, shardings, mesh):
 
 def lower_train_step(config, mesh=None):
   """`(lowered step, abstract state)` of `config`'s training step for abstract inputs at the
-  recipe's batch size: nothing is allocated, for lowering tests, compile times and memory analysis."""
+  recipe's batch size: nothing is allocated, for lowering tests, compile times and memory analysis.
+  Captions are unpacked here even with `data.pack_text` (the largest of its row counts)."""
   mesh = parallel.make_mesh(config.mesh) if mesh is None else mesh
   rules = parallel.axis_rules(config.axis_rules, mesh)
   task = tasks.get(config.task)(config, mesh)

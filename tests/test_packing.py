@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from mmjax import models, parallel, tasks, train as train_lib
+from mmjax.adapt import wrap as adapt
 from mmjax.data import packing
 from mmjax.errors import ConfigError
 from tests.helpers import tiny_config
@@ -19,13 +20,16 @@ MODEL = dict(embed_dim=16, image=dict(width=32, depth=1, mlp_dim=64, num_heads=4
              text=TEXT)
 
 
-def captions(lengths, context, vocab, seed=0):
-  """Rows of random ids ending in the highest id (open_clip's end of text), padded with 0."""
+def captions(lengths, context, vocab, seed=0, end=None):
+  """Rows of random ids ending in `end` (default: the highest id, open_clip's end of text),
+  padded with 0; nowhere else `end`."""
+  end = vocab - 1 if end is None else end
   rng = np.random.default_rng(seed)
   tokens = np.zeros((len(lengths), context), np.int32)
   for row, n in zip(tokens, lengths):
-    row[:n - 1] = rng.integers(1, vocab - 1, n - 1)
-    row[n - 1] = vocab - 1
+    ids = rng.integers(1, vocab - 1, n - 1)
+    row[:n - 1] = np.where(ids == end, end + 1, ids)
+    row[n - 1] = end
   return tokens
 
 
@@ -89,20 +93,29 @@ def test_pooled_lengths_follow_the_towers_rule():
   np.testing.assert_array_equal(packing.pooled_lengths(tokens, "argmax", 2), [1, 4, 2])
 
 
-def _packed(tokens, pool="argmax", eos_id=2):
-  out = packing.pack_caption_pairs(tokens, packing.pooled_lengths(tokens, pool, eos_id))
-  return out["text"], {key.removeprefix("text_"): out[key] for key in packing.PACKED_KEYS}
+def _packed(tokens, pool="argmax", eos_id=2, divisor=1):
+  out = packing.pack_caption_pairs(tokens, packing.pooled_lengths(tokens, pool, eos_id), divisor)
+  return out["text"], packing.model_fields(out)
 
 
-@pytest.mark.parametrize("scan", [False, True])
-@pytest.mark.parametrize("remat", ["none", "full"])
-def test_packed_gradients_match_the_unpacked_tower(scan, remat):
-  model = models.build({**MODEL, "text": {**TEXT, "scan": scan, "remat_policy": remat}})
-  tokens = captions([14, 11, 9, 5, 5, 1, 2, 16], 16, 50)
+# 12 captions in 7 pairs and singles; 4 devices round that up to 8 rows, one of them empty.
+LENGTHS = [16, 14, 3, 3, 4, 4, 5, 6, 8, 9, 10, 12]
+
+
+@pytest.mark.parametrize("scan,remat,pool", [(False, "none", "argmax"), (True, "none", "eos"),
+                                             (False, "full", "eos"), (True, "full", "argmax")])
+def test_packed_gradients_match_the_unpacked_tower(scan, remat, pool):
+  """`eos` pools at id 7, not the highest id, and the first caption has none (pooled at its
+  last position, 16 tokens): there "argmax" and "eos" disagree."""
+  model = models.build({**MODEL, "text": {**TEXT, "scan": scan, "remat_policy": remat, "pool": pool,
+                                          "eos_id": 7}})
+  tokens = captions(LENGTHS, 16, 50, end=49 if pool == "argmax" else 7)
+  if pool == "eos":
+    tokens[0] = np.random.default_rng(2).integers(8, 49, 16)
   params = nn.meta.unbox(model.init(jax.random.key(0), text=tokens)["params"])
-  rows, fields = _packed(tokens)
-  assert len(rows) < len(tokens)
-  weights = jax.random.normal(jax.random.key(1), (8, 16))
+  rows, fields = _packed(tokens, pool, eos_id=7, divisor=4)
+  assert len(rows) == 8 and (fields["segments"] == 0).all(axis=1).sum() == 1
+  weights = jax.random.normal(jax.random.key(1), (12, 16))
 
   def loss(p, packed):
     ztxt = model.apply({"params": p}, text=rows if packed else tokens, text_packing=fields if packed else None)[1]
@@ -145,7 +158,8 @@ def test_packed_text_refuses_a_tower_that_reads_the_padding():
 
 def _clip_config(pack_text):
   c = tiny_config(total_steps=2, checkpoint_every=2, log_every=1)
-  c.model.text.update(causal=True, pool="eos", max_len=48)  # Room for two shapes captions (up to 25 ids).
+  # Room for two shapes captions (up to 25 ids); two blocks, so one masks whole rows by segment.
+  c.model.text.update(causal=True, pool="eos", max_len=48, depth=2)
   c.loss.kind = "softmax"
   c.data.pack_text = pack_text
   return c
@@ -158,7 +172,12 @@ def test_training_on_packed_captions_follows_the_unpacked_run(tmp_path, monkeypa
   becomes a visible difference.)"""
   packed_rows = []
   pack = packing.pack_caption_pairs
-  monkeypatch.setattr(packing, "pack_caption_pairs", lambda *a: packed_rows.append(len(pack(*a)["text"])) or pack(*a))
+
+  def counted(*args):
+    out = pack(*args)
+    packed_rows.append(len(out["text"]))
+    return out
+  monkeypatch.setattr(packing, "pack_caption_pairs", counted)
   logged = []
   for pack_text in (False, True):
     workdir = str(tmp_path / f"pack_{pack_text}")
@@ -171,11 +190,34 @@ def test_training_on_packed_captions_follows_the_unpacked_run(tmp_path, monkeypa
 
 
 def test_shapes_captions_pack_into_fewer_rows():
-  """The shapes recipe's captions are short: its batch packs into half the rows."""
+  """The shapes recipe's captions are short: its batch packs into half the rows. The end-of-text
+  id left unset is the tower's default, as the model reads it."""
   c = _clip_config(True)
+  c.model.text.eos_id = None
   mesh = parallel.make_mesh(c.mesh)
   task = tasks.get(c.task)(c, mesh)
   texts = task.tokenizer.encode(["a red circle", "a small blue square above a green triangle"] * 8, task.max_len)
   batch = task.prepare_batch({"image": np.zeros((16, 32, 32, 3), np.float32), "text": texts})
   assert batch["text"].shape == (8, task.max_len) and batch["text_slot"].shape == (16,)
   assert sorted(batch) == sorted(("image", "text") + packing.PACKED_KEYS)
+
+
+@pytest.mark.parametrize("method,targets", [
+    ("lora", ((r"txt/.*(query|value)/kernel$", 4),)),
+    ("prefix", ((r"txt/Encoder_0/encoderblock_\d/MultiHeadDotProductAttention_0$", 3),)),
+])
+def test_adapted_text_towers_embed_packed_captions_as_unpacked(method, targets):
+  """Adapters act token by token (LoRA in the projections; prefix tokens attended by every
+  query), so packing leaves them exact; random adapter values make them count."""
+  model = adapt.wrap(models.build(MODEL), dict(method=method, targets=targets))
+  tokens = captions(LENGTHS, 16, 50)
+  params = nn.meta.unbox(model.init(jax.random.key(0), text=tokens)["params"])
+  leaves, tree = jax.tree.flatten(params["adapter"])
+  keys = jax.random.split(jax.random.key(3), len(leaves))
+  params["adapter"] = jax.tree.unflatten(tree, [0.3 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
+  unpacked = model.apply({"params": params}, text=tokens)[1]
+  base = models.build(MODEL).apply({"params": params["base"]}, text=tokens)[1]
+  assert np.abs(unpacked - base).max() > 1e-2
+  rows, fields = _packed(tokens, divisor=4)
+  packed = model.apply({"params": params}, text=rows, text_packing=fields)[1]
+  np.testing.assert_allclose(packed, unpacked, rtol=1e-5, atol=1e-6)

@@ -25,17 +25,30 @@ import numpy as np
 from mmjax.errors import ConfigError
 
 PACKED_KEYS = ("text_positions", "text_segments", "text_pool", "text_slot")
+END_OF_TEXT_POOLS = ("eos", "argmax")
+
+
+def check_packable(causal: bool, pool: str, where: str) -> None:
+  """Refuses a text tower that reads past a caption's end of text: packing would change it."""
+  if not causal or pool not in END_OF_TEXT_POOLS:
+    raise ConfigError(f"{where}: packed captions need a causal text tower pooled at its end of text (causal "
+                      f"True, pool one of {END_OF_TEXT_POOLS}); got causal={causal}, pool={pool!r}")
+
+
+def model_fields(batch: dict) -> dict | None:
+  """The packing fields of a batch as `TwoTower(text_packing=...)` takes them; None if unpacked."""
+  if "text_slot" not in batch:
+    return None
+  return {key.removeprefix("text_"): batch[key] for key in PACKED_KEYS}
 
 
 def pooled_lengths(tokens: np.ndarray, pool: str, eos_id: int) -> np.ndarray:
   """Tokens each caption needs: up to and including the one the tower pools (its rule)."""
+  check_packable(True, pool, "pooled_lengths")
   if pool == "argmax":
     return np.argmax(tokens, axis=1) + 1
-  if pool == "eos":
-    is_eos = tokens == eos_id
-    return np.where(is_eos.any(axis=1), np.argmax(is_eos, axis=1) + 1, tokens.shape[1])
-  raise ConfigError(f"data.pack_text needs a text tower pooled at its end of text (model.text.pool "
-                    f"'eos' or 'argmax'), not pool={pool!r}")
+  is_eos = tokens == eos_id
+  return np.where(is_eos.any(axis=1), np.argmax(is_eos, axis=1) + 1, tokens.shape[1])
 
 
 def row_counts(batch: int, divisor: int = 1) -> list[int]:

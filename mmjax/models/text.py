@@ -12,6 +12,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from mmjax.data.packing import check_packable
 from mmjax.errors import ConfigError
 from mmjax.models.vit import SINGLE_TOKEN_POOLS, Encoder, pool_tokens, take_tokens, tower_head
 
@@ -58,9 +59,7 @@ class TextTransformer(nn.Module):
       x = x + pos[:, :text.shape[1]].astype(x.dtype)
       pooled_token, segments = self._pooled_token(text), None
     else:
-      if not self.causal or self.pool not in ("eos", "argmax"):
-        raise ConfigError(f"packed captions need a causal text tower pooled at its end of text; this one has "
-                          f"causal={self.causal}, pool={self.pool!r}")
+      check_packable(self.causal, self.pool, "/".join(self.path) or "TextTransformer")
       x = x + pos[0, packing["positions"]].astype(x.dtype)
       pooled_token, segments = packing["pool"], packing["segments"]
     x = nn.Dropout(self.dropout)(x, not train)
@@ -75,7 +74,7 @@ class TextTransformer(nn.Module):
     if keep is None:
       aux["encoded"] = x
       x = take_tokens(x, pooled_token) if packing is not None else pool_tokens(self, x, self.pool, pooled_token)
-    elif packing is None:
+    elif packing is None:  # The one kept token per example; packed rows keep their two.
       x = x[:, 0]
     aux["pre_logits"] = x
     return tower_head(self, x), aux

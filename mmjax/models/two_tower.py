@@ -35,7 +35,8 @@ class TwoTower(nn.Module):
   scale exp(t) and `aux["b"]` the logit bias (absent when `bias_init` is None).
 
   `text_packing` (`positions`, `segments`, `pool` and `slot` of a batch whose `text` is packed
-  by `mmjax.data.packing`): `ztxt` is still one embedding per caption, in the batch's order.
+  by `mmjax.data.packing`): `ztxt` is still one embedding per caption, in the batch's order;
+  the `txt/...` aux entries keep the packed layout ([rows, 2, ...]).
   """
   image: dict
   text: dict

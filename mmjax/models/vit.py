@@ -212,12 +212,15 @@ class Encoder(nn.Module):
 
   `keep` (token indices [batch] or [batch, k]): only those tokens are read from the output, so
   the last block computes just them (output [batch, 1 or k, width], and so are the last
-  `blockNN` and `pre_norm` aux entries). `segments`: see `Encoder1DBlock`. A CLIP tower pooled at one token saves most of a block's work.
-  A scanned stack without remat then scans the first depth - 1 layers and runs the last on
-  its slice of the stacked parameters (the same module, so parameter and module paths do not
-  change). The slices cost up to a copy of the stacked parameters, which for SigLIP B/16's
-  rematerialised towers was more than the activations saved (`benchmarks/RESULTS.md`), so
-  with remat the scanned stack computes every token.
+  `blockNN` and `pre_norm` aux entries). A CLIP tower pooled at one token saves most of a
+  block's work. A scanned stack without remat then scans the first depth - 1 layers and runs
+  the last on its slice of the stacked parameters (the same module, so parameter and module
+  paths do not change). The slices cost up to a copy of the stacked parameters, which for
+  SigLIP B/16's rematerialised towers was more than the activations saved
+  (`benchmarks/RESULTS.md`), so with remat the scanned stack computes every token.
+
+  `segments` ([batch, seq] ids of packed sequences): every block masks attention to each
+  token's own segment (`Encoder1DBlock`).
   """
   depth: int
   mlp_dim: int

@@ -12,6 +12,7 @@ from mmjax.data import packing, shapes
 from mmjax.data.tokenizer import load_tokenizer
 from mmjax.errors import ConfigError
 from mmjax.evals import binding, retrieval, zeroshot
+from mmjax.models.text import TextTransformer
 
 LOSSES = ("sigmoid", "softmax", "infonce", "triplet")
 TEMPLATE_SETS = {"shapes": shapes.CLASS_TEMPLATES, "plain": ("{}",)}
@@ -43,12 +44,8 @@ class ContrastiveTask:
     self.model = adapt.wrap_for_task(models.build(self.model_config), config, self.model_config)
     self.max_len = self.model_config["text"]["max_len"]
     if config.data.get("pack_text"):
-      text = self.model_config["text"]
-      if not text.get("causal") or text.get("pool") not in ("eos", "argmax"):
-        raise ConfigError(f"data.pack_text needs a causal text tower pooled at its end of text (model.text.causal "
-                          f"True, pool 'eos' or 'argmax'); got causal={text.get('causal')}, pool={text.get('pool')!r}")
-      if jax.process_count() > 1:
-        raise ConfigError("data.pack_text runs in one process for now: each process would pick its own row count")
+      text = self._text_tower()
+      packing.check_packable(text.causal, text.pool, "data.pack_text with model.text")
     # Replicated outputs: every process reads all embeddings of the rows it fed a slice of.
     self._embed = jax.jit(lambda p, image, text: self.model.apply({"params": p}, image=image, text=text)[:2],
                           out_shardings=parallel.replicated(mesh))
@@ -64,20 +61,23 @@ class ContrastiveTask:
     row (`mmjax.data.packing`)."""
     if not self.config.data.get("pack_text"):
       return local
-    text = self.model_config["text"]
-    lengths = packing.pooled_lengths(local["text"], text["pool"], text.get("eos_id", 2))
+    if jax.process_count() > 1:
+      raise ConfigError("data.pack_text trains on one process for now: each process would pick its own row count")
+    text = self._text_tower()
+    lengths = packing.pooled_lengths(local["text"], text.pool, text.eos_id)
     return {**local, **packing.pack_caption_pairs(local["text"], lengths, parallel.batch_size_divisor(self.mesh))}
+
+  def _text_tower(self) -> TextTransformer:
+    """The text tower as the model builds it (unset fields take the tower's defaults)."""
+    return TextTransformer(**models.resolve_tower(self.model_config, "text"))
 
   def init(self, rng, batch):
     """Parameters boxed with their logical axis names (unbox before use)."""
     return self.model.init(rng, image=batch["image"], text=batch["text"])["params"]
 
   def loss_fn(self, params, batch, rng, train=True) -> tuple[jax.Array, dict]:
-    text_packing = None
-    if "text_slot" in batch:
-      text_packing = {key.removeprefix("text_"): batch[key] for key in packing.PACKED_KEYS}
     zimg, ztxt, aux = self.model.apply({"params": params}, image=batch["image"], text=batch["text"],
-                                       text_packing=text_packing, train=train, rngs={"dropout": rng})
+                                       text_packing=packing.model_fields(batch), train=train, rngs={"dropout": rng})
     spec = self.config.loss
     negatives = spec.num_negatives or None
     if spec.kind == "sigmoid":
