@@ -243,6 +243,17 @@ def follow_param_shardings(tree: Any, abstract_params: Any, param_shardings: Any
   return jax.tree_util.tree_map_with_path(pick, tree)
 
 
+def local_rows_start(mesh: Mesh, global_rows: int) -> int:
+  """The first row of a `global_rows`-row batch array that this process's slice fills (in
+  `global_batch`: one contiguous block per process)."""
+  slices = batch_sharding(mesh).addressable_devices_indices_map((global_rows,)).values()
+  start, stop = min(s[0].start or 0 for s in slices), max(s[0].stop or global_rows for s in slices)
+  if (stop - start) * jax.process_count() != global_rows:
+    raise ValueError(f"this process's devices hold rows {start}:{stop} of {global_rows}, not a 1/{jax.process_count()} "
+                     f"block of the batch")
+  return start
+
+
 def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
   """Assembles each process's slice of the batch into global arrays split over the batch axes."""
   sharding = batch_sharding(mesh)

@@ -250,6 +250,8 @@ def _run(config, workdir, task, mesh, rules, ckpt, loader, preempted) -> dict[st
     skipped += int(local.pop(pipeline.SKIPPED))
     if hasattr(task, "prepare_batch"):
       local = task.prepare_batch(local)
+    if step == start + 1:
+      log("first batch (this process's rows): " + ", ".join(f"{k} {tuple(np.shape(v))}" for k, v in local.items()))
     state, metrics = train_step(state, parallel.global_batch(local, mesh), rng)
     # Check the previous step's loss while this one runs, so dispatch stays asynchronous.
     if pending is not None:

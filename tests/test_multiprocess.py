@@ -123,6 +123,21 @@ def test_two_process_checkpoint_resumes_in_one_process_on_another_mesh(runs, tmp
   assert_same_params(_params(str(resumed)), _params(str(root / "two")))
 
 
+def test_packed_captions_train_alike_on_two_processes_and_one(tmp_path):
+  """`data.pack_text` on 2 processes: each packs its own captions into the row count both need,
+  and the text embeddings come back in batch order across them (the same losses as one process)."""
+  flags = ["--config.model.text.causal=True", "--config.model.text.pool=eos", "--config.model.text.max_len=64",
+           "--config.data.pack_text=True", "--config.total_steps=3", "--config.eval_every=0"]
+  one = run_processes(tmp_path / "one", "8x1", 1, extra_per_process={0: flags})
+  two = run_processes(tmp_path / "two", "8x1", 2, extra_per_process={0: flags, 1: flags})
+  _assert_ok(one + two)
+  # Two shapes captions (up to 25 ids) always fit in a row of 64: half the rows.
+  assert "text (8, 64), text_positions (8, 64)" in one[0][1] and "text_slot (16,)" in one[0][1]
+  assert "text (4, 64), text_positions (4, 64)" in two[0][1] and "text_slot (8,)" in two[0][1]
+  np.testing.assert_allclose(_losses(str(tmp_path / "two")), _losses(str(tmp_path / "one")), rtol=1e-5)
+  assert len(_losses(str(tmp_path / "one"))) == 3
+
+
 @pytest.mark.parametrize("case", ["config", "mesh"])
 def test_processes_fail_fast_with_the_same_message(tmp_path, case):
   if case == "config":

@@ -76,6 +76,10 @@ def test_packed_fields_place_every_caption_in_its_slot():
 def test_row_counts_and_refusals():
   assert packing.row_counts(32) == [16, 20, 24, 28, 32]
   assert packing.row_counts(16, 8) == [8, 16]
+  # Another process needs 5 rows: this one packs into 5 too (its 4 pairs alone take 4).
+  short = np.full(8, 3)
+  out = packing.pack_caption_pairs(captions(short, 16, 50), short, agree=lambda rows: max(rows, 5))
+  assert len(out["text"]) == 5 and len(packing.pack_caption_pairs(captions(short, 16, 50), short)["text"]) == 4
   # Nothing pairs: every caption takes its own row, the whole batch.
   long_ = np.full(4, 10)
   assert len(packing.pack_caption_pairs(captions(long_, 16, 50), long_)["text"]) == 4

@@ -14,7 +14,9 @@ The packed batch (`pack_caption_pairs`):
   text_slot       [batch]   int32   caption i's pooled output is row slot // 2, segment slot % 2
 
 `rows` is the smallest of a few sizes (`row_counts`: 1/2, 5/8, ... of the batch) that holds
-the pairs, so a training step compiles for at most five row counts.
+the pairs, so a training step compiles for at most five row counts. With several processes each
+packs its own slice of the batch into the same row count (the largest any of them needs), and
+`text_slot` indexes the global rows.
 """
 from __future__ import annotations
 
@@ -73,16 +75,19 @@ def pair_captions(lengths: np.ndarray, context: int) -> list[tuple[int, int | No
   return rows
 
 
-def pack_caption_pairs(tokens: np.ndarray, lengths: np.ndarray, divisor: int = 1) -> dict[str, np.ndarray]:
+def pack_caption_pairs(tokens: np.ndarray, lengths: np.ndarray, divisor: int = 1,
+                       agree=lambda rows: rows) -> dict[str, np.ndarray]:
   """The packed batch (module docstring) of `tokens` [batch, L] whose captions are `lengths` long;
-  the row count is a multiple of `divisor` (the batch-sharded devices)."""
+  the row count is a multiple of `divisor` (the batch-sharded devices). `agree` maps the rows
+  this batch needs to the rows every process's batch needs (their maximum)."""
   batch, context = tokens.shape
   if batch % divisor:
     raise ConfigError(f"batch {batch} is not divisible by the {divisor} batch-sharded devices")
   if lengths.min(initial=1) < 1 or lengths.max(initial=0) > context:
     raise ConfigError(f"caption lengths must lie in [1, {context}]; got {lengths.min()}..{lengths.max()}")
   pairs = pair_captions(lengths, context)
-  rows = next(r for r in row_counts(batch, divisor) if r >= len(pairs))
+  needed = agree(len(pairs))
+  rows = next(r for r in row_counts(batch, divisor) if r >= needed)
   out = {"text": np.zeros((rows, context), np.int32), "text_positions": np.zeros((rows, context), np.int32),
          "text_segments": np.zeros((rows, context), np.int32), "text_pool": np.zeros((rows, 2), np.int32),
          "text_slot": np.zeros(batch, np.int32)}

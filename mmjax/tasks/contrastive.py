@@ -5,6 +5,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from mmjax import losses, models, parallel
 from mmjax.adapt import wrap as adapt
@@ -61,11 +62,16 @@ class ContrastiveTask:
     row (`mmjax.data.packing`)."""
     if not self.config.data.get("pack_text"):
       return local
-    if jax.process_count() > 1:
-      raise ConfigError("data.pack_text trains on one process for now: each process would pick its own row count")
     text = self._text_tower()
     lengths = packing.pooled_lengths(local["text"], text.pool, text.eos_id)
-    return {**local, **packing.pack_caption_pairs(local["text"], lengths, parallel.batch_size_divisor(self.mesh))}
+    processes, divisor = jax.process_count(), parallel.batch_size_divisor(self.mesh)
+    if divisor % processes:
+      raise ConfigError(f"data.pack_text: the batch is split over {divisor} devices, which {processes} processes "
+                        f"cannot share evenly")
+    agree = lambda rows: int(np.max(multihost_utils.process_allgather(np.int32(rows)))) if processes > 1 else rows
+    packed = packing.pack_caption_pairs(local["text"], lengths, divisor // processes, agree)
+    packed["text_slot"] += 2 * parallel.local_rows_start(self.mesh, len(packed["text"]) * processes)
+    return {**local, **packed}
 
   def _text_tower(self) -> TextTransformer:
     """The text tower as the model builds it (unset fields take the tower's defaults)."""
