@@ -13,6 +13,7 @@ from mmjax import models, parallel, tasks, train as train_lib
 from mmjax.adapt import wrap as adapt
 from mmjax.data import packing
 from mmjax.errors import ConfigError
+from mmjax.models.text import TextTransformer
 from tests.helpers import tiny_config
 
 TEXT = dict(vocab_size=50, width=32, depth=3, mlp_dim=64, num_heads=4, max_len=16, pool="argmax", causal=True)
@@ -225,3 +226,16 @@ def test_adapted_text_towers_embed_packed_captions_as_unpacked(method, targets):
   rows, fields = _packed(tokens, divisor=4)
   packed = model.apply({"params": params}, text=rows, text_packing=fields)[1]
   np.testing.assert_allclose(packed, unpacked, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("pooled_only", [False, True])
+def test_text_tower_pools_packed_rows_with_or_without_the_kept_token_shortcut(pooled_only):
+  """The tower alone, packed, against itself unpacked on the same captions; [rows, 2, ...] out."""
+  tower = TextTransformer(**{**TEXT, "depth": 2}, num_classes=16)
+  tokens = captions(LENGTHS, 16, 50)
+  params = nn.meta.unbox(tower.init(jax.random.key(0), tokens)["params"])
+  reference = tower.apply({"params": params}, tokens)[0]
+  rows, fields = _packed(tokens, divisor=4)
+  packed = tower.apply({"params": params}, rows, pooled_only=pooled_only, packing=fields)[0]
+  assert packed.shape == (8, 2, 16)
+  np.testing.assert_allclose(packed.reshape(16, 16)[fields["slot"]], reference, rtol=1e-5, atol=1e-6)

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from mmjax.data.packing import check_packable
 from mmjax.errors import ConfigError
-from mmjax.models.vit import SINGLE_TOKEN_POOLS, Encoder, pool_tokens, take_tokens, tower_head
+from mmjax.models.vit import SINGLE_TOKEN_POOLS, Encoder, pool_tokens, tower_head
 
 
 class TextTransformer(nn.Module):
@@ -73,8 +73,8 @@ class TextTransformer(nn.Module):
                      name="Encoder_0")(x, not train, keep, segments)
     if keep is None:
       aux["encoded"] = x
-      x = take_tokens(x, pooled_token) if packing is not None else pool_tokens(self, x, self.pool, pooled_token)
-    elif packing is None:  # The one kept token per example; packed rows keep their two.
+      x = pool_tokens(self, x, self.pool, pooled_token)
+    elif keep.ndim == 1:  # The encoder returned each example's pooled token alone; packed rows keep two.
       x = x[:, 0]
     aux["pre_logits"] = x
     return tower_head(self, x), aux

@@ -397,7 +397,8 @@ class ViT(nn.Module):
 
 
 def pool_tokens(module: nn.Module, x, pool: str, token_index):
-  """Pools [batch, seq, width] tokens; `token_index` is an int or a per-example index array.
+  """Pools [batch, seq, width] tokens; `token_index` is an int, a per-example index [batch], or
+  several per example [batch, k] (then [batch, k, width] comes back: packed sequences).
 
   Called from inside a compact module so `map` creates `MAPHead_0` under it.
   """
@@ -411,5 +412,6 @@ def pool_tokens(module: nn.Module, x, pool: str, token_index):
   if pool in SINGLE_TOKEN_POOLS:
     if isinstance(token_index, int):
       return x[:, token_index]
-    return take_tokens(x, token_index)[:, 0]
+    tokens = take_tokens(x, token_index)
+    return tokens if token_index.ndim == 2 else tokens[:, 0]
   raise ConfigError(f"pool={pool!r}; known: {', '.join(SINGLE_TOKEN_POOLS)}, gap, map, none")

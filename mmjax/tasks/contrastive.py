@@ -44,9 +44,15 @@ class ContrastiveTask:
     self.model_config["image_size"] = config.data.image_size
     self.model = adapt.wrap_for_task(models.build(self.model_config), config, self.model_config)
     self.max_len = self.model_config["text"]["max_len"]
+    # With data.pack_text: the text tower as the model builds it (unset fields take its defaults).
+    self._packing_tower = None
     if config.data.get("pack_text"):
-      text = self._text_tower()
-      packing.check_packable(text.causal, text.pool, "data.pack_text with model.text")
+      self._packing_tower = TextTransformer(**models.resolve_tower(self.model_config, "text"))
+      packing.check_packable(self._packing_tower.causal, self._packing_tower.pool, "data.pack_text with model.text")
+      divisor, processes = parallel.batch_size_divisor(mesh), jax.process_count()
+      if divisor % processes:
+        raise ConfigError(f"data.pack_text: the batch is split over {divisor} devices, which {processes} processes "
+                          f"cannot share evenly")
     # Replicated outputs: every process reads all embeddings of the rows it fed a slice of.
     self._embed = jax.jit(lambda p, image, text: self.model.apply({"params": p}, image=image, text=text)[:2],
                           out_shardings=parallel.replicated(mesh))
@@ -60,22 +66,14 @@ class ContrastiveTask:
   def prepare_batch(self, local: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The loader's batch as the step takes it: with `data.pack_text`, captions packed two per
     row (`mmjax.data.packing`)."""
-    if not self.config.data.get("pack_text"):
+    if self._packing_tower is None:
       return local
-    text = self._text_tower()
-    lengths = packing.pooled_lengths(local["text"], text.pool, text.eos_id)
+    lengths = packing.pooled_lengths(local["text"], self._packing_tower.pool, self._packing_tower.eos_id)
     processes, divisor = jax.process_count(), parallel.batch_size_divisor(self.mesh)
-    if divisor % processes:
-      raise ConfigError(f"data.pack_text: the batch is split over {divisor} devices, which {processes} processes "
-                        f"cannot share evenly")
     agree = lambda rows: int(np.max(multihost_utils.process_allgather(np.int32(rows)))) if processes > 1 else rows
     packed = packing.pack_caption_pairs(local["text"], lengths, divisor // processes, agree)
     packed["text_slot"] += 2 * parallel.local_rows_start(self.mesh, len(packed["text"]) * processes)
     return {**local, **packed}
-
-  def _text_tower(self) -> TextTransformer:
-    """The text tower as the model builds it (unset fields take the tower's defaults)."""
-    return TextTransformer(**models.resolve_tower(self.model_config, "text"))
 
   def init(self, rng, batch):
     """Parameters boxed with their logical axis names (unbox before use)."""
