@@ -64,12 +64,14 @@ def random_batch(cfg: dict, batch: int, seed: int = 0) -> tuple[np.ndarray, np.n
 class MMJaxStep:
   """mmjax's jitted training step (the trainer's own) on one device, state donated each step."""
 
-  def __init__(self, cfg: dict, batch: int, dtype: str, attention_impl: str, pack_text: bool, images, tokens):
+  def __init__(self, cfg: dict, batch: int, dtype: str, attention_impl: str, captions_per_row: int, images, tokens):
+    """`captions_per_row`: 0 leaves captions unpacked; k > 0 packs up to k per row (data.pack_text)."""
     c = base_config()
     model = model_config_from_open_clip(cfg)
     model.update(dtype=dtype, attention_impl=attention_impl)
     c.model = ml_collections.ConfigDict(model)
-    c.data.update(tokenizer="shapes", image_size=model["image_size"], batch_size=batch, pack_text=pack_text)
+    c.data.update(tokenizer="shapes", image_size=model["image_size"], batch_size=batch,
+                  pack_text=captions_per_row > 0, captions_per_row=max(captions_per_row, 1))
     c.loss.kind, c.loss.impl = "softmax", "all_gather"
     c.optim.update(lr=5e-4, warmup_steps=1, weight_decay=0.2, b2=0.98, clip_norm=0.0)
     c.mesh = (("data", 1), ("fsdp", 1), ("tensor", 1))
@@ -161,7 +163,8 @@ def serve(side: str, args: argparse.Namespace, conn) -> None:
   if side == "mmjax":
     if jax.devices()[0].platform != args.device:
       raise SystemExit(f"--device {args.device}, but JAX runs on {jax.devices()[0].platform}")
-    run = MMJaxStep(cfg, args.batch, args.dtype, args.attention_impl, args.pack_text, images, tokens)
+    run = MMJaxStep(cfg, args.batch, args.dtype, args.attention_impl, args.captions_per_row if args.pack_text else 0,
+                    images, tokens)
     info = {"flops": run.flops(), "device": jax.devices()[0].device_kind, "text_rows": run.text_rows, **runtime}
   else:
     run = TorchStep(cfg, images, tokens)
@@ -181,7 +184,8 @@ def main():
   parser.add_argument("--attention_impl", default="xla")
   parser.add_argument("--device", default="cpu", choices=("cpu", "gpu"))
   parser.add_argument("--pack_text", action="store_true",
-                      help="mmjax packs captions two per row (data.pack_text), so its text tower skips padding.")
+                      help="mmjax packs captions several per row (data.pack_text), so its text tower skips padding.")
+  parser.add_argument("--captions_per_row", type=int, default=6, help="With --pack_text: at most this many per row.")
   parser.add_argument("--warmup", type=int, default=2, help="Untimed steps per side.")
   parser.add_argument("--rounds", type=int, default=4, help="Alternating timed rounds.")
   parser.add_argument("--steps", type=int, default=2, help="Steps per side per round.")
@@ -225,7 +229,8 @@ def report(args, info: dict, times: dict, peak: float) -> None:
   flops = {side: info[side]["flops"] for side in times}
   achieved = {side: flops[side] / step_s[side] for side in times}
   result = {"model": args.model, "batch": args.batch, "dtype": args.dtype, "attention_impl": args.attention_impl,
-            "pack_text": args.pack_text, "mmjax_text_rows": ours["text_rows"],
+            "pack_text": args.pack_text,
+            "captions_per_row": args.captions_per_row if args.pack_text else None, "mmjax_text_rows": ours["text_rows"],
             "device": ours["device"], "cpus": os.cpu_count(), "machine": platform.machine(),
             "parameters": ours["parameters"], "build_s": {side: round(i["build_s"], 1) for side, i in info.items()},
             "step_s": step_s, "samples_per_s": rate, "flops_per_step": flops, "achieved_flops": achieved,
@@ -236,7 +241,8 @@ def report(args, info: dict, times: dict, peak: float) -> None:
   print(f"{args.model} CLIP, batch {args.batch}, {args.dtype}, attention {args.attention_impl}, "
         f"{result['device']} ({os.cpu_count()} CPUs), {ours['parameters'] / 1e6:.1f} M parameters")
   if args.pack_text:
-    print(f"mmjax packs the {args.batch} captions into {ours['text_rows']} rows (data.pack_text); open_clip "
+    print(f"mmjax packs the {args.batch} captions into {ours['text_rows']} rows (data.pack_text, up to "
+          f"{args.captions_per_row} per row); open_clip "
           f"runs all {args.batch}")
   print(f"{'side':<10}{'step s':>10}{'samples/s':>12}{'build s':>10}{'GFLOP/step':>12}{'GFLOP/s':>10}{'of peak':>9}")
   for side in times:

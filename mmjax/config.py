@@ -61,10 +61,11 @@ def base_config() -> ml_collections.ConfigDict:
   # (infonce, triplet): negatives per anchor, 0 for all; margin and hardest (VSE++) for triplet.
   c.loss = dict(kind="sigmoid", impl="ring", num_negatives=0, margin=0.2, hardest=False)
   # twins (shapes only): every image comes with a negative differing only in its shapes. pack_text (contrastive,
-  # causal text tower pooled at its end of text): captions packed two per row (mmjax.data.packing).
+  # causal text tower pooled at its end of text): captions packed up to captions_per_row per row
+  # (mmjax.data.packing).
   c.data = dict(source="shapes", tokenizer="shapes", image_size=64, batch_size=128, held_out_fraction=0.2,
                 twins=True, captions="", image_root="", shards="", on_bad_image="skip", worker_count=0, seed=0,
-                pack_text=False)
+                pack_text=False, captions_per_row=6)
   c.mesh = (("data", -1), ("fsdp", 1), ("tensor", 1))
   c.axis_rules = (("batch", ("data", "fsdp")), ("act_batch", ("data", "fsdp")), ("embed", "fsdp"),
                   ("mlp", "tensor"), ("heads", "tensor"), ("vocab", "tensor"))

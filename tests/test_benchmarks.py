@@ -13,12 +13,12 @@ BATCH = 8
 
 
 def matmul_flops_per_step(cfg: dict, batch: int, pooled_last_block: bool, attention: bool = True,
-                          text_rows: int | None = None) -> float:
+                          text_rows: int | None = None, per_row: int = 1) -> float:
   """Training-step matmul FLOPs of an open_clip CLIP config counted by hand: forward, plus
   twice that backward (input and weight gradients), except that the pixels need no gradient.
   `pooled_last_block`: each tower's last block computes only its pooled token (keys and values
   still come from every token). `attention=False` leaves out the scores and weighted values.
-  `text_rows`: the captions packed two per row into that many rows (each pooling two tokens)."""
+  `text_rows`: the captions packed into that many rows, each pooling `per_row` tokens."""
   def layer(tokens, queries, width, mlp_ratio=4):  # multiply-adds
     return (2 * tokens * width * width  # k, v projections
             + 2 * queries * width * width  # q, out projections
@@ -32,7 +32,7 @@ def matmul_flops_per_step(cfg: dict, batch: int, pooled_last_block: bool, attent
   patches = (vision["image_size"] // vision["patch_size"]) ** 2
   patch_embedding = 2 * patches * vision["patch_size"] ** 2 * 3 * vision["width"]
   image = tower(patches + 1, vision["width"], vision["layers"]) + 2 * embed * vision["width"]
-  rows, pooled = (batch, 1) if text_rows is None else (text_rows, 2)
+  rows, pooled = (batch, 1) if text_rows is None else (text_rows, per_row)
   caption_row = (tower(text["context_length"], text["width"], text["layers"], pooled)
                  + pooled * 2 * embed * text["width"])
   return batch * (3 * image + 2 * patch_embedding) + rows * 3 * caption_row
@@ -87,5 +87,6 @@ def test_packed_captions_cut_the_counted_flops_as_their_rows(tmp_path):
   rows = result["mmjax_text_rows"]
   assert result["pack_text"] and rows < BATCH
   flops = result["flops_per_step"]["mmjax"]
-  ours = matmul_flops_per_step(small, BATCH, pooled_last_block=True, text_rows=rows)
+  ours = matmul_flops_per_step(small, BATCH, pooled_last_block=True, text_rows=rows,
+                               per_row=result["captions_per_row"])
   assert 1.0 <= flops / ours < 1.15, (flops, ours)

@@ -1,20 +1,20 @@
-"""Caption packing for causal text towers: two captions per row, so the tower skips padding.
+"""Caption packing for causal text towers: several captions per row, so the tower skips padding.
 
 A CLIP text tower is causal and reads one token per caption (its end of text), so the positions
-after it change nothing. Captions are paired, short with long, into rows of the same context
-length; each keeps its own positions (0, 1, ...) and attends only within its segment, so every
-pooled output equals the unpacked one up to float rounding.
+after it change nothing. Captions are packed, at most k per row (`data.captions_per_row`), into
+rows of the same context length; each keeps its own positions (0, 1, ...) and attends only
+within its segment, so every pooled output equals the unpacked one up to float rounding.
 
-The packed batch (`pack_caption_pairs`):
+The packed batch (`pack_captions`):
   text            [rows, L] int32   the packed token ids (0 where nothing is packed)
   text_positions  [rows, L] int32   each token's position in its caption
-  text_segments   [rows, L] int32   1 or 2: the caption in the row; 0: padding
-  text_pool       [rows, 2] int32   the column of each segment's pooled token (an empty second
-                                    segment repeats the first's; its output is never read)
-  text_slot       [batch]   int32   caption i's pooled output is row slot // 2, segment slot % 2
+  text_segments   [rows, L] int32   1..k: the caption in the row; 0: padding
+  text_pool       [rows, k] int32   the column of each segment's pooled token (0 for an empty
+                                    segment, whose output is never read)
+  text_slot       [batch]   int32   caption i's pooled output is row slot // k, segment slot % k
 
-`rows` is the smallest of a few sizes (`row_counts`: 1/2, 5/8, ... of the batch) that holds
-the pairs, so a training step compiles for at most five row counts. With several processes each
+`rows` is the rows the captions need rounded up to a multiple of 1/32 of the batch
+(`row_count`), so a training step compiles for few row counts. With several processes each
 packs its own slice of the batch into the same row count (the largest any of them needs), and
 `text_slot` indexes the global rows.
 """
@@ -53,55 +53,57 @@ def pooled_lengths(tokens: np.ndarray, pool: str, eos_id: int) -> np.ndarray:
   return np.where(is_eos.any(axis=1), np.argmax(is_eos, axis=1) + 1, tokens.shape[1])
 
 
-def row_counts(batch: int, divisor: int = 1) -> list[int]:
-  """The packed row counts a batch may take: k/8 of it for k = 4..8, rounded up to `divisor`."""
-  return sorted({divisor * math.ceil(math.ceil(batch * k / 8) / divisor) for k in range(4, 9)})
+def row_count(batch: int, needed: int, divisor: int = 1) -> int:
+  """The rows a packed batch takes when its captions need `needed`: rounded up to a multiple of
+  1/32 of the batch (and of `divisor`), so a run compiles its step for few row counts."""
+  step = divisor * math.ceil(batch / (32 * divisor))
+  return min(batch, step * math.ceil(needed / step))
 
 
-def pair_captions(lengths: np.ndarray, context: int) -> list[tuple[int, int | None]]:
-  """Rows as (longer, shorter or None) caption indices: the longest caption left takes the
-  shortest one left when both fit in `context`, which pairs as many as any pairing can."""
-  order = np.argsort(lengths, kind="stable")
-  short, long_ = 0, len(order) - 1
-  rows = []
-  while short <= long_:
-    a = int(order[long_])
-    if short < long_ and lengths[a] + lengths[order[short]] <= context:
-      rows.append((a, int(order[short])))
-      short += 1
+def pack_rows(lengths: np.ndarray, context: int, per_row: int) -> list[list[int]]:
+  """Rows of caption indices, longest first: each caption, longest to shortest, joins the row
+  with the least room left that holds it and has fewer than `per_row` captions (best fit
+  decreasing). With `per_row=2` that uses as few rows as any pairing."""
+  rows: list[list[int]] = []
+  open_rows: list[list[int]] = [[] for _ in range(context + 1)]  # By room left.
+  for caption in np.argsort(-lengths, kind="stable"):
+    n = int(lengths[caption])
+    room = next((r for r in range(n, context + 1) if open_rows[r]), None)
+    if room is None:
+      row, room = len(rows), context
+      rows.append([])
     else:
-      rows.append((a, None))
-    long_ -= 1
+      row = open_rows[room].pop()
+    rows[row].append(int(caption))
+    if len(rows[row]) < per_row:
+      open_rows[room - n].append(row)
   return rows
 
 
-def pack_caption_pairs(tokens: np.ndarray, lengths: np.ndarray, divisor: int = 1,
-                       agree=lambda rows: rows) -> dict[str, np.ndarray]:
-  """The packed batch (module docstring) of `tokens` [batch, L] whose captions are `lengths` long;
-  the row count is a multiple of `divisor` (the batch-sharded devices). `agree` maps the rows
-  this batch needs to the rows every process's batch needs (their maximum)."""
+def pack_captions(tokens: np.ndarray, lengths: np.ndarray, per_row: int, divisor: int = 1,
+                  agree=lambda rows: rows) -> dict[str, np.ndarray]:
+  """The packed batch (module docstring) of `tokens` [batch, L] whose captions are `lengths` long,
+  at most `per_row` per row; the row count is a multiple of `divisor` (the batch-sharded
+  devices). `agree` maps the rows this batch needs to the rows every process's batch needs
+  (their maximum)."""
   batch, context = tokens.shape
   if batch % divisor:
     raise ConfigError(f"batch {batch} is not divisible by the {divisor} batch-sharded devices")
   if lengths.min(initial=1) < 1 or lengths.max(initial=0) > context:
     raise ConfigError(f"caption lengths must lie in [1, {context}]; got {lengths.min()}..{lengths.max()}")
-  pairs = pair_captions(lengths, context)
-  needed = agree(len(pairs))
-  rows = next(r for r in row_counts(batch, divisor) if r >= needed)
+  packed_rows = pack_rows(lengths, context, per_row)
+  rows = row_count(batch, agree(len(packed_rows)), divisor)
   out = {"text": np.zeros((rows, context), np.int32), "text_positions": np.zeros((rows, context), np.int32),
-         "text_segments": np.zeros((rows, context), np.int32), "text_pool": np.zeros((rows, 2), np.int32),
+         "text_segments": np.zeros((rows, context), np.int32), "text_pool": np.zeros((rows, per_row), np.int32),
          "text_slot": np.zeros(batch, np.int32)}
-  for row, captions in enumerate(pairs):
+  for row, captions in enumerate(packed_rows):
     start = 0
     for segment, caption in enumerate(captions):
-      if caption is None:
-        out["text_pool"][row, 1] = out["text_pool"][row, 0]
-        continue
       n = lengths[caption]
       out["text"][row, start:start + n] = tokens[caption, :n]
       out["text_positions"][row, start:start + n] = np.arange(n)
       out["text_segments"][row, start:start + n] = segment + 1
       out["text_pool"][row, segment] = start + n - 1
-      out["text_slot"][caption] = 2 * row + segment
+      out["text_slot"][caption] = per_row * row + segment
       start += n
   return out

@@ -43,9 +43,9 @@ class TextTransformer(nn.Module):
     """`pooled_only`: the caller reads only the pooled output and `aux["pre_logits"]`, so a
     tower pooled at one token computes its last block for that token alone.
 
-    `packing`: `text` holds captions packed two per row (`mmjax.data.packing`), and this dict
+    `packing`: `text` holds captions packed k per row (`mmjax.data.packing`), and this dict
     their `positions`, `segments` and `pool` columns (other keys are ignored); the output is
-    then [rows, 2, ...], one entry per segment."""
+    then [rows, k, ...], one entry per segment."""
     if text.shape[1] > self.max_len:
       raise ConfigError(f"text length {text.shape[1]} exceeds model.text.max_len={self.max_len}")
     embed = nn.Embed(self.vocab_size, self.width, dtype=self.dtype, name="Embed_0",
@@ -74,7 +74,7 @@ class TextTransformer(nn.Module):
     if keep is None:
       aux["encoded"] = x
       x = pool_tokens(self, x, self.pool, pooled_token)
-    elif keep.ndim == 1:  # The encoder returned each example's pooled token alone; packed rows keep two.
+    elif keep.ndim == 1:  # The encoder returned each example's pooled token alone; packed rows keep one per segment.
       x = x[:, 0]
     aux["pre_logits"] = x
     return tower_head(self, x), aux

@@ -49,6 +49,8 @@ class ContrastiveTask:
     if config.data.get("pack_text"):
       self._packing_tower = TextTransformer(**models.resolve_tower(self.model_config, "text"))
       packing.check_packable(self._packing_tower.causal, self._packing_tower.pool, "data.pack_text with model.text")
+      if config.data.captions_per_row < 1:
+        raise ConfigError(f"data.captions_per_row must be at least 1; got {config.data.captions_per_row}")
       divisor, processes = parallel.batch_size_divisor(mesh), jax.process_count()
       if divisor % processes:
         raise ConfigError(f"data.pack_text: the batch is split over {divisor} devices, which {processes} processes "
@@ -64,15 +66,16 @@ class ContrastiveTask:
             "text": np.zeros((batch_size, self.max_len), np.int32)}
 
   def prepare_batch(self, local: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The loader's batch as the step takes it: with `data.pack_text`, captions packed two per
-    row (`mmjax.data.packing`)."""
+    """The loader's batch as the step takes it: with `data.pack_text`, captions packed up to
+    `data.captions_per_row` per row (`mmjax.data.packing`)."""
     if self._packing_tower is None:
       return local
     lengths = packing.pooled_lengths(local["text"], self._packing_tower.pool, self._packing_tower.eos_id)
     processes, divisor = jax.process_count(), parallel.batch_size_divisor(self.mesh)
     agree = lambda rows: int(np.max(multihost_utils.process_allgather(np.int32(rows)))) if processes > 1 else rows
-    packed = packing.pack_caption_pairs(local["text"], lengths, divisor // processes, agree)
-    packed["text_slot"] += 2 * parallel.local_rows_start(self.mesh, len(packed["text"]) * processes)
+    per_row = self.config.data.captions_per_row
+    packed = packing.pack_captions(local["text"], lengths, per_row, divisor // processes, agree)
+    packed["text_slot"] += per_row * parallel.local_rows_start(self.mesh, len(packed["text"]) * processes)
     return {**local, **packed}
 
   def init(self, rng, batch):
