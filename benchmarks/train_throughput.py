@@ -11,6 +11,8 @@ matmul peak measured in the same run; writes JSON.
 
   python benchmarks/train_throughput.py                       # ViT-B/32 CLIP, 224 px, batch 32
   python benchmarks/train_throughput.py --model small         # a quick run
+  python benchmarks/train_throughput.py --pack_text           # mmjax packs captions (data.pack_text)
+  python benchmarks/train_throughput.py --pack_text --open_clip_reuses_memory   # glibc set alike on both sides
   python benchmarks/train_throughput.py --model b16 --device gpu --dtype bfloat16 --attention_impl cudnn --no_torch
 """
 import argparse
@@ -156,7 +158,10 @@ def _timed(fn) -> float:
 def serve(side: str, args: argparse.Namespace, conn) -> None:
   """One side in its own process, so that each framework has its own allocator: builds the
   step, reports `info`, then runs the number of steps it is sent and answers with the seconds."""
-  runtime = parallel.tune_cpu_runtime() if side == "mmjax" else {}  # As `mmjax.train` does.
+  if side == "mmjax":
+    runtime = parallel.tune_cpu_runtime()  # As `mmjax.train` does.
+  else:  # torch as users run it, or with glibc set as mmjax sets it (`--open_clip_reuses_memory`).
+    runtime = {"host_memory_reuse": args.open_clip_reuses_memory and parallel.reuse_freed_host_memory()}
   cfg = MODELS[args.model]
   images, tokens = random_batch(cfg, args.batch)
   t0 = time.perf_counter()
@@ -168,7 +173,7 @@ def serve(side: str, args: argparse.Namespace, conn) -> None:
     info = {"flops": run.flops(), "device": jax.devices()[0].device_kind, "text_rows": run.text_rows, **runtime}
   else:
     run = TorchStep(cfg, images, tokens)
-    info = {"flops": run.flops()}
+    info = {"flops": run.flops(), **runtime}
   info.update(parameters=run.parameters, build_s=time.perf_counter() - t0)
   run(args.warmup)
   conn.send(info)
@@ -190,6 +195,8 @@ def main():
   parser.add_argument("--rounds", type=int, default=4, help="Alternating timed rounds.")
   parser.add_argument("--steps", type=int, default=2, help="Steps per side per round.")
   parser.add_argument("--no_torch", action="store_true", help="mmjax only (GPU runs).")
+  parser.add_argument("--open_clip_reuses_memory", action="store_true",
+                      help="Set glibc in the open_clip process as mmjax sets it in its own (keep freed memory).")
   parser.add_argument("--peak_tflops", type=float, default=None,
                       help="Device peak for MFU (e.g. 989 for an H100 SXM in bf16); default: measured matmul.")
   parser.add_argument("--out", default="benchmarks/train_throughput.json")
@@ -234,7 +241,7 @@ def report(args, info: dict, times: dict, peak: float) -> None:
             "device": ours["device"], "cpus": os.cpu_count(), "machine": platform.machine(),
             "parameters": ours["parameters"], "build_s": {side: round(i["build_s"], 1) for side, i in info.items()},
             "step_s": step_s, "samples_per_s": rate, "flops_per_step": flops, "achieved_flops": achieved,
-            "peak_flops": peak, "host_memory_reuse": ours["host_memory_reuse"],
+            "peak_flops": peak, "host_memory_reuse": {side: i["host_memory_reuse"] for side, i in info.items()},
             "sequential_schedule": ours["sequential_schedule"],
             "peak_source": "given" if args.peak_tflops else "measured float32 matmul",
             "fraction_of_peak": {side: a / peak for side, a in achieved.items()}, "rounds": times}
