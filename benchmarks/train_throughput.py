@@ -66,14 +66,14 @@ def random_batch(cfg: dict, batch: int, seed: int = 0) -> tuple[np.ndarray, np.n
 class MMJaxStep:
   """mmjax's jitted training step (the trainer's own) on one device, state donated each step."""
 
-  def __init__(self, cfg: dict, batch: int, dtype: str, attention_impl: str, captions_per_row: int, images, tokens):
-    """`captions_per_row`: 0 leaves captions unpacked; k > 0 packs up to k per row (data.pack_text)."""
+  def __init__(self, cfg: dict, batch: int, dtype: str, attention_impl: str, pack_text: bool, captions_per_row: int,
+               images, tokens):
     c = base_config()
     model = model_config_from_open_clip(cfg)
     model.update(dtype=dtype, attention_impl=attention_impl)
     c.model = ml_collections.ConfigDict(model)
     c.data.update(tokenizer="shapes", image_size=model["image_size"], batch_size=batch,
-                  pack_text=captions_per_row > 0, captions_per_row=max(captions_per_row, 1))
+                  pack_text=pack_text, captions_per_row=captions_per_row)
     c.loss.kind, c.loss.impl = "softmax", "all_gather"
     c.optim.update(lr=5e-4, warmup_steps=1, weight_decay=0.2, b2=0.98, clip_norm=0.0)
     c.mesh = (("data", 1), ("fsdp", 1), ("tensor", 1))
@@ -168,7 +168,7 @@ def serve(side: str, args: argparse.Namespace, conn) -> None:
   if side == "mmjax":
     if jax.devices()[0].platform != args.device:
       raise SystemExit(f"--device {args.device}, but JAX runs on {jax.devices()[0].platform}")
-    run = MMJaxStep(cfg, args.batch, args.dtype, args.attention_impl, args.captions_per_row if args.pack_text else 0,
+    run = MMJaxStep(cfg, args.batch, args.dtype, args.attention_impl, args.pack_text, args.captions_per_row,
                     images, tokens)
     info = {"flops": run.flops(), "device": jax.devices()[0].device_kind, "text_rows": run.text_rows, **runtime}
   else:

@@ -131,7 +131,8 @@ def test_packed_captions_train_alike_on_two_processes_and_one(tmp_path):
   one = run_processes(tmp_path / "one", "8x1", 1, extra_per_process={0: flags})
   two = run_processes(tmp_path / "two", "8x1", 2, extra_per_process={0: flags, 1: flags})
   _assert_ok(one + two)
-  # Two shapes captions (up to 25 ids) always fit in a row of 64: half the rows.
+  # Two shapes captions (up to 25 ids) always fit in a row of 64, so the rows are at most half the
+  # batch: the fewest the batch-sharded devices allow.
   assert "text (8, 64), text_positions (8, 64)" in one[0][1] and "text_slot (16,)" in one[0][1]
   assert "text (4, 64), text_positions (4, 64)" in two[0][1] and "text_slot (8,)" in two[0][1]
   np.testing.assert_allclose(_losses(str(tmp_path / "two")), _losses(str(tmp_path / "one")), rtol=1e-5)

@@ -72,7 +72,7 @@ def test_packed_fields_place_every_caption_in_its_slot():
   tokens = captions(lengths, 16, 50)
   out = packing.pack_captions(tokens, lengths, per_row=3, divisor=2)
   rows = len(out["text"])
-  assert rows == packing.row_count(8, len(packing.pack_rows(lengths, 16, 3)), 2) and rows % 2 == 0
+  assert rows == 4  # [16], [12, 4], [9, 7], [5, 3, 1]
   assert out["text_pool"].shape == (rows, 3)
   for i, n in enumerate(lengths):
     row, segment = divmod(int(out["text_slot"][i]), 3)
@@ -179,7 +179,7 @@ def test_packed_text_refuses_a_tower_that_reads_the_padding():
 
 def _clip_config(pack_text):
   c = tiny_config(total_steps=2, checkpoint_every=2, log_every=1)
-  # Room for two shapes captions (up to 25 ids); two blocks, so one masks whole rows by segment.
+  # Room for two or more shapes captions (up to 25 ids); two blocks, so one masks whole rows by segment.
   c.model.text.update(causal=True, pool="eos", max_len=48, depth=2)
   c.loss.kind = "softmax"
   c.data.pack_text = pack_text
@@ -211,16 +211,27 @@ def test_training_on_packed_captions_follows_the_unpacked_run(tmp_path, monkeypa
 
 
 def test_shapes_captions_pack_into_fewer_rows():
-  """The shapes recipe's captions are short: its batch packs into half the rows. The end-of-text
-  id left unset is the tower's default, as the model reads it."""
+  """The shapes recipe's captions are short: on 8 devices its batch packs into half the rows,
+  on one into fewer still with more captions per row. The end-of-text id left unset is the
+  tower's default, as the model reads it."""
   c = _clip_config(True)
   c.model.text.eos_id = None
-  mesh = parallel.make_mesh(c.mesh)
-  task = tasks.get(c.task)(c, mesh)
-  texts = task.tokenizer.encode(["a red circle", "a small blue square above a green triangle"] * 8, task.max_len)
-  batch = task.prepare_batch({"image": np.zeros((16, 32, 32, 3), np.float32), "text": texts})
-  assert batch["text"].shape == (8, task.max_len) and batch["text_slot"].shape == (16,)
-  assert sorted(batch) == sorted(("image", "text") + packing.PACKED_KEYS)
+  rows = {}
+  for devices, per_row in ((8, 6), (1, 2), (1, 6)):
+    c.data.captions_per_row = per_row
+    task = tasks.get(c.task)(c, parallel.make_mesh(c.mesh, devices=jax.devices()[:devices]))
+    texts = task.tokenizer.encode(["a red circle", "a small blue square above a green triangle"] * 8, task.max_len)
+    batch = task.prepare_batch({"image": np.zeros((16, 32, 32, 3), np.float32), "text": texts})
+    rows[devices, per_row] = len(batch["text"])
+    assert batch["text_slot"].shape == (16,) and batch["text_pool"].shape == (rows[devices, per_row], per_row)
+    assert sorted(batch) == sorted(("image", "text") + packing.PACKED_KEYS)
+  assert rows[8, 6] == rows[1, 2] == 8 and rows[1, 6] < 8
+  c.data.captions_per_row = 0
+  with pytest.raises(ConfigError, match="data.captions_per_row must be at least 1; got 0"):
+    tasks.get(c.task)(c, parallel.make_mesh(c.mesh))
+  del c.data["captions_per_row"]  # A run saved before the key: two per row.
+  task = tasks.get(c.task)(c, parallel.make_mesh(c.mesh, devices=jax.devices()[:1]))
+  assert task.prepare_batch({"text": texts})["text_pool"].shape == (8, 2)
 
 
 @pytest.mark.parametrize("method,targets", [

@@ -36,7 +36,7 @@ class TwoTower(nn.Module):
 
   `text_packing` (`positions`, `segments`, `pool` and `slot` of a batch whose `text` is packed
   by `mmjax.data.packing`): `ztxt` is still one embedding per caption, in the batch's order;
-  the `txt/...` aux entries keep the packed layout ([rows, 2, ...]).
+  the `txt/...` aux entries keep the packed layout ([rows, k, ...]).
   """
   image: dict
   text: dict

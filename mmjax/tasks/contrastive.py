@@ -49,8 +49,10 @@ class ContrastiveTask:
     if config.data.get("pack_text"):
       self._packing_tower = TextTransformer(**models.resolve_tower(self.model_config, "text"))
       packing.check_packable(self._packing_tower.causal, self._packing_tower.pool, "data.pack_text with model.text")
-      if config.data.captions_per_row < 1:
-        raise ConfigError(f"data.captions_per_row must be at least 1; got {config.data.captions_per_row}")
+      # Runs saved before data.captions_per_row existed packed two per row.
+      self._captions_per_row = config.data.get("captions_per_row", 2)
+      if self._captions_per_row < 1:
+        raise ConfigError(f"data.captions_per_row must be at least 1; got {self._captions_per_row}")
       divisor, processes = parallel.batch_size_divisor(mesh), jax.process_count()
       if divisor % processes:
         raise ConfigError(f"data.pack_text: the batch is split over {divisor} devices, which {processes} processes "
@@ -73,9 +75,8 @@ class ContrastiveTask:
     lengths = packing.pooled_lengths(local["text"], self._packing_tower.pool, self._packing_tower.eos_id)
     processes, divisor = jax.process_count(), parallel.batch_size_divisor(self.mesh)
     agree = lambda rows: int(np.max(multihost_utils.process_allgather(np.int32(rows)))) if processes > 1 else rows
-    per_row = self.config.data.captions_per_row
-    packed = packing.pack_captions(local["text"], lengths, per_row, divisor // processes, agree)
-    packed["text_slot"] += per_row * parallel.local_rows_start(self.mesh, len(packed["text"]) * processes)
+    packed = packing.pack_captions(local["text"], lengths, self._captions_per_row, divisor // processes, agree)
+    packed["text_slot"] += self._captions_per_row * parallel.local_rows_start(self.mesh, len(packed["text"]) * processes)
     return {**local, **packed}
 
   def init(self, rng, batch):
