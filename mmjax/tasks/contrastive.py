@@ -57,6 +57,7 @@ class ContrastiveTask:
       if divisor % processes:
         raise ConfigError(f"data.pack_text: the batch is split over {divisor} devices, which {processes} processes "
                           f"cannot share evenly")
+      self._rows_divisor = divisor // processes  # Each process's row count is a multiple of its devices.
     # Replicated outputs: every process reads all embeddings of the rows it fed a slice of.
     self._embed = jax.jit(lambda p, image, text: self.model.apply({"params": p}, image=image, text=text)[:2],
                           out_shardings=parallel.replicated(mesh))
@@ -73,9 +74,9 @@ class ContrastiveTask:
     if self._packing_tower is None:
       return local
     lengths = packing.pooled_lengths(local["text"], self._packing_tower.pool, self._packing_tower.eos_id)
-    processes, divisor = jax.process_count(), parallel.batch_size_divisor(self.mesh)
+    processes = jax.process_count()
     agree = lambda rows: int(np.max(multihost_utils.process_allgather(np.int32(rows)))) if processes > 1 else rows
-    packed = packing.pack_captions(local["text"], lengths, self._captions_per_row, divisor // processes, agree)
+    packed = packing.pack_captions(local["text"], lengths, self._captions_per_row, self._rows_divisor, agree)
     packed["text_slot"] += self._captions_per_row * parallel.local_rows_start(self.mesh, len(packed["text"]) * processes)
     return {**local, **packed}
 
