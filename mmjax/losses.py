@@ -58,7 +58,7 @@ def sigmoid_loss(zimg, ztxt, t, b, *, mesh=None, impl="ring", positives=None):
   args, specs = (x, y, t, bias), (P(axes), P(axes), P(), P())
   if positives is not None:
     args, specs = args + (positives,), specs + (P(axes),)
-  return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=P())(*args)
+  return jax.shard_map(local, mesh=_shard_mesh(mesh), in_specs=specs, out_specs=P())(*args)
 
 
 def softmax_loss(zimg, ztxt, t, *, mesh=None, positives=None):
@@ -135,6 +135,13 @@ def _scalar(v):
   return jnp.reshape(jnp.asarray(v, jnp.float32), ())
 
 
+def _shard_mesh(mesh):
+  """The mesh in scope, which may name the device kind being compiled for
+  (`parallel.compile_for`), else `mesh`."""
+  context = jax.sharding.get_abstract_mesh()
+  return mesh if context.empty else context
+
+
 def _num_shards(mesh, axes, batch):
   size = axes_size(mesh, axes)
   if batch % size:
@@ -180,7 +187,8 @@ def _symmetric_mean(row_sum, x, y, scalars, mesh, positives=None):
 
   pos_spec = None if positives is None else P(axes)
   specs = (P(axes), P(axes), pos_spec, pos_spec) + (P(),) * len(scalars)
-  return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=P())(x, y, positives, positives_t, *scalars)
+  return jax.shard_map(local, mesh=_shard_mesh(mesh), in_specs=specs, out_specs=P())(x, y, positives, positives_t,
+                                                                                  *scalars)
 
 
 def _labels(shape, diag_offset, pos):

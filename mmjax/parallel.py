@@ -10,6 +10,8 @@ them, each process feeds its slice of every global batch (`global_batch`), and
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import ctypes
 import json
 import math
@@ -136,6 +138,49 @@ def check_same_config(config_json: str) -> None:
   if lines:
     raise ConfigError("the processes of this run were started with different configs; "
                       "start every process with the same command:\n" + "\n".join(lines))
+
+
+_TARGET_PLATFORM = contextvars.ContextVar("mmjax_target_platform", default=None)
+
+
+@contextlib.contextmanager
+def compile_for(platform: str, device_kind: str | None = None):
+  """Code traced (and lowered) inside this block builds for `platform` ("tpu", "gpu" or "cpu";
+  "cuda" and "rocm" mean "gpu"), whatever this host runs: `mmjax.compile --platform cuda`
+  lowers a GPU step on a CPU host this way. `device_kind` (e.g. "NVIDIA H100") also names the
+  device to JAX through the abstract mesh, as Pallas's Triton lowering needs since jax 0.11."""
+  family = _platform_family(platform)
+  token = _TARGET_PLATFORM.set(family)
+  try:
+    if device_kind is None:
+      yield
+    else:
+      device = jax.sharding.AbstractDevice(device_kind=device_kind, num_cores=None, platform=family)
+      with jax.sharding.use_abstract_mesh(jax.sharding.get_abstract_mesh().update(abstract_device=device)):
+        yield
+  finally:
+    _TARGET_PLATFORM.reset(token)
+
+
+def target_platform() -> str:
+  """The platform the code being traced will run on: "tpu", "gpu" or "cpu".
+
+  In order: a `compile_for` block; the devices of the mesh in scope (`jax.set_mesh` of TPU
+  device descriptions when compiling ahead of time for a slice); this host's default backend.
+  Kernels ask this, never `jax.default_backend()`, so that an ahead-of-time compile picks the
+  target's kernel, block sizes and compiler parameters."""
+  forced = _TARGET_PLATFORM.get()
+  if forced is not None:
+    return forced
+  device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+  return _platform_family(device.platform if device is not None else jax.default_backend())
+
+
+def _platform_family(platform: str) -> str:
+  platform = platform.lower()
+  if platform not in ("tpu", "gpu", "cuda", "rocm", "cpu"):
+    raise ConfigError(f"platform {platform!r}: expected tpu, gpu (cuda, rocm) or cpu")
+  return "gpu" if platform in ("cuda", "rocm") else platform
 
 
 def make_mesh(mesh_config: Sequence[tuple[str, int]], devices: Sequence[Any] | None = None) -> Mesh:

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmjax.errors import ConfigError
-from mmjax.ops.attention import dot_product_attention
+from mmjax.ops.attention import dot_product_attention, warn_once
 from mmjax.ops.dense import dense_dot_general
 
 # big_vision's ViT family: width, depth, MLP width and heads per variant name.
@@ -134,7 +134,8 @@ class MultiHeadDotProductAttention(nn.Module):
   attention_impl: str = "xla"
 
   @nn.compact
-  def __call__(self, x_q, x_kv=None, *, mask=None, causal=False, bias=None):
+  def __call__(self, x_q, x_kv=None, *, mask=None, causal=False, bias=None, q_segment_ids=None,
+               kv_segment_ids=None):
     x_kv = x_q if x_kv is None else x_kv
     width = x_q.shape[-1]
     if width % self.num_heads:
@@ -149,7 +150,8 @@ class MultiHeadDotProductAttention(nn.Module):
                        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "kv")))
 
     q, k, v = proj("query")(x_q), proj("key")(x_kv), proj("value")(x_kv)
-    y = dot_product_attention(q, k, v, bias=bias, mask=mask, causal=causal, impl=self.attention_impl)
+    y = dot_product_attention(q, k, v, bias=bias, mask=mask, causal=causal, q_segment_ids=q_segment_ids,
+                              kv_segment_ids=kv_segment_ids, impl=self.attention_impl)
     out_init = nn.initializers.xavier_uniform(in_axis=(0, 1), out_axis=2)
     return nn.Einsum((self.num_heads, head_dim, width), "blhk,hkd->bld", dtype=self.dtype, name="out",
                      kernel_init=nn.with_logical_partitioning(out_init, ("heads", "kv", "embed")),
@@ -178,22 +180,23 @@ class Encoder1DBlock(nn.Module):
   def __call__(self, x, deterministic=True, keep=None, segments=None):
     x = nn.with_logical_constraint(x, ACT_AXES)
     y = _layer_norm("LayerNorm_0", self.dtype, self.norm_eps)(x)
-    # A few queries per example, or a segment mask, take XLA's path: no kernel gains there, and
-    # cuDNN's refuses such masks in training.
-    attention = MultiHeadDotProductAttention(self.num_heads, self.dtype,
-                                             self.attention_impl if keep is None and segments is None else "xla",
-                                             name="MultiHeadDotProductAttention_0")
+    impl = self.attention_impl
+    if keep is not None and self.causal and impl != "xla":
+      # The kept queries sit at per-example positions; the kernels' causal mask knows only the
+      # end-aligned one. So few queries cost little on XLA's path.
+      warn_once(f"attention_impl={impl!r}: the last block of a causal tower pooled at one token per "
+                 "caption attends with the xla path (its causal mask follows the pooled token's position)")
+      impl = "xla"
+    attention = MultiHeadDotProductAttention(self.num_heads, self.dtype, impl, name="MultiHeadDotProductAttention_0")
     if keep is None:
-      mask = None if segments is None else segments[:, None, :, None] == segments[:, None, None, :]
-      y = attention(y, causal=self.causal, mask=mask)
+      y = attention(y, causal=self.causal, q_segment_ids=segments, kv_segment_ids=segments)
     else:
       keep = keep.reshape(keep.shape[0], -1)
       x = take_tokens(x, keep)
       mask = jnp.arange(y.shape[1]) <= keep[:, None, :, None] if self.causal else None
-      if segments is not None:
-        same = jnp.take_along_axis(segments, keep, axis=1)[:, None, :, None] == segments[:, None, None, :]
-        mask = same if mask is None else mask & same
-      y = attention(take_tokens(y, keep), y, mask=mask)
+      kept_segments = None if segments is None else jnp.take_along_axis(segments, keep, axis=1)
+      y = attention(take_tokens(y, keep), y, mask=mask, q_segment_ids=kept_segments,
+                    kv_segment_ids=None if segments is None else segments)
     x = x + nn.Dropout(self.dropout)(y, deterministic)
     y = _layer_norm("LayerNorm_1", self.dtype, self.norm_eps)(x)
     y = MlpBlock(self.mlp_dim, self.act, self.dropout, self.dtype, name="MlpBlock_0")(y, deterministic)

@@ -13,9 +13,15 @@ per-example key lengths become kv segment -1 on the masked keys; padding added t
 reach a block multiple is masked the same way. A query row with no allowed key
 outputs zeros (the empty sum), as the door's `xla` path does.
 
-On CPU the kernels run in Pallas interpret mode (chosen automatically). On GPU they
-lower through the Triton backend, selected explicitly because JAX's default GPU
-backend for `pallas_call` is Mosaic GPU (see docs/kernels.md).
+Where it runs follows the compile target (`parallel.target_platform()`), not the host:
+- GPU: these kernels, through Pallas's Triton backend (named explicitly: JAX's default
+  GPU backend for `pallas_call` is Mosaic GPU).
+- TPU: JAX's splash attention (`jax.experimental.pallas.ops.tpu.splash_attention`), fed
+  the same segment ids and causal alignment. It streams K/V blocks through VMEM, skips
+  fully masked blocks, and is what MaxText trains with (docs/kernels.md says why it is
+  not these kernels).
+- CPU: these kernels in Pallas interpret mode; `interpret=True` under
+  `parallel.compile_for("tpu")` runs the splash kernels in interpret mode instead.
 """
 from __future__ import annotations
 
@@ -25,16 +31,22 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 
+from mmjax import parallel
 from mmjax.errors import ConfigError
 
 # Finite stand-in for -inf: exp(MASK - max) underflows to 0, and fully masked rows stay finite.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 _MIN_HEAD_DIM = 64  # Smaller head dims are zero-padded up to it; larger ones to a power of two.
-# (block_q, block_k) per backend: GPU tiles sized for shared memory; in interpret mode
+# (block_q, block_k) per platform: GPU tiles sized for shared memory; in interpret mode
 # larger blocks mean fewer interpreted grid steps.
-DEFAULT_BLOCKS = {"gpu": (128, 64), "tpu": (128, 128), "cpu": (128, 128)}
+DEFAULT_BLOCKS = {"gpu": (128, 64), "cpu": (128, 128)}
 _MIN_BLOCK = 16  # Triton's smallest tile for tl.dot.
+# Splash blocks: sequences are padded to a multiple of the TPU's 128 lanes, and a block is the
+# largest of these that divides the padded length (MaxText's splash blocks are 512).
+_TPU_BLOCKS = (512, 256, 128)
 
 
 def flash_attention(q, k, v, *, causal: bool = False, kv_mask=None, kv_lengths=None,
@@ -55,11 +67,8 @@ def flash_attention(q, k, v, *, causal: bool = False, kv_mask=None, kv_lengths=N
                       "and k, v [B, Sk, H, D]")
   if (q_segment_ids is None) != (kv_segment_ids is None):
     raise ConfigError("flash_attention: pass q_segment_ids and kv_segment_ids together")
-  backend = jax.default_backend()
-  interpret = backend == "cpu" if interpret is None else interpret
-  default_q, default_k = DEFAULT_BLOCKS.get(backend, DEFAULT_BLOCKS["gpu"])
-  block_q = _fit_block(block_q or default_q, q_len, "block_q")
-  block_k = _fit_block(block_k or default_k, kv_len, "block_k")
+  platform = parallel.target_platform()
+  interpret = platform == "cpu" if interpret is None else interpret
 
   if q_segment_ids is None:
     q_seg = jnp.zeros((batch, q_len), jnp.int32)
@@ -72,7 +81,13 @@ def flash_attention(q, k, v, *, causal: bool = False, kv_mask=None, kv_lengths=N
   if kv_lengths is not None:
     lengths = jnp.broadcast_to(jnp.asarray(kv_lengths, jnp.int32), (batch,))
     kv_seg = jnp.where(jnp.arange(kv_len)[None] < lengths[:, None], kv_seg, -1)
+  if platform == "tpu":
+    return _splash_attention(q, k, v, q_seg, kv_seg, causal=causal, block_q=block_q, block_k=block_k,
+                             interpret=interpret)
 
+  default_q, default_k = DEFAULT_BLOCKS["cpu" if interpret else "gpu"]
+  block_q = _fit_block(block_q or default_q, q_len, "block_q")
+  block_k = _fit_block(block_k or default_k, kv_len, "block_k")
   padded_dim = _padded_head_dim(head_dim)
   q_pad, kv_pad = -q_len % block_q, -kv_len % block_k
   pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n), (0, 0), (0, padded_dim - head_dim)))
@@ -108,7 +123,7 @@ class _Static(NamedTuple):
 
 def _compiler_params(interpret: bool, head_dim: int):
   # Triton is named explicitly: JAX's default GPU backend for pallas_call is Mosaic GPU.
-  if interpret or jax.default_backend() == "tpu":
+  if interpret:
     return None
   from jax.experimental.pallas import triton as pl_triton
   return pl_triton.CompilerParams(num_warps=4 if head_dim <= 64 else 8, num_stages=2)
@@ -309,3 +324,57 @@ def _flash_bwd(s: _Static, residuals, do):
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+# TPU: splash attention ------------------------------------------------------------------
+
+def _splash_attention(q, k, v, q_seg, kv_seg, *, causal: bool, block_q: int | None, block_k: int | None,
+                      interpret: bool):
+  """The door's attention through JAX's TPU splash kernels: [B, S, H, D] in and out, rows
+  with no allowed key zeroed (splash leaves them the mean of their masked values)."""
+  batch, q_len, heads, head_dim = q.shape
+  kv_len = k.shape[1]
+  q_pad, kv_pad = -q_len % _TPU_BLOCKS[-1], -kv_len % _TPU_BLOCKS[-1]
+  block_q = _tpu_block(block_q, q_len + q_pad, "block_q")
+  block_k = _tpu_block(block_k, kv_len + kv_pad, "block_k")
+  kernel = _splash_kernel(heads, q_len + q_pad, kv_len + kv_pad, kv_len - q_len if causal else None,
+                          block_q, block_k, interpret)
+  to_heads_major = lambda x, n: jnp.pad(x, ((0, 0), (0, n), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+  segments = splash.SegmentIds(q=jnp.pad(q_seg, ((0, 0), (0, q_pad))),
+                               kv=jnp.pad(kv_seg, ((0, 0), (0, kv_pad)), constant_values=-1))
+  scaled_q = (q.astype(jnp.float32) * head_dim ** -0.5).astype(q.dtype)  # Splash does not scale.
+  out = jax.vmap(lambda q, k, v, seg: kernel(q, k, v, segment_ids=seg))(
+      to_heads_major(scaled_q, q_pad), to_heads_major(k, kv_pad), to_heads_major(v, kv_pad), segments)
+  out = out.transpose(0, 2, 1, 3)[:, :q_len]
+  return jnp.where(_rows_with_keys(q_seg, kv_seg, causal)[:, :, None, None], out, 0).astype(q.dtype)
+
+
+def _tpu_block(block: int | None, padded_len: int, name: str) -> int:
+  if block is None:
+    return next(b for b in _TPU_BLOCKS if padded_len % b == 0)
+  if block % _TPU_BLOCKS[-1] or padded_len % block:
+    raise ConfigError(f"flash_attention on TPU: {name}={block} must be a multiple of {_TPU_BLOCKS[-1]} that "
+                      f"divides the padded sequence length {padded_len}")
+  return block
+
+
+def _splash_kernel(heads: int, q_len: int, kv_len: int, causal_offset: int | None, block_q: int, block_k: int,
+                   interpret: bool):
+  """Splash's kernel for these shapes. Not cached: it holds arrays made under the caller's trace."""
+  shape = (q_len, kv_len)
+  mask = splash_mask.FullMask(shape) if causal_offset is None else splash_mask.CausalMask(shape, offset=causal_offset)
+  blocks = splash.BlockSizes(block_q=block_q, block_kv=block_k, block_kv_compute=block_k,
+                             block_q_dkv=block_q, block_kv_dkv=block_k, block_kv_dkv_compute=block_k,
+                             block_q_dq=block_q, block_kv_dq=block_k)
+  return splash.make_splash_mha(splash_mask.MultiHeadMask([mask] * heads), block_sizes=blocks, head_shards=1,
+                                q_seq_shards=1, interpret=interpret)
+
+
+def _rows_with_keys(q_seg, kv_seg, causal: bool):
+  """[B, Sq] bool: whether each query row may attend to at least one key (a fused compare-and-
+  reduce in XLA; nothing of size Sq x Sk is stored)."""
+  allowed = q_seg[:, :, None] == kv_seg[:, None, :]
+  if causal:
+    q_len, kv_len = q_seg.shape[1], kv_seg.shape[1]
+    allowed &= jnp.arange(kv_len)[None, None, :] <= jnp.arange(q_len)[None, :, None] + (kv_len - q_len)
+  return allowed.any(axis=-1)
