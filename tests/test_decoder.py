@@ -210,3 +210,25 @@ def test_unsupported_hf_configs_name_the_key():
         ("mlp.c_fc.weight", (32, 128)), ("mlp.c_fc.bias", 128), ("mlp.c_proj.weight", (128, 32)),
         ("mlp.c_proj.bias", 32))})
     from_hf_lm(state, gpt2)
+
+
+def test_remat_recomputes_blocks_with_the_same_gradients():
+  """`remat_policy` rematerialises each block in training: same loss and gradients, and the
+  backward recomputes (the step's jaxpr holds a remat); decoding with a cache does not."""
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, 50, (2, 12))
+  mask = np.ones((2, 12), bool)
+  mask[0, :3] = False  # Left padding, as the training batches have.
+  results = {}
+  for policy in ("none", "full"):
+    model = build_decoder(dict(vocab_size=50, width=32, depth=2, num_heads=2, mlp_dim=64, remat_policy=policy))
+    params = model.init(jax.random.PRNGKey(0), tokens, mask=mask)
+    loss = lambda p: model.apply(p, tokens, mask=mask, train=True)[0][mask].sum()
+    results[policy] = jax.value_and_grad(loss)(params)
+    assert ("remat" in str(jax.make_jaxpr(loss)(params))) == (policy == "full")
+  (want, want_grads), (got, got_grads) = results["none"], results["full"]
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+  with pytest.raises(ConfigError, match="remat_policy"):
+    build_decoder(dict(remat_policy="some"))

@@ -29,7 +29,8 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.errors import ConfigError
-from mmjax.models.vit import ACT_AXES, ACTIVATIONS, _dense as vit_dense
+from mmjax.models.text import TokenEmbed
+from mmjax.models.vit import ACT_AXES, ACTIVATIONS, REMAT_POLICIES, _dense as vit_dense
 from mmjax.ops.attention import IMPLS, dot_product_attention
 
 LM_ACTIVATIONS = {**ACTIVATIONS, "silu": nn.silu, "relu": nn.relu}
@@ -223,6 +224,7 @@ class Decoder(nn.Module):
   dropout: float = 0.0
   dtype: Any = jnp.float32
   attention_impl: str = "xla"
+  remat_policy: str = "none"  # Rematerialises each block in training (vit.REMAT_POLICIES).
 
   def __post_init__(self):
     _validate(self)
@@ -237,8 +239,8 @@ class Decoder(nn.Module):
     return self.head_dim or self.width // self.num_heads
 
   def setup(self):
-    self.embedder = nn.Embed(self.vocab_size, self.width, dtype=self.dtype,
-                             embedding_init=nn.with_logical_partitioning(_INIT, ("vocab", "embed")))
+    self.embedder = TokenEmbed(self.vocab_size, self.width, dtype=self.dtype,
+                               embedding_init=nn.with_logical_partitioning(_INIT, ("vocab", "embed")))
     if self.positions == "learn":
       self.pos_embedding = self.param("pos_embedding", nn.with_logical_partitioning(_INIT, (None, "embed")),
                                       (self.max_len, self.width))
@@ -276,9 +278,21 @@ class Decoder(nn.Module):
     x, block_kw, state = self.prepare(tokens, mask=mask, positions=positions, cache=cache,
                                       inputs_embeds=inputs_embeds, train=train)
     layer_caches = state["layer_caches"]
-    for i, block in enumerate(self.layers):
-      x, layer_caches[i] = block(x, **block_kw, cache=layer_caches[i], train=train)
+    for i in range(self.depth):
+      x, layer_caches[i] = self.run_block(i, x, block_kw, layer_caches[i], train)
     return self.finish(x, block_kw, state, cache)
+
+  def run_block(self, i: int, x, block_kw: dict, cache=None, train: bool = False):
+    """`(x, layer cache)` of block `i`, rematerialised by `remat_policy` when there is no cache.
+    Shared with models that run the blocks in their own loop (Flamingo)."""
+    block = self.layers[i]
+    if self.remat_policy == "none" or cache is not None:
+      return block(x, **block_kw, cache=cache, train=train)
+    causal, index = block_kw["causal"], block_kw["index"]  # Python values: static inside the remat.
+    run = nn.remat(lambda module, x, positions, mask: module(x, positions, mask, causal=causal, index=index,
+                                                              train=train),
+                   policy=REMAT_POLICIES[self.remat_policy])
+    return run(block, x, block_kw["positions"], block_kw["mask"])
 
   def prepare(self, tokens, *, mask=None, positions=None, cache=None, inputs_embeds=None, train=False):
     """`(x, block_kw, state)`: embedded inputs, the keyword arguments of every `DecoderBlock`
@@ -312,7 +326,7 @@ class Decoder(nn.Module):
 
 def _validate(m: Decoder):
   choices = {"positions": POSITIONS, "norm": NORMS, "mlp": MLPS, "act": tuple(LM_ACTIVATIONS),
-             "attention_impl": IMPLS}
+             "attention_impl": IMPLS, "remat_policy": tuple(REMAT_POLICIES)}
   for key, allowed in choices.items():
     if getattr(m, key) not in allowed:
       raise ConfigError(f"decoder {key}={getattr(m, key)!r}; known: {list(allowed)}")

@@ -102,11 +102,11 @@ class Flamingo(nn.Module):
 
     x, block_kw, state = self.lm.prepare(tokens, mask=mask, cache=cache, train=train)
     layer_caches = state["layer_caches"]
-    for i, block in enumerate(self.lm.layers):
+    for i in range(self.lm.depth):
       if i % self.cross_attn_every == self.cross_attn_every - 1:
         x = GatedCrossAttentionBlock(self.xattn_heads, self.xattn_mlp_dim, self.dtype, self.attention_impl,
                                      name=f"xattn_{i}")(x, visual, readable, train)
-      x, layer_caches[i] = block(x, **block_kw, cache=layer_caches[i], train=train)
+      x, layer_caches[i] = self.lm.run_block(i, x, block_kw, layer_caches[i], train)
     logits, aux = self.lm.finish(x, block_kw, state, cache)
     aux["visual"] = visual
     if cache is not None:

@@ -17,6 +17,22 @@ from mmjax.errors import ConfigError
 from mmjax.models.vit import SINGLE_TOKEN_POOLS, Encoder, pool_tokens, tower_head
 
 
+class TokenEmbed(nn.Embed):
+  """`nn.Embed` that looks token ids up in a table whose `embed` dimension is whole.
+
+  The table's `vocab` rows stay split (over `tensor`): each shard looks up the ids in its own
+  rows and the shards' partial lookups are summed, so the embeddings come out split like the
+  ids, over the batch. Gathered from a table whose `embed` dimension is split too (over
+  `fsdp`), they would come out split over their features, and on a data x fsdp x tensor mesh
+  XLA reaches the batch-split activations from there only by replicating them ("Involuntary
+  full rematerialization", forward and backward).
+  """
+
+  def __call__(self, inputs):
+    table = nn.with_logical_constraint(jnp.asarray(self.embedding, self.dtype), ("vocab", None))
+    return jnp.take(table, inputs, axis=0)
+
+
 class TextTransformer(nn.Module):
   """`(token ids [batch, seq] int32) -> (head output or pooled features, aux)`."""
   vocab_size: int
@@ -48,9 +64,9 @@ class TextTransformer(nn.Module):
     then [rows, k, ...], one entry per segment."""
     if text.shape[1] > self.max_len:
       raise ConfigError(f"text length {text.shape[1]} exceeds model.text.max_len={self.max_len}")
-    embed = nn.Embed(self.vocab_size, self.width, dtype=self.dtype, name="Embed_0",
-                     embedding_init=nn.with_logical_partitioning(nn.initializers.normal(stddev=0.02),
-                                                                 ("vocab", "embed")))
+    embed = TokenEmbed(self.vocab_size, self.width, dtype=self.dtype, name="Embed_0",
+                       embedding_init=nn.with_logical_partitioning(nn.initializers.normal(stddev=0.02),
+                                                                   ("vocab", "embed")))
     x = embed(text)
     pos = self.param("pos_embedding",
                      nn.with_logical_partitioning(nn.initializers.normal(stddev=self.width ** -0.5),
