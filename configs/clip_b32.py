@@ -24,7 +24,7 @@ def get_config(arg=None):
   c.model.temperature_init, c.model.bias_init = 1 / 0.07, None
   c.model.dtype = "bfloat16"
   c.loss.kind, c.loss.impl = "softmax", "all_gather"
-  c.data.update(source="folder", image_size=224, batch_size=32768, worker_count=16)
+  c.data.update(source="folder", image_size=224, per_device_batch_size=128, worker_count=16)
   c.optim.update(lr=5e-4, warmup_steps=2000, weight_decay=0.2, b2=0.98)
   c.total_steps = 100_000
   c.checkpoint_every, c.eval_every, c.log_every = 2000, 0, 100

@@ -15,11 +15,13 @@ from mmjax.config import base_config, shapes_vqa_data
 def get_config(arg=None):
   c = base_config()
   c.task = "generative"
-  c.model = dict(kind="flamingo", vision=dict(variant="L/14", pool="tok", pre_norm=True, act="quick_gelu"),
+  c.model = dict(kind="flamingo", vision=dict(variant="L/14", pool="tok", pre_norm=True, act="quick_gelu", remat_policy="full"),
                  lm=dict(vocab_size=32000, width=2048, depth=24, num_heads=16, num_kv_heads=16, mlp_dim=5632,
-                         max_len=2048, positions="rope", norm="rmsnorm", norm_eps=1e-5, mlp="gated", act="silu"),
+                         max_len=2048, positions="rope", norm="rmsnorm", norm_eps=1e-5, mlp="gated", act="silu",
+                         remat_policy="full"),
                  perceiver=dict(depth=6, num_latents=64, num_heads=16, mlp_dim=4096, max_media=5),
-                 cross_attn_every=1, xattn=dict(num_heads=16, mlp_dim=8192), dtype="bfloat16")
+                 cross_attn_every=1, xattn=dict(num_heads=16, mlp_dim=8192), dtype="bfloat16",
+                 attention_impl="xla")
   c.data = shapes_vqa_data(image_size=224, batch_size=256, max_len=256, media_per_record=5, worker_count=16)
   c.mesh = (("data", 1), ("fsdp", -1), ("tensor", 1))
   c.optim.update(lr=1e-4, warmup_steps=1875, weight_decay=0.1)

@@ -20,12 +20,12 @@ def get_config(arg=None):
     raise ValueError(f"config argument {arg!r}: expected nothing or 'stage1'")
   c = base_config()
   c.task = "generative"
-  c.model = dict(kind="llava", vision=dict(variant="L/14", pool="tok", pre_norm=True, act="quick_gelu"),
+  c.model = dict(kind="llava", vision=dict(variant="L/14", pool="tok", pre_norm=True, act="quick_gelu", remat_policy="full"),
                  lm=dict(vocab_size=32000, width=4096, depth=32, num_heads=32, num_kv_heads=32, mlp_dim=11008,
                          max_len=4096, positions="rope", rope_theta=10000.0, norm="rmsnorm", norm_eps=1e-5,
-                         mlp="gated", act="silu"),
+                         mlp="gated", act="silu", remat_policy="full"),
                  projector="mlp2x_gelu", vision_layer=vision_layer(-2), vision_class_token=False, image_size=336,
-                 dtype="bfloat16")
+                 dtype="bfloat16", attention_impl="xla")
   c.data = shapes_vqa_data(image_size=336, batch_size=128, max_len=640, worker_count=16)  # 576 image tokens.
   c.mesh = (("data", 1), ("fsdp", -1), ("tensor", 1))
   c.optim.update(lr=2e-5, warmup_steps=150, weight_decay=0.0)

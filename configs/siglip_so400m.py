@@ -18,7 +18,7 @@ def get_config(arg=None):
   c.model.temperature_init, c.model.bias_init = 10.0, -10.0
   c.model.dtype = "bfloat16"
   c.loss.kind, c.loss.impl = "sigmoid", "ring"
-  c.data.update(source="folder", image_size=224, batch_size=32768, worker_count=16)
+  c.data.update(source="folder", image_size=224, per_device_batch_size=128, worker_count=16)
   c.mesh = (("data", 1), ("fsdp", -1), ("tensor", 1))
   c.optim.update(lr=1e-3, warmup_steps=5000, weight_decay=1e-4, b2=0.95)
   c.total_steps = 120_000

@@ -63,9 +63,11 @@ def base_config() -> ml_collections.ConfigDict:
   # twins (shapes only): every image comes with a negative differing only in its shapes. pack_text (contrastive,
   # causal text tower pooled at its end of text): captions packed up to captions_per_row per row
   # (mmjax.data.packing).
+  # per_device_batch_size (scale recipes, as MaxText's): when > 0, the global batch_size is it times the
+  # batch-sharded devices of the mesh the run gets (train.resolve_batch_size).
   c.data = dict(source="shapes", tokenizer="shapes", image_size=64, batch_size=128, held_out_fraction=0.2,
                 twins=True, captions="", image_root="", shards="", on_bad_image="skip", worker_count=0, seed=0,
-                pack_text=False, captions_per_row=6)
+                pack_text=False, captions_per_row=6, per_device_batch_size=0)
   c.mesh = (("data", -1), ("fsdp", 1), ("tensor", 1))
   c.axis_rules = (("batch", ("data", "fsdp")), ("act_batch", ("data", "fsdp")), ("embed", "fsdp"),
                   ("mlp", "tensor"), ("heads", "tensor"), ("vocab", "tensor"))

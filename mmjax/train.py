@@ -6,6 +6,7 @@ checkpoints and evals -> summary table.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -37,7 +38,10 @@ SUMMARY_FILE = "summary.json"
 def sharded_state(task, config, mesh, rules):
   """Abstract state with shardings, the optimizer, its schedule and a jitted sharded initialiser."""
   dummy = task.dummy_batch(parallel.batch_size_divisor(mesh))
-  boxed = jax.eval_shape(task.init, jax.random.key(0), dummy)
+  # Abstract, not `jax.random.key(0)`: an eager key under a mesh of TPU device descriptions
+  # (`mmjax.compile` on a CPU host) would be placed on devices that are not there.
+  key = jax.eval_shape(jax.random.key, 0)
+  boxed = jax.eval_shape(task.init, key, dummy)
   param_shardings = parallel.logical_shardings(mesh, rules, boxed)
   # `.value`, not nn.unbox: unboxing applies sharding constraints, which need traced arrays.
   abstract_params = jax.tree.map(lambda x: x.value, boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
@@ -51,8 +55,21 @@ def sharded_state(task, config, mesh, rules):
     return {"params": params, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32)}
 
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          jax.eval_shape(init, jax.random.key(0)), shardings)
+                          jax.eval_shape(init, key), shardings)
   return abstract, shardings, tx, lr, jax.jit(init, out_shardings=shardings)
+
+
+def resolve_batch_size(config, mesh):
+  """`config` with `data.batch_size` set from `data.per_device_batch_size` (when > 0) and the
+  mesh's batch-sharded devices, so a scale recipe keeps its per-chip batch on any slice."""
+  per_device = config.data.get("per_device_batch_size", 0)
+  if not per_device:
+    return config
+  if per_device < 0:
+    raise ConfigError(f"data.per_device_batch_size={per_device} must be positive (or 0: use data.batch_size)")
+  resolved = ml_collections.ConfigDict(config.to_dict())
+  resolved.data.batch_size = per_device * parallel.batch_size_divisor(mesh)
+  return resolved
 
 
 def load_run_config(workdir: str):
@@ -124,20 +141,25 @@ def make_train_step(task, tx, lr, shardings, mesh):
                  out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)
 
 
-def lower_train_step(config, mesh=None):
+def lower_train_step(config, mesh=None, platform=None, device_kind=None):
   """`(lowered step, abstract state)` of `config`'s training step for abstract inputs at the
   recipe's batch size: nothing is allocated, for lowering tests, compile times and memory analysis.
-  Captions are unpacked here even with `data.pack_text` (the largest of its row counts)."""
+  `mesh` may hold TPU device descriptions (`mmjax.compile`); `platform` (e.g. "cuda", with the
+  `device_kind` "NVIDIA H100") lowers for other hardware than the mesh's devices. Captions are
+  unpacked here even with `data.pack_text` (the largest of its row counts)."""
   mesh = parallel.make_mesh(config.mesh) if mesh is None else mesh
+  config = resolve_batch_size(config, mesh)
   rules = parallel.axis_rules(config.axis_rules, mesh)
   task = tasks.get(config.task)(config, mesh)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+  target = contextlib.nullcontext() if platform is None else parallel.compile_for(platform, device_kind)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules), target:
     abstract, shardings, tx, lr, _ = sharded_state(task, config, mesh, rules)
     step = make_train_step(task, tx, lr, shardings, mesh)
     batch_sharding = parallel.batch_sharding(mesh)
     batch = {k: jax.ShapeDtypeStruct((config.data.batch_size,) + v.shape[1:], v.dtype, sharding=batch_sharding)
              for k, v in task.dummy_batch(1).items()}
-    return step.lower(abstract, batch, jax.random.key(0)), abstract
+    traced = step.trace(abstract, batch, jax.eval_shape(jax.random.key, 0))
+    return traced.lower(lowering_platforms=None if platform is None else (platform,)), abstract
 
 
 def _check_finite(step: int, metrics: dict, last_saved: int | None) -> float:
@@ -188,6 +210,7 @@ def train(config, workdir: str) -> dict[str, Any]:
   """
   parallel.check_same_config(config.to_json_best_effort(sort_keys=True))
   mesh = parallel.make_mesh(config.mesh)
+  config = resolve_batch_size(config, mesh)
   rules = parallel.axis_rules(config.axis_rules, mesh)
   task = tasks.get(config.task)(config, mesh)
   source = pipeline.make_source(config.data)
