@@ -1,6 +1,16 @@
 """mmjax: multimodal foundation models in JAX/Flax."""
 from setuptools import find_packages, setup
 
+# The jax each Python gets and the libtpu its `tpu` extra brings, pinned to the pair the tests run on
+# (`make test` on 3.11, `make test-latest-jax` on 3.12). jax >= 0.11 needs Python >= 3.12, so 3.11 stays
+# on 0.10.x; jax 0.12.1's own tpu extra wants libtpu 0.0.53.*, which is not released, so 3.12+ stays on
+# 0.12.0.1. Core and extra share the pin, so `pip install -e .` and `pip install -e ".[tpu]"` give the
+# same jax, and adding the extra later never moves it.
+JAX_PINS = (  # (environment marker, jax, libtpu)
+    ('python_version < "3.12"', "0.10.2", "0.0.42.1"),
+    ('python_version >= "3.12"', "0.12.0.1", "0.0.50.1"),
+)
+
 setup(
     name="mmjax",
     version="0.1.0",
@@ -11,8 +21,7 @@ setup(
     packages=find_packages(include=["mmjax", "mmjax.*"]),
     package_data={"mmjax": ["assets/*.model"]},
     install_requires=[
-        # jax 0.10.x is what pip resolves on Python 3.11, 0.12.x on 3.12.
-        "jax>=0.10,<0.13",
+        *(f"jax=={jax}; {marker}" for marker, jax, _ in JAX_PINS),
         "flax>=0.12",
         "optax>=0.2.5",
         "orbax-checkpoint>=0.11",
@@ -44,5 +53,9 @@ setup(
             "ftfy>=6.0",
             "regex>=2023.0",
         ],
+        # libtpu: TPU runs, and ahead-of-time compiles for a TPU topology from any host (`mmjax.compile`,
+        # tests/test_compile.py). Installed, it is tried at every backend start: JAX_PLATFORMS=cpu skips it.
+        "tpu": [req for marker, jax, libtpu in JAX_PINS
+                for req in (f"jax[tpu]=={jax}; {marker}", f"libtpu=={libtpu}; {marker}")],
     },
 )
