@@ -54,7 +54,7 @@ setup(
             "regex>=2023.0",
         ],
         # libtpu: TPU runs, and ahead-of-time compiles for a TPU topology from any host (`mmjax.compile`,
-        # tests/test_compile.py). Installed, it is tried at every backend start: JAX_PLATFORMS=cpu skips it.
+        # tests/test_tpu_compile.py). Installed, it is tried at every backend start: JAX_PLATFORMS=cpu skips it.
         "tpu": [req for marker, jax, libtpu in JAX_PINS
                 for req in (f"jax[tpu]=={jax}; {marker}", f"libtpu=={libtpu}; {marker}")],
     },

@@ -35,7 +35,7 @@ def recipe(name: str, batch: int):
   c = mmjax_config.load(os.path.join(os.path.dirname(__file__), "..", "configs", f"{name}.py"))
   if c.task == "contrastive":
     c.data.tokenizer = "shapes"  # The recipes name the user's tokenizer; the vocabulary size is set.
-  c.data.batch_size = batch
+  c.data.batch_size, c.data.per_device_batch_size = batch, 0
   return c
 
 

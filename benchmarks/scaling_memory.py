@@ -37,7 +37,7 @@ def model_config(kind: str):
 
 def memory(kind: str, mode: str, devices: int, per_device_batch: int) -> dict:
   c = model_config(kind)
-  c.data.batch_size = per_device_batch * devices
+  c.data.batch_size, c.data.per_device_batch_size = per_device_batch * devices, 0
   c.mesh = (("data", devices if mode == "dp" else 1), ("fsdp", devices if mode == "fsdp" else 1), ("tensor", 1))
   mesh = parallel.make_mesh(c.mesh, devices=jax.devices()[:devices])
   lowered, _ = lower_train_step(c, mesh)

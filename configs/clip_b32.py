@@ -9,8 +9,10 @@ and a sentencepiece tokenizer trained on those captions:
       --config.data.captions=/data/cc12m/captions.jsonl --config.data.image_root=/data/cc12m \
       --config.data.tokenizer=/data/cc12m/spm32k.model
 
-Hardware: 32k global batch; a TPU v4-64 pod slice or 4 nodes of 8x A100/H100 (pure data
-parallelism, bf16 compute). Not run in this repository's CI; a test builds and lowers it.
+Hardware: 128 images per chip (`data.per_device_batch_size`, pure data parallelism, bf16
+compute), so a 32k global batch on a TPU v5e-256 slice or 4 nodes of 8x A100/H100. The smallest
+slice compiled is a v5e-4 (`python -m mmjax.compile --config configs/clip_b32.py --topology
+v5e:2x2`: 9.9 GiB of 16 per chip with `attention_impl=pallas`). Not trained here.
 """
 from mmjax.config import base_config, tower
 

@@ -6,7 +6,7 @@ Data and tokenizer as in configs/clip_b32.py (captions JSONL + a 32k sentencepie
       --config.data.captions=/data/webli/captions.jsonl --config.data.tokenizer=/data/spm32k.model
 
 Hardware: 128 images per chip (`data.per_device_batch_size`), so a 32k global batch on a TPU
-v5e-256 slice; the smallest slice it fits is a v5e-4 (`python -m mmjax.compile --config
+v5e-256 slice. The smallest slice compiled is a v5e-4 (`python -m mmjax.compile --config
 configs/siglip_b16.py --topology v5e:2x2`: 12.0 GiB of 16 per chip with `attention_impl=xla`,
 15.5 with `pallas`). On GPUs, 8 nodes of 8x H100. The ring loss keeps per-device loss memory
 at O(b^2) for b = batch / devices.

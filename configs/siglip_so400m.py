@@ -3,8 +3,11 @@
   python -m mmjax.train --config configs/siglip_so400m.py --workdir gs://bucket/so400m \
       --config.data.captions=/data/webli/captions.jsonl --config.data.tokenizer=/data/spm32k.model
 
-Hardware: a TPU v5p-256 / v4-512 slice or 16+ nodes of 8x H100 (fsdp over all devices,
-scanned and rematerialised layers, bf16 compute). Not run here; a test builds and lowers it.
+Hardware: 128 images per chip (`data.per_device_batch_size`; fsdp over all devices, scanned and
+rematerialised layers, bf16 compute), so a 32k global batch on a TPU v5e-256 slice or 32 nodes
+of 8x H100. The smallest slice compiled is a v5e-4 (`python -m mmjax.compile --config
+configs/siglip_so400m.py --topology v5e:2x2`: 10.9 GiB of 16 per chip with
+`attention_impl=pallas`). Not trained here; a test builds and lowers it.
 """
 from mmjax.config import base_config, tower
 

@@ -18,22 +18,25 @@ REF=${REF:-main}
 TPU=(--zone "$ZONE" ${PROJECT:+--project "$PROJECT"})
 ARGS=$(printf ' %q' "$@")
 
-# The compile check takes the training flags less --workdir.
+# The compile check takes the recipe flags: the training run's own flags are dropped.
 COMPILE_ARGS=()
 while (($#)); do
   case "$1" in
-    --workdir) shift 2 ;;
-    --workdir=*) shift ;;
+    --workdir|--coordinator_address|--num_processes|--process_id) shift 2 ;;
+    --workdir=*|--coordinator_address=*|--num_processes=*|--process_id=*) shift ;;
     *) COMPILE_ARGS+=("$1"); shift ;;
   esac
 done
 
 if [ -z "${TOPOLOGY:-}" ]; then
-  read -r TYPE SHAPE < <(gcloud compute tpus tpu-vm describe "$TPU_NAME" "${TPU[@]}" \
-    --format='value(acceleratorConfig.type,acceleratorConfig.topology)')
+  DESC=$(gcloud compute tpus tpu-vm describe "$TPU_NAME" "${TPU[@]}" \
+    --format='value(acceleratorConfig.type,acceleratorConfig.topology)') \
+    || { echo "gcloud could not describe TPU $TPU_NAME: set TOPOLOGY (e.g. v5e:8x8)" >&2; exit 2; }
+  read -r TYPE SHAPE <<< "$DESC"
   case "$TYPE" in
     V4) GEN=v4 ;; V5LITE_POD) GEN=v5e ;; V5P) GEN=v5p ;; V6E) GEN=v6e ;;
-    *) echo "unknown TPU type '$TYPE': set TOPOLOGY (e.g. v5e:8x8)" >&2; exit 2 ;;
+    *) echo "TPU $TPU_NAME reports type '$TYPE' (topology '$SHAPE'), which the compile check does not" \
+         "know: set TOPOLOGY (e.g. v5e:8x8) or SKIP_COMPILE_CHECK=1" >&2; exit 2 ;;
   esac
   TOPOLOGY="$GEN:$SHAPE"
 fi

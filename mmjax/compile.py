@@ -47,7 +47,10 @@ CHIPS = {"v4": Chip("TPU v4", 32, 275, 1200), "v5e": Chip("TPU v5e", 16, 197, 81
          "v5p": Chip("TPU v5p", 95, 459, 2765), "v6e": Chip("TPU v6e", 32, 918, 1640)}
 _CHIPS_PER_HOST = (2, 2, 1)  # Every generation above has hosts of 2x2 chips (and larger ones).
 _GIB = 2 ** 30
-_GPU_ATTENTION_CALLS = {"triton": "__gpu$xla.gpu.triton", "cudnn": "__cudnn$fmha", "mosaic_gpu": "mosaic_gpu"}
+# Under a mesh of several devices JAX's cuDNN attention stays a custom-partitioned op until it is
+# compiled for the GPUs, so it is counted as such there.
+_GPU_ATTENTION_CALLS = {"triton": "__gpu$xla.gpu.triton", "cudnn": "__cudnn$fmha", "mosaic_gpu": "mosaic_gpu",
+                        "custom_partitioned": "CustomSPMDPartitioning"}
 
 
 class CompileError(MMJaxError, RuntimeError):
@@ -113,11 +116,14 @@ def _device_bytes(abstract_tree) -> int:
   return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(abstract_tree))
 
 
-def _advice(config) -> str:
+def _advice(config, batch: int) -> str:
+  """What to change, for `config` (as given) whose step has the global batch `batch`."""
+  per_device = config.data.get("per_device_batch_size", 0)
+  batch_key = (f"--config.data.per_device_batch_size, now {per_device}" if per_device else
+               f"--config.data.batch_size, now {batch} in all")
   return ("Change one of: a larger fsdp axis (--config.mesh, now "
           f"{tuple(tuple(a) for a in config.mesh)}); model.*.remat_policy='full' (or 'dots_no_batch'); a smaller "
-          f"per-device batch (--config.data.per_device_batch_size, or --config.data.batch_size, now "
-          f"{config.data.batch_size} in all); "
+          f"per-device batch ({batch_key}); "
           f"--config.model.attention_impl (now {config.model.get('attention_impl', 'xla')!r}).")
 
 
@@ -127,7 +133,7 @@ def compile_tpu(config: ml_collections.ConfigDict, topology: str, *, count_flops
   Raises CompileError (with what to change) when XLA cannot compile it or it does not fit HBM."""
   chip, devices = topology_devices(topology)
   mesh = parallel.make_mesh(config.mesh, devices=devices)
-  config = resolve_batch_size(config, mesh)
+  given, config = config, resolve_batch_size(config, mesh)
   start = time.perf_counter()
   lowered, abstract = lower_train_step(config, mesh)
   try:
@@ -135,10 +141,11 @@ def compile_tpu(config: ml_collections.ConfigDict, topology: str, *, count_flops
   except Exception as e:  # XLA raises its runtime error type, which differs across jax versions.
     first = str(e).strip().splitlines()[0][:500]
     kind = "does not fit" if "RESOURCE_EXHAUSTED" in str(e) else "does not compile"
-    raise CompileError(f"the training step {kind} for {topology}: {first}\n{_advice(config)}") from e
+    raise CompileError(f"the training step {kind} for {topology}: {first}\n"
+                       f"{_advice(given, config.data.batch_size)}") from e
   compile_s = time.perf_counter() - start
   memory, cost = compiled.memory_analysis(), compiled.cost_analysis()
-  # Chips with two TensorCores (v4) show one device per core.
+  # libtpu describes a v4 chip as two devices (one per TensorCore); v5e, v5p and v6e as one.
   share = len(devices) / math.prod(int(d) for d in topology.partition(":")[2].split("x"))
   hbm = chip.hbm_gib * _GIB / share
   state = _device_bytes(abstract)
@@ -169,13 +176,16 @@ def roofline(config, chip: Chip, devices: int, share: float, compiled_flops: flo
   hbm_bytes = compiled_bytes * max(1.0, executed / compiled_flops) if compiled_flops else compiled_bytes
   step_s = max(executed / peak, hbm_bytes / (chip.hbm_gbps * 1e9 / share))
   return {"gflops": model / 1e9, "executed_gflops": executed / 1e9, "step_s": step_s,
-          "mfu": model / (step_s * peak) if step_s else 0.0}
+          "mfu": model / (step_s * peak) if step_s else 0.0,
+          "roofline_figures": f"{chip.bf16_tflops:g} TFLOP/s bf16 and {chip.hbm_gbps:g} GB/s HBM per chip "
+                              f"(Cloud TPU {chip.name} system architecture page)"}
 
 
-def lower_gpu(config: ml_collections.ConfigDict, gpu: str = "NVIDIA H100") -> dict[str, Any]:
-  """Lowers `config`'s step for CUDA GPUs of kind `gpu`, with this host's devices standing in for
-  them, and counts the attention kernels' custom calls in the program (compiling needs a GPU)."""
-  mesh = parallel.make_mesh(config.mesh)
+def lower_gpu(config: ml_collections.ConfigDict, gpu: str = "NVIDIA H100", devices=None) -> dict[str, Any]:
+  """Lowers `config`'s step for CUDA GPUs of kind `gpu`, with this host's devices (or `devices`)
+  standing in for them, and counts the attention kernels' custom calls in the program
+  (compiling needs a GPU)."""
+  mesh = parallel.make_mesh(config.mesh, devices=devices)
   config = resolve_batch_size(config, mesh)
   start = time.perf_counter()
   try:
@@ -207,7 +217,7 @@ def report_table(report: dict[str, Any]) -> str:
            "temp_gib": "temporaries GiB/device", "total_gib": "total GiB/device", "hbm_gib": "HBM GiB/device",
            "gflops": "model GFLOPs/device/step", "executed_gflops": "executed GFLOPs/device/step",
            "step_s": "step s", "mfu": "MFU", "compile_s": "compile s", "lower_s": "lower s",
-           "kernel_calls": "Pallas TPU kernel calls"}
+           "kernel_calls": "Pallas TPU kernel calls", "roofline_figures": "roofline assumes"}
   width = max(len(names.get(k, k)) for k in report)
   return "\n".join(f"{names.get(k, k):<{width}}  {show(k, v)}" for k, v in report.items())
 
@@ -226,7 +236,8 @@ def main(argv):
       _write_json(f.json, report)
       if not report["fits"]:
         raise CompileError(f"the training step does not fit {report['chip']} HBM on {f.topology}: "
-                           f"{report['total_gib']:.2f} GiB per device > {report['hbm_gib']:.2f}.\n{_advice(config)}")
+                           f"{report['total_gib']:.2f} GiB per device > {report['hbm_gib']:.2f}.\n"
+                           f"{_advice(config, report['batch'])}")
     else:
       report = lower_gpu(config, f.gpu)
       print(report_table(report))

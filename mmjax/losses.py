@@ -137,7 +137,8 @@ def _scalar(v):
 
 def _shard_mesh(mesh):
   """The mesh in scope, which may name the device kind being compiled for
-  (`parallel.compile_for`), else `mesh`."""
+  (`parallel.compile_for`), else `mesh`. The trainer's mesh is the one in scope; a loss called
+  under another mesh than the one it is given shards over the one in scope."""
   context = jax.sharding.get_abstract_mesh()
   return mesh if context.empty else context
 
