@@ -43,7 +43,7 @@ def table(rows: list[dict]) -> str:
            "est. step s | est. MFU | compile s |", "|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     head = f"| {r['recipe']} | {r['slice']} | {r['attention']} |"
-    if "error" in r:
+    if "total_gib" not in r:  # Did not compile (or ran out of memory while compiling).
       reason = r["error"].splitlines()[0]
       fits = "no" if "does not fit" in reason or "RESOURCE_EXHAUSTED" in reason else "error"
       lines.append(f"{head} | | {fits}: {reason[:160]} | | | | |")

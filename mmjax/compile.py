@@ -226,14 +226,13 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
-  config = f.config
+  config, report = f.config, {}
   try:
     if f.platform == "tpu":
       if not f.topology:
         raise ConfigError("--topology is required for --platform=tpu (e.g. v5e:2x2)")
       report = compile_tpu(config, f.topology, count_flops=f.count_flops)
       print(report_table(report))
-      _write_json(f.json, report)
       if not report["fits"]:
         raise CompileError(f"the training step does not fit {report['chip']} HBM on {f.topology}: "
                            f"{report['total_gib']:.2f} GiB per device > {report['hbm_gib']:.2f}.\n"
@@ -241,11 +240,11 @@ def main(argv):
     else:
       report = lower_gpu(config, f.gpu)
       print(report_table(report))
-      _write_json(f.json, report)
   except MMJaxError as e:
     print(f"error: {type(e).__name__}: {e}", flush=True)
-    _write_json(f.json, {"error": f"{type(e).__name__}: {e}"})
+    _write_json(f.json, {**report, "error": f"{type(e).__name__}: {e}"})
     raise SystemExit(1)
+  _write_json(f.json, report)
 
 
 def _write_json(path: str | None, report: dict):
