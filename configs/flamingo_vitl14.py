@@ -4,8 +4,10 @@
   python -m mmjax.train --config configs/flamingo_vitl14.py --workdir gs://bucket/flamingo \
       --config.data.tokenizer=/models/lm/tokenizer.model "--config.init_from=(('lm','/runs/lm_1b_mmjax'),)"
 
-Hardware: 8x A100/H100 80 GB or a TPU v4-64 slice; bf16 compute, FSDP over every device,
-interleaved sequences of up to 5 images. The vision tower and the LM are frozen; perceiver and
+Hardware: 8x A100/H100 80 GB, or a TPU v5e-64 slice (the smallest v5e slice it fits at batch 256:
+`python -m mmjax.compile --config configs/flamingo_vitl14.py --topology v5e:8x8` gives 6.4 GiB of
+16 per chip with `attention_impl=pallas`; on a v5e-16 it needs 16.65). bf16 compute, FSDP over every
+device, rematerialised vision and LM blocks, interleaved sequences of up to 5 images. The vision tower and the LM are frozen; perceiver and
 cross-attention train. The pipeline only reads the synthetic `shapes_vqa` source so far
 (interleaved web documents such as MMC4 need a source). Not run here; a test builds and lowers it.
 """

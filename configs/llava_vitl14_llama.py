@@ -5,7 +5,10 @@ projector, a Llama-2-7B-shaped decoder, sharded with FSDP over every device.
       --config.data.tokenizer=/models/llama2/tokenizer.model \
       "--config.init_from=(('lm','/runs/llama2_7b_mmjax'),)"
 
-Hardware: 8x H100 80 GB (one node) or a TPU v5p-64 slice; bf16 compute, batch 128. Start `lm`
+Hardware: 8x H100 80 GB (one node) or a TPU v5p-64 slice (`python -m mmjax.compile --config
+configs/llava_vitl14_llama.py --topology v5p:4x4x4`: 21.1 GiB of 95 per chip with
+`attention_impl=pallas`; a v5e-64 runs out, with 17.8 GiB of temporaries); bf16 compute, batch
+128, rematerialised vision and LM blocks. Start `lm`
 from converted Llama weights (`mmjax.interop.hf_lm.from_hf_lm`) and `vision` from a converted
 CLIP ViT-L/14-336. Stage 1 (`:stage1`) trains the projector alone, stage 2 (default) the
 projector and the LM. The pipeline only reads the synthetic `shapes_vqa` source so far:
