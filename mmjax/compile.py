@@ -186,7 +186,6 @@ def lower_gpu(config: ml_collections.ConfigDict, gpu: str = "NVIDIA H100", devic
   standing in for them, and counts the attention kernels' custom calls in the program
   (compiling needs a GPU)."""
   mesh = parallel.make_mesh(config.mesh, devices=devices)
-  config = resolve_batch_size(config, mesh)
   start = time.perf_counter()
   try:
     lowered, _ = lower_train_step(config, mesh, platform="cuda", device_kind=gpu)

@@ -196,7 +196,7 @@ class Encoder1DBlock(nn.Module):
       mask = jnp.arange(y.shape[1]) <= keep[:, None, :, None] if self.causal else None
       kept_segments = None if segments is None else jnp.take_along_axis(segments, keep, axis=1)
       y = attention(take_tokens(y, keep), y, mask=mask, q_segment_ids=kept_segments,
-                    kv_segment_ids=None if segments is None else segments)
+                    kv_segment_ids=segments)
     x = x + nn.Dropout(self.dropout)(y, deterministic)
     y = _layer_norm("LayerNorm_1", self.dtype, self.norm_eps)(x)
     y = MlpBlock(self.mlp_dim, self.act, self.dropout, self.dtype, name="MlpBlock_0")(y, deterministic)
