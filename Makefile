@@ -13,7 +13,7 @@ PYTHON_LATEST ?= $(shell python3.12 -c 'import sys; print(sys.executable)' 2>/de
 VENV_LATEST ?= .venv312
 PY_LATEST := $(VENV_LATEST)/bin/python
 LATEST_JAX_TESTS := tests/test_flash_attention.py tests/test_attention.py tests/test_cudnn_attention.py \
-                    tests/test_tpu_compile.py tests/test_recipes.py
+                    tests/test_tpu_compile.py tests/test_recipes.py tests/test_architecture.py
 
 .PHONY: train test test-latest-jax bench clean
 

@@ -18,7 +18,7 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mmjax import config as mmjax_config  # noqa: E402
-from mmjax.train import lower_train_step  # noqa: E402
+from mmjax.runs import lower_train_step  # noqa: E402
 
 RECIPES = ("siglip_b16", "clip_b32", "siglip_so400m", "flamingo_vitl14", "llava_vitl14_llama")
 

@@ -21,7 +21,7 @@ from mmjax.adapt.wrap import ADAPTER, BASE  # noqa: E402
 from mmjax.data import shapes_vqa  # noqa: E402
 from mmjax.evals import vqa  # noqa: E402
 from mmjax.tasks import generative  # noqa: E402
-from mmjax.train import load_run_config, restore_params  # noqa: E402
+from mmjax.runs import load_run_config, restore_params  # noqa: E402
 
 
 def main():

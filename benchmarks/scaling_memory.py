@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 
 from mmjax import config as mmjax_config, parallel  # noqa: E402
-from mmjax.train import lower_train_step  # noqa: E402
+from mmjax.runs import lower_train_step  # noqa: E402
 
 MIB = 2 ** 20
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs")

@@ -32,11 +32,11 @@ import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
-from mmjax import parallel  # noqa: E402
+from mmjax import parallel, runtime  # noqa: E402
 from mmjax.config import base_config  # noqa: E402
 from mmjax.interop.open_clip import model_config_from_open_clip  # noqa: E402
 from mmjax.tasks.contrastive import ContrastiveTask  # noqa: E402
-from mmjax.train import make_train_step, sharded_state  # noqa: E402
+from mmjax.runs import make_train_step, sharded_state  # noqa: E402
 
 _CLIP_TEXT = dict(context_length=77, vocab_size=49408, width=512, heads=8, layers=12)
 # open_clip's model configs (ViT-B-32, ViT-B-16; a test compares them with open_clip's own), so that
@@ -159,9 +159,9 @@ def serve(side: str, args: argparse.Namespace, conn) -> None:
   """One side in its own process, so that each framework has its own allocator: builds the
   step, reports `info`, then runs the number of steps it is sent and answers with the seconds."""
   if side == "mmjax":
-    runtime = parallel.tune_cpu_runtime()  # As `mmjax.train` does.
+    tuned = runtime.tune_cpu_runtime()  # As `mmjax.train` does.
   else:  # torch as users run it, or with glibc set as mmjax sets it (`--open_clip_reuses_memory`).
-    runtime = {"host_memory_reuse": args.open_clip_reuses_memory and parallel.reuse_freed_host_memory()}
+    tuned = {"host_memory_reuse": args.open_clip_reuses_memory and runtime.reuse_freed_host_memory()}
   cfg = MODELS[args.model]
   images, tokens = random_batch(cfg, args.batch)
   t0 = time.perf_counter()
@@ -170,10 +170,10 @@ def serve(side: str, args: argparse.Namespace, conn) -> None:
       raise SystemExit(f"--device {args.device}, but JAX runs on {jax.devices()[0].platform}")
     run = MMJaxStep(cfg, args.batch, args.dtype, args.attention_impl, args.pack_text, args.captions_per_row,
                     images, tokens)
-    info = {"flops": run.flops(), "device": jax.devices()[0].device_kind, "text_rows": run.text_rows, **runtime}
+    info = {"flops": run.flops(), "device": jax.devices()[0].device_kind, "text_rows": run.text_rows, **tuned}
   else:
     run = TorchStep(cfg, images, tokens)
-    info = {"flops": run.flops(), **runtime}
+    info = {"flops": run.flops(), **tuned}
   info.update(parameters=run.parameters, build_s=time.perf_counter() - t0)
   run(args.warmup)
   conn.send(info)

@@ -10,7 +10,7 @@ loss on answer tokens only. Measured on 2 CPU cores (2026-12-01): 3 min 43 s; VQ
 0.50), captions BLEU-4 0.235, CIDEr 2.00. Frozen in front of an LM trained on bare questions
 only, the 8 query tokens did not move its answers: 0.328, against that LM's own 0.332.
 """
-from mmjax.config import base_config, shapes_decoder, shapes_vqa_data
+from mmjax.config import base_config, decoder, shapes_vqa_data
 
 
 def get_config(arg=None):
@@ -18,7 +18,7 @@ def get_config(arg=None):
   c.task = "generative"
   c.model = dict(kind="blip2", vision=dict(width=96, depth=2, mlp_dim=192, num_heads=4, patch_size=8,
                                            posemb="learn"),
-                 lm=shapes_decoder(), qformer=dict(depth=2, num_queries=8, width=96, num_heads=4, mlp_dim=192,
+                 lm=decoder("shapes"), qformer=dict(depth=2, num_queries=8, width=96, num_heads=4, mlp_dim=192,
                                                    cross_attention_every=1))
   c.data = shapes_vqa_data(max_len=48)  # 8 query tokens and up to 33 of text.
   c.init_from = (("lm", "runs/lm_shapes"),)

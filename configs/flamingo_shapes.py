@@ -16,7 +16,7 @@ two-tower export's image embeddings (README "Results" compares them):
   python -m mmjax.evaluate --workdir runs/flamingo_shapes --config configs/flamingo_shapes.py \
       --config.evals.few_shot.selection=rices --config.evals.few_shot.retriever=runs/siglip_shapes_export
 """
-from mmjax.config import base_config, shapes_decoder, shapes_vqa_data
+from mmjax.config import base_config, decoder, shapes_vqa_data
 
 
 def get_config(arg=None):
@@ -24,7 +24,7 @@ def get_config(arg=None):
   c.task = "generative"
   c.model = dict(kind="flamingo", vision=dict(width=96, depth=2, mlp_dim=192, num_heads=4, patch_size=8,
                                               posemb="learn"),
-                 lm=shapes_decoder(), perceiver=dict(depth=1, num_latents=8, num_heads=4, mlp_dim=192, max_media=9),
+                 lm=decoder("shapes"), perceiver=dict(depth=1, num_latents=8, num_heads=4, mlp_dim=192, max_media=9),
                  cross_attn_every=1, xattn=dict(num_heads=4, mlp_dim=256))
   c.data = shapes_vqa_data(media_per_record=2, max_len=72)  # Two images, each with up to 34 tokens.
   c.init_from = (("lm", "runs/lm_shapes"),)

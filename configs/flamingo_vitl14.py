@@ -11,16 +11,14 @@ device, rematerialised vision and LM blocks, interleaved sequences of up to 5 im
 cross-attention train. The pipeline only reads the synthetic `shapes_vqa` source so far
 (interleaved web documents such as MMC4 need a source). Not run here; a test builds and lowers it.
 """
-from mmjax.config import base_config, shapes_vqa_data
+from mmjax.config import base_config, decoder, shapes_vqa_data
 
 
 def get_config(arg=None):
   c = base_config()
   c.task = "generative"
   c.model = dict(kind="flamingo", vision=dict(variant="L/14", pool="tok", pre_norm=True, act="quick_gelu", remat_policy="full"),
-                 lm=dict(vocab_size=32000, width=2048, depth=24, num_heads=16, num_kv_heads=16, mlp_dim=5632,
-                         max_len=2048, positions="rope", norm="rmsnorm", norm_eps=1e-5, mlp="gated", act="silu",
-                         remat_policy="full"),
+                 lm=decoder("llama-1b", remat_policy="full"),
                  perceiver=dict(depth=6, num_latents=64, num_heads=16, mlp_dim=4096, max_media=5),
                  cross_attn_every=1, xattn=dict(num_heads=16, mlp_dim=8192), dtype="bfloat16",
                  attention_impl="xla")

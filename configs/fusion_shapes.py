@@ -1,21 +1,24 @@
 """Fusion baselines on shapes VQA as classification over the 19 answers: early, model-level (cross) or late.
 
-  python -m mmjax.train --config configs/fusion_shapes.py:early --workdir runs/fusion_early
-  python -m mmjax.train --config configs/fusion_shapes.py:cross --workdir runs/fusion_cross
-  python -m mmjax.train --config configs/fusion_shapes.py:late --workdir runs/fusion_late
+  python -m mmjax.train --config configs/fusion_shapes.py:fusion=early --workdir runs/fusion_early
+  python -m mmjax.train --config configs/fusion_shapes.py:fusion=cross --workdir runs/fusion_cross
+  python -m mmjax.train --config configs/fusion_shapes.py:fusion=late --workdir runs/fusion_late
+
+Argument (`mmjax.config.parse_arg`): `fusion=cross` (default), `early` or `late`.
 
 The same towers in all three (a ViT as in `make train`'s image tower, a one-block text transformer
 reading the question); only where the modalities meet changes (`mmjax.models.fusion`). Trained
 from scratch on CPU in a few minutes each; README "Results" has the accuracy per question type.
 """
-from mmjax.config import base_config, tower
+from mmjax.config import base_config, parse_arg, tower
+from mmjax.errors import ConfigError
 from mmjax.models.fusion import FUSIONS
 
 
 def get_config(arg=None):
-  fusion = arg or "cross"
+  fusion = parse_arg(arg, fusion="cross").fusion
   if fusion not in FUSIONS:
-    raise ValueError(f"config argument {arg!r}: expected one of {FUSIONS}")
+    raise ConfigError(f"config argument fusion={fusion!r}: expected one of {FUSIONS}")
   c = base_config()
   c.task = "fusion"
   c.model = dict(fusion=fusion, fusion_depth=2, fusion_heads=4, fusion_mlp_dim=192,

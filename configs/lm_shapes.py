@@ -13,13 +13,13 @@ questions after their scene's description. Measured on 2 CPU cores (2026-12-01):
 VQA exact match 0.328 (majority answer 0.180; count 0.61 from the question alone, colour 0.12,
 shape 0.21); described 0.824 (count 1.00, colour 0.75, shape 0.83, relation 0.50).
 """
-from mmjax.config import base_config, shapes_decoder, shapes_vqa_data
+from mmjax.config import base_config, decoder, shapes_vqa_data
 
 
 def get_config(arg=None):
   c = base_config()
   c.task = "generative"
-  c.model = dict(kind="lm", **shapes_decoder())
+  c.model = dict(kind="lm", **decoder("shapes"))
   c.data = shapes_vqa_data(loss_on="all", max_len=72, described_fraction=0.5)
   c.optim.lr, c.optim.warmup_steps = 3e-3, 100
   c.total_steps = 1500

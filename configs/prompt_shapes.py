@@ -1,25 +1,27 @@
 """Prompt learning (CoOp, CoCoOp, MaPLe, CoPrompt) on the frozen SigLIP of `make train`, base-to-novel.
 
   make train    # the backbone: runs/siglip_shapes
-  python -m mmjax.train --config configs/prompt_shapes.py:coop --workdir runs/coop_shapes
-  python -m mmjax.train --config configs/prompt_shapes.py:maple --workdir runs/maple_shapes
+  python -m mmjax.train --config configs/prompt_shapes.py:method=coop --workdir runs/coop_shapes
+  python -m mmjax.train --config configs/prompt_shapes.py:method=maple --workdir runs/maple_shapes
 
-The argument picks the method (coop, cocoop, maple, coprompt; template: the zero-shot prompt "a
-photo of a <class>", nothing trained; lora: that prompt with LoRA on both towers' attention;
-default coop). The 48 colour x shape
-classes are split in half by `data.split_seed`: 16 shots of each base class train the prompts;
-the test images of base classes are classified among the base classes, those of novel classes
-among the novel ones (`base_acc`, `novel_acc`, `hm`). `benchmarks/adapt_table.py` runs every
-method over 3 shot seeds with zero-shot and linear-probe rows; README "Adaptation" has the table.
+Argument (`mmjax.config.parse_arg`): `method=coop` (default), `cocoop`, `maple`, `coprompt`,
+`template` (the zero-shot prompt "a photo of a <class>", nothing trained) or `lora` (that prompt
+with LoRA on both towers' attention). The 48 colour x shape classes are split in half by
+`data.split_seed`: 16 shots of each base class train the prompts; the test images of base classes
+are classified among the base classes, those of novel classes among the novel ones (`base_acc`,
+`novel_acc`, `hm`). `python -m mmjax.base_to_novel` runs every method over 3 shot seeds with zero-shot
+and linear-probe rows; README "Adaptation" has the table.
 """
 from configs import siglip_shapes
 from mmjax.adapt.prompts import METHODS
+from mmjax.config import parse_arg
+from mmjax.errors import ConfigError
 
 
 def get_config(arg=None):
-  method = arg or "coop"
+  method = parse_arg(arg, method="coop").method
   if method not in METHODS + ("lora",):
-    raise ValueError(f"config argument {arg!r}: expected one of {METHODS + ('lora',)}")
+    raise ConfigError(f"config argument method={method!r}: expected one of {METHODS + ('lora',)}")
   c = siglip_shapes.get_config()
   c.task = "prompt_learning"
   c.prompt = dict(method="template" if method == "lora" else method, num_context=4, init_words="a photo of a",

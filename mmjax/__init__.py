@@ -3,7 +3,7 @@ __version__ = "0.1.0"
 
 
 def load(path: str, base: str | None = None):
-  """`(model, params, tokenizer)` from a directory written by `python -m mmjax.export`; an
-  adapter-only export needs `base`, the export of the model it adapts."""
-  from mmjax.export import load as _load
-  return _load(path, base=base)
+  """`(model, params, tokenizer)` from an export directory (`python -m mmjax.export` or
+  `python -m mmjax.convert_checkpoint`); an adapter-only export needs `base`, the export of the model it adapts."""
+  from mmjax import bundle  # Here, so `import mmjax` stays light.
+  return bundle.load(path, base=base)

@@ -4,7 +4,7 @@
       --config.model.attention_impl=pallas
   python -m mmjax.compile --config configs/siglip_b16.py --platform cuda --num_devices 8
 
-The step is the one `python -m mmjax.train` runs (`train.lower_train_step`: the same task,
+The step is the one `python -m mmjax.train` runs (`runs.lower_train_step`: the same task,
 mesh, logical rules, state shardings and global batch), on a mesh of the slice's device
 descriptions; a `-1` mesh axis takes the slice's chips. TPU needs libtpu (`pip install -e
 .[tpu]`), which compiles for the slice on this host: nothing is downloaded and no TPU is used.
@@ -30,7 +30,7 @@ from ml_collections import config_flags
 
 from mmjax import parallel
 from mmjax.errors import ConfigError, MMJaxError
-from mmjax.train import lower_train_step, resolve_batch_size
+from mmjax.runs import lower_train_step, resolve_batch_size
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,7 +12,13 @@ import sys
 import ml_collections
 from ml_collections import config_dict
 
+from mmjax import parallel
 from mmjax.errors import ConfigError
+
+
+def as_dict(config) -> dict:
+  """A plain dict of a ConfigDict or of any mapping (a model config read from JSON, a test's dict)."""
+  return config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
 
 
 def tower(**overrides) -> dict:
@@ -35,10 +41,12 @@ def vision_layer(index: int = -1) -> config_dict.FieldReference:
   return config_dict.FieldReference(index, field_type=object)
 
 
-def shapes_decoder(**overrides) -> dict:
-  """The small Llama-style decoder of the shapes generative recipes (vocab_size None: the tokenizer's)."""
-  return dict(vocab_size=None, width=128, depth=2, num_heads=4, mlp_dim=256, max_len=64, positions="rope",
-              norm="rmsnorm", mlp="gated", act="silu") | overrides
+def decoder(variant: str, **overrides) -> dict:
+  """A decoder of a named size (`mmjax.models.decoder.DECODER_VARIANTS`: "shapes", "llama2-7b", ...);
+  its size keys are here, None meaning 'from the variant', so `--config.model.lm.depth=2` overrides
+  one. vocab_size None in a variant without one: the tokenizer's."""
+  return dict(variant=variant, vocab_size=None, width=None, depth=None, num_heads=None, num_kv_heads=None,
+              mlp_dim=None, max_len=None) | overrides
 
 
 def shapes_vqa_data(**overrides) -> dict:
@@ -64,13 +72,14 @@ def base_config() -> ml_collections.ConfigDict:
   # causal text tower pooled at its end of text): captions packed up to captions_per_row per row
   # (mmjax.data.packing).
   # per_device_batch_size (scale recipes, as MaxText's): when > 0, the global batch_size is it times the
-  # batch-sharded devices of the mesh the run gets (train.resolve_batch_size).
+  # batch-sharded devices of the mesh the run gets (runs.resolve_batch_size).
   c.data = dict(source="shapes", tokenizer="shapes", image_size=64, batch_size=128, held_out_fraction=0.2,
                 twins=True, captions="", image_root="", shards="", on_bad_image="skip", worker_count=0, seed=0,
                 pack_text=False, captions_per_row=6, per_device_batch_size=0)
   c.mesh = (("data", -1), ("fsdp", 1), ("tensor", 1))
-  c.axis_rules = (("batch", ("data", "fsdp")), ("act_batch", ("data", "fsdp")), ("embed", "fsdp"),
-                  ("mlp", "tensor"), ("heads", "tensor"), ("vocab", "tensor"))
+  # Logical axis -> mesh axes: parameters, activations and, through `batch`, the input batch, the
+  # losses and the step (mmjax.parallel).
+  c.axis_rules = parallel.DEFAULT_AXIS_RULES
   c.optim = dict(lr=1e-3, warmup_steps=100, end_lr_fraction=0.0, weight_decay=1e-4, b1=0.9, b2=0.999,
                  clip_norm=1.0, frozen=(), lr_mults=())
   c.total_steps = 1000
@@ -86,6 +95,32 @@ def base_config() -> ml_collections.ConfigDict:
   c.evals = dict(batch_size=256, zeroshot=dict(templates="shapes", per_class=10), retrieval=dict(n=512),
                  binding=dict(n=256))
   return c
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """A recipe's argument, `path/to/recipe.py:stage=1,lora=True`, as a ConfigDict of `defaults`.
+
+  `arg` is a comma-separated list of `key=value`; a bare `key` means key=True (a bool default only).
+  Each value takes the type of its default: int, float, str, or bool (True, False, true, false, 1, 0).
+  An unknown key, or a value that does not convert, raises ConfigError naming it and the recipe's keys."""
+  known = ", ".join(f"{k}={v!r}" for k, v in defaults.items()) or "no arguments"
+  values = dict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, has_value, text = (part.strip() for part in item.partition("="))
+    if key not in defaults:
+      raise ConfigError(f"config argument {key!r} is unknown; the recipe takes {known}")
+    default = defaults[key]
+    try:
+      if isinstance(default, bool):
+        values[key] = {"true": True, "1": True, "false": False, "0": False}[text.lower()] if has_value else True
+      elif has_value:
+        values[key] = type(default)(text)
+      else:
+        raise ValueError(key)
+    except (KeyError, ValueError):
+      raise ConfigError(f"config argument {item.strip()!r}: {key} needs a valid {type(default).__name__} "
+                        f"(default {default!r}); the recipe takes {known}") from None
+  return ml_collections.ConfigDict(values)
 
 
 def load(spec: str) -> ml_collections.ConfigDict:

@@ -10,13 +10,11 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
-from mmjax import parallel
-from mmjax.train import load_run_config, quiet_logs, restore_params, summary_table
-
-
+from mmjax import runs, runtime
+from mmjax.metrics import summary_table
 
 def evaluate(config, workdir: str, step: int | None = None) -> dict:
-  task, _, params, step = restore_params(config, workdir, step)
+  task, _, params, step = runs.restore_params(config, workdir, step)
   results = {**task.evaluate(params), "step": step}
   with open(os.path.join(workdir, f"eval_{step}.json"), "w", encoding="utf-8") as f:
     json.dump(results, f, indent=2)
@@ -25,10 +23,10 @@ def evaluate(config, workdir: str, step: int | None = None) -> dict:
 
 def main(argv):
   del argv
-  quiet_logs()
-  parallel.tune_cpu_runtime()
+  runtime.quiet_logs()
+  runtime.tune_cpu_runtime()
   f = flags.FLAGS
-  config = f.config or load_run_config(f.workdir)
+  config = f.config or runs.load_run_config(f.workdir)
   print(summary_table(evaluate(config, f.workdir, f.step)))
 
 

@@ -1,4 +1,4 @@
-"""Metrics to JSONL and TensorBoard, and the progress line; all written by process 0 only."""
+"""Metrics to JSONL and TensorBoard, the progress line and the summary table; written by process 0 only."""
 from __future__ import annotations
 
 import json
@@ -62,3 +62,11 @@ class Progress:
       print(f"step {step}/{self.total} | loss {loss:.4f} | {rate['samples_per_s']:.1f} samples/s"
             f" | ETA {fmt_duration(eta)}", flush=True)
     return rate
+
+
+def summary_table(summary: dict) -> str:
+  width = max(len(k) for k in summary)
+  lines = [f"{'metric':<{width}}  value", f"{'-' * width}  -----"]
+  for k, v in summary.items():
+    lines.append(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
+  return "\n".join(lines)

@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import ctypes
 import json
 import math
 import os
-import sys
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
@@ -29,7 +27,10 @@ from mmjax.errors import ConfigError, MeshError
 from mmjax.rules import path_str
 
 MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_MESH_AXES = ("data", "fsdp")
+# Logical axis -> mesh axes: `config.axis_rules`' default (mmjax.config). `batch` places the input
+# batch, the losses and the step; `act_batch` the activations inside the models.
+DEFAULT_AXIS_RULES = (("batch", ("data", "fsdp")), ("act_batch", ("data", "fsdp")), ("embed", "fsdp"),
+                      ("mlp", "tensor"), ("heads", "tensor"), ("vocab", "tensor"))
 # Set to 1 to let `jax.distributed.initialize()` detect the cluster (TPU pod metadata,
 # SLURM, Open MPI, ...) where the variables below do not reveal it.
 DISTRIBUTED_ENV = "MMJAX_DISTRIBUTED"
@@ -41,54 +42,6 @@ def in_cluster(environ: Mapping[str, str] = os.environ) -> bool:
   slurm = int(environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_STEP_ID" in environ
   tpu_pod = len([h for h in environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1
   return slurm or tpu_pod or environ.get(DISTRIBUTED_ENV, "") not in ("", "0")
-
-
-# glibc mallopt parameters.
-_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
-
-
-def reuse_freed_host_memory() -> bool:
-  """Makes glibc keep freed memory for reuse instead of returning it to the kernel.
-
-  XLA's CPU runtime allocates a step's temporaries (GiBs for a ViT-B step) from its worker
-  threads; glibc serves such blocks with a fresh `mmap` and `munmap`s them after the step,
-  so every step page-faults all of its temporary memory again (measured for ViT-B/32 CLIP,
-  batch 32: 862k faults and 8.5-9.5 s of system time in a 13 s step). One arena without `mmap`
-  and without trimming reuses the same pages. Call before JAX starts its threads; returns
-  False where the C library is not glibc.
-  """
-  if not sys.platform.startswith("linux"):
-    return False
-  try:
-    mallopt = ctypes.CDLL("libc.so.6").mallopt
-  except (OSError, AttributeError):
-    return False
-  settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1))  # -1: SIZE_MAX, never trim
-  return all(mallopt(param, value) == 1 for param, value in settings)
-
-
-_CPU_SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler"
-
-
-def prefer_sequential_cpu_schedule() -> bool:
-  """Turns XLA:CPU's concurrency-optimised scheduler off, unless XLA_FLAGS already sets it.
-
-  That scheduler orders a step so that independent ops (a CLIP's two towers) run at the same
-  time; on a few cores their matmuls then contend for the same cores and caches (ViT-B/32 CLIP,
-  batch 32, 2 cores: 7.16 s per step with it, 5.96 s without; `benchmarks/RESULTS.md`). Call
-  before JAX creates its CPU backend; returns whether the flag was added.
-  """
-  flags = os.environ.get("XLA_FLAGS", "")
-  if _CPU_SCHEDULER_FLAG in flags:
-    return False
-  os.environ["XLA_FLAGS"] = f"{flags} {_CPU_SCHEDULER_FLAG}=false".strip()
-  return True
-
-
-def tune_cpu_runtime() -> dict[str, bool]:
-  """`reuse_freed_host_memory` and `prefer_sequential_cpu_schedule`, as the trainer, the
-  evaluator and the throughput benchmark start; returns which of them took effect."""
-  return {"host_memory_reuse": reuse_freed_host_memory(), "sequential_schedule": prefer_sequential_cpu_schedule()}
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
@@ -216,8 +169,11 @@ def make_mesh(mesh_config: Sequence[tuple[str, int]], devices: Sequence[Any] | N
 
 
 def batch_axes(mesh: Mesh) -> tuple[str, ...]:
-  """The mesh axes the batch is split over: whichever of `data` and `fsdp` the mesh has."""
-  return tuple(a for a in BATCH_MESH_AXES if a in mesh.axis_names)
+  """The axes of `mesh` the batch is split over: the `batch` rule of the axis rules in scope
+  (`nn.logical_axis_rules(config.axis_rules)`, as the trainer runs), else of DEFAULT_AXIS_RULES."""
+  target = dict(nn.get_logical_axis_rules() or DEFAULT_AXIS_RULES).get("batch")
+  targets = () if target is None else (target,) if isinstance(target, str) else tuple(target)
+  return tuple(a for a in targets if a in mesh.axis_names)
 
 
 def axes_size(mesh, axes) -> int:

@@ -16,10 +16,11 @@ import time
 
 from absl import app, flags
 
+from mmjax import runtime
 from mmjax.data import shapes
 from mmjax.data.folder import CaptionFolderSource, load_image
 from mmjax.errors import ConfigError
-from mmjax.retrieval import MODALITIES, EmbeddingIndex, TwoTowerEncoder
+from mmjax.index import MODALITIES, EmbeddingIndex, TwoTowerEncoder
 
 COMMANDS = ("build", "query")
 
@@ -72,9 +73,7 @@ def query(export: str, index_dir: str, texts=(), image_paths=(), k: int = 5) -> 
 
 
 def main(argv):
-  from mmjax.train import quiet_logs
-
-  quiet_logs()
+  runtime.quiet_logs()
   f = flags.FLAGS
   if len(argv) != 2 or argv[1] not in COMMANDS:
     raise app.UsageError(f"usage: python -m mmjax.retrieve {{{'|'.join(COMMANDS)}}} [flags]")

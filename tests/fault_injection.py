@@ -67,9 +67,9 @@ def _wait_for(proc, condition, timeout=300.0, poll=0.001) -> bool:
 
 
 def params(workdir: str, step: int | None = None):
-  from mmjax import train as train_lib
-  config = train_lib.load_run_config(workdir)
-  return jax.device_get(train_lib.restore_params(config, workdir, step)[2])
+  from mmjax import runs
+  config = runs.load_run_config(workdir)
+  return jax.device_get(runs.restore_params(config, workdir, step)[2])
 
 
 def committed_steps(workdir: str) -> list[int]:

@@ -17,7 +17,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import mmjax
-from mmjax import export, models, parallel, tasks
+from mmjax import bundle, export, models, parallel, runs, tasks
 from mmjax import train as train_lib
 from mmjax.adapt import lora
 from mmjax.adapt import wrap as adapt
@@ -25,8 +25,8 @@ from mmjax.checkpoint import Checkpointer
 from mmjax.data.tokenizer import load_tokenizer
 from mmjax.errors import CheckpointError, ConfigError
 from mmjax.generate import generate
-from mmjax.models.decoder import build_decoder
-from mmjax.models.vit import MultiHeadDotProductAttention
+from mmjax.models.decoder import SelfAttention, build_decoder
+from mmjax.models.layers import MultiHeadDotProductAttention
 from mmjax.rules import path_str
 from mmjax.tasks.contrastive import model_config_with_vocab
 from tests.helpers import tiny_config
@@ -234,6 +234,52 @@ def test_standalone_attention_adapted_matches_numpy(method):
   assert np.abs(want - _np_attention(base, x)).max() > 1e-2  # The method's term matters.
 
 
+def _np_rope(x, positions, theta):
+  """Rotary embedding as a complex rotation: the pair (x_i, x_{i+d/2}) turned by position·theta^(-2i/d)."""
+  half = x.shape[-1] // 2
+  turn = np.exp(1j * positions[:, :, None, None] * theta ** (-2.0 * np.arange(half) / x.shape[-1]))
+  z = (x[..., :half] + 1j * x[..., half:]) * turn
+  return np.concatenate([z.real, z.imag], axis=-1)
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_prefix_in_a_grouped_query_rope_layer_goes_through_the_door_and_matches_numpy(monkeypatch, impl):
+  heads, kv_heads, head_dim, width, theta = 4, 2, 8, 16, 100.0
+  layer = SelfAttention(heads, kv_heads, head_dim, rope_theta=theta, use_bias=True, attention_impl=impl)
+  wrapped = adapt.wrap(layer, dict(method="prefix", targets=(("^$", 3),)))  # "": the root module.
+  rng = np.random.default_rng(4)
+  x = rng.normal(size=(2, 5, width)).astype(np.float32)
+  positions = np.array([np.arange(5), np.arange(3, 8)])
+  shapes = jax.eval_shape(lambda: wrapped.init(jax.random.key(0), x, positions, None, causal=True))["params"]
+  params = nn.unbox(_fill(shapes, seed=5, scale=0.5))
+  assert {k: v.shape for k, v in params["adapter"][""].items()} == {"tokens": (3, width), "gate": (heads,)}
+  impls = []
+  door = adapt.dot_product_attention
+  monkeypatch.setattr(adapt, "dot_product_attention", lambda *a, **kw: impls.append(kw.get("impl")) or door(*a, **kw))
+  got, _ = wrapped.apply({"params": params}, x, positions, None, causal=True)
+  assert impls == [impl]  # The prefix's one softmax, through the door with the layer's impl.
+
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+  base, prefix = p["base"], p["adapter"][""]
+
+  def proj(name, inputs):
+    return np.einsum("...d,dhk->...hk", inputs, base[name]["kernel"]) + base[name]["bias"]
+
+  kv_head = np.arange(heads) // (heads // kv_heads)  # Query head j reads key/value head j // group.
+  q = _np_rope(proj("query", x.astype(np.float64)), positions, theta)
+  k = _np_rope(proj("key", x.astype(np.float64)), positions, theta)[:, :, kv_head]
+  v = proj("value", x.astype(np.float64))[:, :, kv_head]
+  logits = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(head_dim)
+  logits = np.where(np.tril(np.ones((5, 5), bool)), logits, -np.inf)
+  y = np.einsum("bhqk,bkhd->bqhd", _softmax(logits), v)
+  plain = np.einsum("blhk,hkd->bld", y, base["out"]["kernel"]) + base["out"]["bias"]
+  kp, vp = proj("key", prefix["tokens"])[:, kv_head], proj("value", prefix["tokens"])[:, kv_head]  # [P, heads, d]
+  z = np.einsum("bhqp,phd->bqhd", _softmax(np.einsum("bqhd,phd->bhqp", q, kp) / np.sqrt(head_dim)), vp)
+  want = plain + np.einsum("blhk,hkd->bld", z * np.tanh(prefix["gate"])[:, None], base["out"]["kernel"])
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+  assert np.abs(want - plain).max() > 1e-2  # The prefix's term matters.
+
+
 @pytest.mark.parametrize("name,method,target,zero_init", [
     ("two_tower", "adapter", r"encoderblock_0/MlpBlock_0$", ("up", "up_bias")),
     ("two_tower", "prefix", rf"encoderblock_0/{MHA}$", ("gate",)),
@@ -277,13 +323,13 @@ def _lora_config(base_dir, frozen=(r"^base/",)):
 
 def _restore_state(workdir):
   """The full training state `{"params", "opt", "step"}` of a run's latest checkpoint."""
-  config = train_lib.load_run_config(workdir)
+  config = runs.load_run_config(workdir)
   mesh = parallel.make_mesh(config.mesh)
   rules = parallel.axis_rules(config.axis_rules, mesh)
   task = tasks.get(config.task)(config, mesh)
   ckpt = Checkpointer(workdir, keep=3)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    state = ckpt.restore(ckpt.latest_step(), train_lib.sharded_state(task, config, mesh, rules)[0])
+    state = ckpt.restore(ckpt.latest_step(), runs.sharded_state(task, config, mesh, rules)[0])
   ckpt.close()
   return state
 
@@ -318,7 +364,7 @@ def test_adapted_run_must_freeze_the_base(tmp_path):
 
 @pytest.mark.slow
 def test_lora_run_trains_only_sharded_adapter_factors(base_run, lora_run):
-  base = jax.device_get(train_lib.restore_params(train_lib.load_run_config(base_run), base_run)[2])
+  base = jax.device_get(runs.restore_params(runs.load_run_config(base_run), base_run)[2])
   state = _restore_state(lora_run)
   assert int(state["step"]) == 2
   params = state["params"]
@@ -359,7 +405,7 @@ def test_adapter_only_export_loads_onto_its_base_export(base_run, lora_run, tmp_
   with pytest.raises(CheckpointError, match="has no adapter"):
     export.export(base_run, str(tmp_path / "nothing"), adapter_only=True)
   # The adapter-only export holds the adapter's parameters and nothing else.
-  trained = jax.device_get(train_lib.restore_params(train_lib.load_run_config(lora_run), lora_run)[2])
+  trained = jax.device_get(runs.restore_params(runs.load_run_config(lora_run), lora_run)[2])
   with ocp.StandardCheckpointer() as ckptr:
     written = ckptr.restore(os.path.join(adapter_out, "params"))
   assert jax.tree.structure(written) == jax.tree.structure(trained["adapter"])
@@ -378,11 +424,11 @@ def test_adapter_only_export_loads_onto_its_base_export(base_run, lora_run, tmp_
 
   other = tmp_path / "other"  # An export of another model: a wider MLP in the text tower.
   shutil.copytree(base_out, other)
-  config = json.loads((other / export.MODEL_CONFIG).read_text())
+  config = json.loads((other / bundle.MODEL_CONFIG).read_text())
   config["text"]["mlp_dim"] = 128
-  (other / export.MODEL_CONFIG).write_text(json.dumps(config))
+  (other / bundle.MODEL_CONFIG).write_text(json.dumps(config))
   with pytest.raises(CheckpointError, match=r"different model config .*\(keys \['text'\]\)"):
-    export.load(adapter_out, base=str(other))
+    bundle.load(adapter_out, base=str(other))
 
 
 def _lm_config():
@@ -407,7 +453,7 @@ def lm_lora_run(tmp_path_factory):
 
 @pytest.mark.slow
 def test_lora_lm_trains_and_generates_like_the_merged_base(lm_lora_run):
-  task, _, params, step = train_lib.restore_params(train_lib.load_run_config(lm_lora_run), lm_lora_run)
+  task, _, params, step = runs.restore_params(runs.load_run_config(lm_lora_run), lm_lora_run)
   params = jax.device_get(params)
   model = task.model
   assert step == 2 and isinstance(model, adapt.Adapted) and model.method == "lora"

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmjax import config as mmjax_config, export, train
-from mmjax.adapt import base_to_novel
+from mmjax import bundle, config as mmjax_config, export, runs, train
+from mmjax import base_to_novel
 from tests.helpers import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,7 +36,7 @@ def _image_folder(root, per_class=5):
 
 
 def _recipe(method, backbone_dir, folder):
-  c = mmjax_config.load(os.path.join(REPO, "configs", f"prompt_shapes.py:{method}"))
+  c = mmjax_config.load(os.path.join(REPO, "configs", f"prompt_shapes.py:method={method}"))
   c.model = tiny_config().model
   c.data.update(source="image_folder", image_root=folder, image_size=32, shots=2, test_per_class=3,
                 batch_size=8)
@@ -87,9 +87,9 @@ def test_adaptation_notebook_trains_coop_and_lora_and_plots(backbone, tmp_path):
   assert "24 base classes (2 shots each), 24 novel classes" in printed
   assert "coop {'base_acc'" in printed and "lora {'base_acc'" in printed
   # Both methods trained and checkpointed; the base model stayed as exported.
-  base = export.load(out)[1]
+  base = bundle.load(out)[1]
   for method in ("coop", "lora"):
-    params = train.load_params(str(tmp_path / "adapt" / method))
+    params = runs.load_params(str(tmp_path / "adapt" / method))
     assert all((a == b).all() for a, b in zip(jax.tree.leaves(params["base"]), jax.tree.leaves(base)))
   images = sum("image/png" in o.get("data", {}) for c in notebook.cells if c.cell_type == "code" for o in c.outputs)
   assert images == 1

@@ -242,6 +242,8 @@ def test_make_source(tmp_path):
     pipeline.make_source(dict(source="tfrecord"))
   with pytest.raises(ConfigError, match="data.shards"):
     pipeline.make_source(dict(source="webdataset"))
+  with pytest.raises(ConfigError, match="data.rag: needs task='generative'"):
+    pipeline.make_source(dict(source="shapes_vqa", rag=dict(k=2, records=4)))
 
 
 def test_twins_differ_only_in_shapes_and_share_a_batch():

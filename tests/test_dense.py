@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from mmjax.models import decoder, vit
+from mmjax.models import decoder, layers
 from mmjax.ops.dense import dense_dot_general
 
 
@@ -56,7 +56,7 @@ def _transposed_dots(hlo: str) -> int:
   return len(re.findall(r" dot\([^)]*\), lhs_contracting_dims=\{0\}, rhs_contracting_dims=\{1\}", hlo))
 
 
-@pytest.mark.parametrize("block", [vit.MlpBlock(mlp_dim=256, act="gelu"), decoder.FeedForward(mlp_dim=256)])
+@pytest.mark.parametrize("block", [layers.MlpBlock(mlp_dim=256, act="gelu"), decoder.FeedForward(mlp_dim=256)])
 def test_mlp_kernel_gradients_need_no_transposed_operands_on_cpu(monkeypatch, block):
   """The ViT's and the decoder's MLP kernel gradients compile without the doubly transposed
   matmul that `lax.dot_general`'s gradient becomes on XLA:CPU (tokens [batch, length, width])."""
@@ -68,7 +68,7 @@ def test_mlp_kernel_gradients_need_no_transposed_operands_on_cpu(monkeypatch, bl
     return jax.jit(jax.grad(loss)).lower(params).compile().as_text()
 
   ours = compiled_gradient()
-  monkeypatch.setattr(vit, "dense_dot_general", lax.dot_general)
+  monkeypatch.setattr(layers, "dense_dot_general", lax.dot_general)
   if not _transposed_dots(compiled_gradient()):
     pytest.skip("this XLA lays out lax.dot_general's kernel gradient without the transposes")
   assert _transposed_dots(ours) == 0

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from mmjax.evals import binding, retrieval, zeroshot
+from mmjax.evals import binding, recall, zeroshot
 
 
 def _normed(x):
@@ -13,7 +13,7 @@ def test_retrieval_recall_matches_a_sorting_reference():
   rng = np.random.default_rng(0)
   zimg = _normed(rng.normal(size=(50, 8)))
   ztxt = _normed(zimg + rng.normal(scale=0.9, size=(50, 8)))
-  got = retrieval.evaluate(zimg, ztxt, ks=(1, 5, 10))
+  got = recall.evaluate(zimg, ztxt, ks=(1, 5, 10))
   sim = zimg @ ztxt.T
   for prefix, s in (("i2t", sim), ("t2i", sim.T)):
     order = np.argsort(-s, axis=1)

@@ -92,7 +92,7 @@ def test_labelled_questions_cover_every_type_with_answers_of_that_type():
 
 
 def test_fusion_recipe_trains_and_reports_accuracy_per_question_type(tmp_path):
-  config = load(os.path.join(REPO, "configs", "fusion_shapes.py:late"))
+  config = load(os.path.join(REPO, "configs", "fusion_shapes.py:fusion=late"))
   config.total_steps, config.optim.warmup_steps, config.data.batch_size = 6, 2, 16
   config.log_every, config.checkpoint_every, config.eval_every = 3, 6, 6
   config.evals.n, config.evals.batch_size = 40, 16

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import mmjax
-from mmjax import export, losses
+from mmjax import export, losses, runs
 from mmjax import train as train_lib
 from mmjax.data import shapes_vqa
 from mmjax.evals import vqa
@@ -59,8 +59,8 @@ def test_llava_starts_from_the_lm_run_and_trains_with_evals(lm_run, llava_run):
   workdir, config, summary = llava_run
   assert {"vqa/accuracy", "vqa/majority_baseline", "captioning/bleu4", "captioning/cider"} <= set(summary)
   # The LM was frozen, so after training it still holds exactly the parameters of the LM run.
-  lm_params = jax.device_get(train_lib.restore_params(train_lib.load_run_config(lm_dir), lm_dir)[2])
-  trained = jax.device_get(train_lib.restore_params(config, workdir)[2])["lm"]
+  lm_params = jax.device_get(runs.restore_params(runs.load_run_config(lm_dir), lm_dir)[2])
+  trained = jax.device_get(runs.restore_params(config, workdir)[2])["lm"]
   jax.tree.map(np.testing.assert_array_equal, trained, lm_params)
 
 
@@ -92,6 +92,6 @@ def test_init_from_names_a_mismatched_subtree(lm_run):
   lm_dir, _ = lm_run
   params = {"lm": {"embedder": {"embedding": np.zeros((3, 3), np.float32)}}}
   with pytest.raises(ConfigError, match="parameters differ"):
-    train_lib.initial_params(params, "lm", lm_dir)
+    runs.initial_params(params, "lm", lm_dir)
   with pytest.raises(ConfigError, match="no parameters 'vision'"):
-    train_lib.initial_params(params, "vision", lm_dir)
+    runs.initial_params(params, "vision", lm_dir)

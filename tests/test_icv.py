@@ -7,7 +7,7 @@ import pytest
 
 from mmjax.adapt import icv
 from mmjax.adapt.wrap import ADAPTER, BASE
-from mmjax.config import shapes_decoder
+from mmjax.config import decoder
 from mmjax.data import shapes_vqa
 from mmjax.data.tokenizer import load_tokenizer
 from mmjax.models.decoder import build_decoder
@@ -18,7 +18,7 @@ from tests.helpers import random_params
 @pytest.fixture(scope="module")
 def lm():
   tokenizer = load_tokenizer("shapes_vlm")
-  model = build_decoder(shapes_decoder(vocab_size=tokenizer.vocab_size, width=32, depth=2, num_heads=2, mlp_dim=64))
+  model = build_decoder(decoder("shapes", vocab_size=tokenizer.vocab_size, width=32, depth=2, num_heads=2, mlp_dim=64))
   # Larger than the init (std 0.02), so the logits have a range a shift can move.
   params = random_params(model, jnp.zeros((1, 8), jnp.int32))
   return model, params, make_sequence(model, tokenizer, 160, loss_on="answer")

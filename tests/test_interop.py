@@ -14,7 +14,7 @@ open_clip = pytest.importorskip("open_clip", reason="needs open_clip_torch: pip 
 transformers = pytest.importorskip("transformers", reason="needs transformers: pip install -e '.[interop]'")
 
 import mmjax  # noqa: E402
-from mmjax import convert, models  # noqa: E402
+from mmjax import convert_checkpoint, models  # noqa: E402
 from mmjax.errors import ConversionError  # noqa: E402
 from mmjax.interop import from_big_vision, from_hf, from_open_clip, to_hf  # noqa: E402
 
@@ -279,7 +279,7 @@ def test_convert_cli_open_clip_and_hf_to_exports(tmp_path, capsys):
   torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in oc.state_dict().items()}},
              tmp_path / "oc.pt")
   (tmp_path / "oc.json").write_text(json.dumps(cfg))
-  convert.main(["--from", "open_clip", "--source", str(tmp_path / "oc.pt"), "--model-config",
+  convert_checkpoint.main(["--from", "open_clip", "--source", str(tmp_path / "oc.pt"), "--model-config",
                 str(tmp_path / "oc.json"), "--out", str(tmp_path / "oc_export")])
   assert "exported to" in capsys.readouterr().out
   model, params, tokenizer = mmjax.load(str(tmp_path / "oc_export"))
@@ -293,7 +293,7 @@ def test_convert_cli_open_clip_and_hf_to_exports(tmp_path, capsys):
   # HF directory (safetensors); OpenAI's vocabulary size selects the CLIP BPE tokenizer.
   hf = hf_model("clip", vocab_size=49408, eos_token_id=49407)
   hf.save_pretrained(tmp_path / "hf")
-  convert.main(["--from", "hf", "--source", str(tmp_path / "hf"), "--out", str(tmp_path / "hf_export")])
+  convert_checkpoint.main(["--from", "hf", "--source", str(tmp_path / "hf"), "--out", str(tmp_path / "hf_export")])
   model, params, tokenizer = mmjax.load(str(tmp_path / "hf_export"))
   text = tokenizer.encode(["a photo of a dog", "a red circle"], 16)
   ours = model.apply({"params": params}, image=images, text=text)[:2]
@@ -302,14 +302,14 @@ def test_convert_cli_open_clip_and_hf_to_exports(tmp_path, capsys):
   hf_siglip = hf_model("siglip")
   hf_siglip.save_pretrained(tmp_path / "hf_siglip")
   with pytest.raises(ConversionError, match="pass --tokenizer"):
-    convert.convert("hf", str(tmp_path / "hf_siglip"), str(tmp_path / "no_tok"))
+    convert_checkpoint.convert("hf", str(tmp_path / "hf_siglip"), str(tmp_path / "no_tok"))
 
 
 def test_convert_cli_big_vision_with_a_sentencepiece_tokenizer(tmp_path):
   from mmjax.data.tokenizer import SHAPES_MODEL
   hf = hf_model("siglip", vocab_size=160, eos_token_id=2)
   npz = big_vision_npz(hf, tmp_path / "siglip.npz")
-  convert.main(["--from", "big_vision", "--source", str(npz), "--tokenizer", str(SHAPES_MODEL),
+  convert_checkpoint.main(["--from", "big_vision", "--source", str(npz), "--tokenizer", str(SHAPES_MODEL),
                 "--out", str(tmp_path / "export")])
   model, params, tokenizer = mmjax.load(str(tmp_path / "export"))
   assert (tokenizer.pad, tokenizer.clean) == ("eos", "lower")
@@ -327,7 +327,7 @@ class Arbitrary:
 def test_convert_refuses_pickles_that_are_not_state_dicts(tmp_path):
   torch.save({"model": Arbitrary()}, tmp_path / "pickle.pt")
   with pytest.raises(ConversionError, match="weights_only=True"):
-    convert.load_torch_state_dict(tmp_path / "pickle.pt")
+    convert_checkpoint.load_torch_state_dict(tmp_path / "pickle.pt")
 
 
 def test_convert_and_compare_notebook(tmp_path):

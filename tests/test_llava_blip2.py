@@ -16,8 +16,9 @@ from mmjax import rules
 from mmjax.config import base_config
 from mmjax.errors import ConfigError
 from mmjax.generate import generate
-from mmjax.models.llava import build_llava, expand_image_tokens
+from mmjax.models.llava import build_llava
 from mmjax.models.qformer import QFormer, build_blip2
+from mmjax.models.vlm import expand_image_tokens
 from mmjax.optim import make
 from tests.helpers import np_attention, np_layer_norm, random_params
 

@@ -10,7 +10,8 @@ import pytest
 from mmjax import models
 from mmjax.errors import ConfigError
 from mmjax.models.text import TextTransformer
-from mmjax.models.vit import ACTIVATIONS, PatchEmbed, ViT, decode_variant
+from mmjax.models.layers import ACTIVATIONS
+from mmjax.models.vit import PatchEmbed, ViT, decode_variant
 
 TINY = dict(width=32, depth=2, mlp_dim=64, num_heads=4)
 
@@ -225,3 +226,10 @@ def test_bfloat16_compute_stays_close_to_float32():
 def test_build_names_missing_keys():
   with pytest.raises(ConfigError, match="model.image.depth"):
     models.build(dict(image=dict(width=8, mlp_dim=8, num_heads=2), text=dict(TINY, vocab_size=5), embed_dim=4))
+
+
+def test_text_tower_takes_a_variant_without_a_patch():
+  text = models.build(dict(image=dict(variant="mu/8"), text=dict(variant="mu", vocab_size=5), embed_dim=4)).text
+  assert (text["width"], text["depth"], text["mlp_dim"], text["num_heads"]) == (32, 1, 128, 2)
+  with pytest.raises(ConfigError, match=r"model.text.variant='mu/8': a text tower has no patches; .* \('mu'\)"):
+    models.build(dict(image=dict(variant="mu/8"), text=dict(variant="mu/8", vocab_size=5), embed_dim=4))

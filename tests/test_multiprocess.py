@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from mmjax import train as train_lib
+from mmjax.runs import load_run_config, restore_params
 from mmjax.rules import path_str
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -67,8 +68,8 @@ def _losses(workdir):
 
 
 def _params(workdir):
-  config = train_lib.load_run_config(workdir)
-  return jax.device_get(train_lib.restore_params(config, workdir)[2])
+  config = load_run_config(workdir)
+  return jax.device_get(restore_params(config, workdir)[2])
 
 
 def assert_same_params(got, want):

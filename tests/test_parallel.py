@@ -1,4 +1,5 @@
-"""The same tiny model trained on 1 device, 8-way data parallel and a 2x4 data x fsdp mesh."""
+"""The same tiny model trained on 1 device, 8-way data parallel and a 2x4 data x fsdp mesh, with
+the batch split as the `batch` axis rule says."""
 import os
 import subprocess
 import sys
@@ -7,12 +8,13 @@ import flax.linen as nn
 import jax
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
-from mmjax import parallel
+from mmjax import parallel, runtime
 from mmjax.errors import ConfigError, MeshError
 from mmjax.rules import path_str
 from mmjax.tasks.contrastive import ContrastiveTask
-from mmjax.train import make_train_step, sharded_state
+from mmjax.runs import make_train_step, sharded_state
 from tests.helpers import tiny_config
 
 STEPS = 3
@@ -25,21 +27,26 @@ def _batches(config, vocab):
            "text": rng.integers(3, vocab, (b, length)).astype(np.int32)} for _ in range(STEPS)]
 
 
-def _train(mesh_config, n_devices, **text_tower):
+def _train(mesh_config, n_devices, axis_rules=None, **text_tower):
   config = tiny_config(mesh=mesh_config)
   config.model.text.update(text_tower)
+  if axis_rules is not None:
+    config.axis_rules = axis_rules
   mesh = parallel.make_mesh(config.mesh, devices=jax.devices()[:n_devices])
   rules = parallel.axis_rules(config.axis_rules, mesh)
-  task = ContrastiveTask(config, mesh)
-  losses = []
+  losses, batch_specs = [], set()
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    task = ContrastiveTask(config, mesh)
     _, shardings, tx, lr, init = sharded_state(task, config, mesh, rules)
     state = init(jax.random.key(0))
     step = make_train_step(task, tx, lr, shardings, mesh)
     for batch in _batches(config, task.tokenizer.vocab_size):
-      state, metrics = step(state, parallel.global_batch(batch, mesh), jax.random.key(1))
+      batch = parallel.global_batch(batch, mesh)
+      batch_specs.update(x.sharding.spec for x in batch.values())
+      state, metrics = step(state, batch, jax.random.key(1))
       losses.append((float(metrics["loss"]), float(metrics["grad_norm"])))
-  return np.array(losses), state
+  assert len(batch_specs) == 1
+  return np.array(losses), state, batch_specs.pop()
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +59,9 @@ def single():
     (("data", 2), ("fsdp", 4), ("tensor", 1)),
 ], ids=["data8", "data2xfsdp4"])
 def test_sharded_training_matches_one_device(single, mesh_config):
-  losses_1, state_1 = single
-  losses_n, state_n = _train(mesh_config, 8)
+  losses_1, state_1, _ = single
+  losses_n, state_n, batch_spec = _train(mesh_config, 8)
+  assert batch_spec == P(("data", "fsdp"))  # The default `batch` rule.
   assert losses_1[0, 0] != losses_1[-1, 0]  # The model trains, so the comparison means something.
   # Loss and gradient norm per step (Adam would hide a wrongly scaled gradient from the loss).
   np.testing.assert_allclose(losses_n, losses_1, rtol=1e-5)
@@ -72,12 +80,24 @@ def test_sharded_training_matches_one_device(single, mesh_config):
   assert mu.sharding == kernel.sharding
 
 
+def test_the_batch_rule_decides_where_the_batch_goes(single):
+  # Only `data` splits the batch: the 4 fsdp devices of each data shard hold the same rows, and the
+  # ring loss runs over 2 devices; the parameters stay fsdp-sharded.
+  rules = tuple(r for r in parallel.DEFAULT_AXIS_RULES if r[0] not in ("batch", "act_batch"))
+  rules += (("batch", "data"), ("act_batch", "data"))
+  losses_n, state_n, batch_spec = _train((("data", 2), ("fsdp", 4), ("tensor", 1)), 8, axis_rules=rules)
+  assert batch_spec == P("data")
+  np.testing.assert_allclose(losses_n, single[0], rtol=1e-5)
+  kernel = state_n["params"]["img"]["MAPHead_0"]["MlpBlock_0"]["Dense_0"]["kernel"]
+  assert kernel.addressable_shards[0].data.shape == (32 // 4, 64)
+
+
 def test_scanned_text_tower_pooled_at_one_token_trains_sharded_as_on_one_device():
   # The pooled tower scans all but its last layer, then runs that layer's slice of the stacked
   # (fsdp-sharded) parameters for the pooled token alone.
   tower = dict(scan=True, depth=3)
-  losses_1, state_1 = _train((("data", 1),), 1, **tower)
-  losses_n, state_n = _train((("data", 2), ("fsdp", 4), ("tensor", 1)), 8, **tower)
+  losses_1, state_1, _ = _train((("data", 1),), 1, **tower)
+  losses_n, state_n, _ = _train((("data", 2), ("fsdp", 4), ("tensor", 1)), 8, **tower)
   assert losses_1[0, 0] != losses_1[-1, 0]
   np.testing.assert_allclose(losses_n, losses_1, rtol=1e-5)
   kernel = state_n["params"]["txt"]["Encoder_0"]["encoderblock"]["MlpBlock_0"]["Dense_0"]["kernel"]
@@ -108,9 +128,9 @@ def test_multiprocess_environment_detection():
 
 _FAULTS_AFTER_REALLOC = """
 import resource, sys, threading
-from mmjax import parallel
+from mmjax import runtime
 if sys.argv[1] == "reuse":
-  assert parallel.reuse_freed_host_memory()
+  assert runtime.reuse_freed_host_memory()
 def work(out):  # From a thread, as XLA's workers allocate a step's temporaries.
   block = bytearray(256 << 20)  # Zero-filled: every page touched.
   del block
@@ -138,15 +158,15 @@ def test_reuse_freed_host_memory_stops_refaulting_large_blocks():
 
 def test_sequential_cpu_schedule_is_added_once_and_known_to_this_xla(monkeypatch):
   monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
-  assert parallel.prefer_sequential_cpu_schedule()
+  assert runtime.prefer_sequential_cpu_schedule()
   assert os.environ["XLA_FLAGS"] == ("--xla_force_host_platform_device_count=2 "
                                      "--xla_cpu_enable_concurrency_optimized_scheduler=false")
-  assert not parallel.prefer_sequential_cpu_schedule()  # Never twice, and a user's own setting stays.
+  assert not runtime.prefer_sequential_cpu_schedule()  # Never twice, and a user's own setting stays.
   monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_concurrency_optimized_scheduler=true")
-  assert not parallel.prefer_sequential_cpu_schedule()
+  assert not runtime.prefer_sequential_cpu_schedule()
   assert os.environ["XLA_FLAGS"] == "--xla_cpu_enable_concurrency_optimized_scheduler=true"
   # XLA aborts on flags it does not know: the trainer's setting must be one this jaxlib has.
-  script = ("import os; os.environ.pop('XLA_FLAGS', None); from mmjax import parallel; import jax; "
-            "assert parallel.tune_cpu_runtime()['sequential_schedule']; print(int(jax.jit(lambda x: x + 1)(1)))")
+  script = ("import os; os.environ.pop('XLA_FLAGS', None); from mmjax import runtime; import jax; "
+            "assert runtime.tune_cpu_runtime()['sequential_schedule']; print(int(jax.jit(lambda x: x + 1)(1)))")
   out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
   assert out.returncode == 0 and out.stdout.strip() == "2", out.stderr[-2000:]

@@ -1,4 +1,4 @@
-"""Linear probes against float64 numpy/scipy references of the same objectives; k-shot sampling."""
+"""Linear probes against float64 numpy/scipy references of the same objectives."""
 import numpy as np
 import pytest
 import scipy.optimize
@@ -92,25 +92,6 @@ def test_predict_and_accuracy_by_hand():
   x = np.array([[1.0, 0.0], [0.6, 0.3], [0.0, 1.0]], np.float32)
   np.testing.assert_allclose(np.asarray(probe.predict(w, b, x)), x @ w + b, rtol=1e-6)
   assert float(probe.accuracy(probe.predict(w, b, x), np.array([0, 0, 1]))) == pytest.approx(2 / 3)
-
-
-def test_kshot_indices_draws_k_per_class_deterministically():
-  labels = np.random.default_rng(5).integers(0, 5, size=200)
-  idx = probe.kshot_indices(labels, 4, seed=7)
-  assert np.all(np.diff(idx) > 0)  # Sorted, no repeats.
-  np.testing.assert_array_equal(np.bincount(labels[idx], minlength=5), [4] * 5)
-  np.testing.assert_array_equal(idx, probe.kshot_indices(labels, 4, seed=7))
-  assert not np.array_equal(idx, probe.kshot_indices(labels, 4, seed=8))
-  sub = probe.kshot_indices(labels, 3, classes=[3, 1], seed=0)
-  np.testing.assert_array_equal(np.bincount(labels[sub], minlength=5), [0, 3, 0, 3, 0])
-
-
-def test_kshot_indices_names_the_short_class():
-  labels = np.array([0] * 5 + [1] * 2 + [2] * 5)
-  with pytest.raises(ConfigError, match="class 1 has 2 examples.*k=3"):
-    probe.kshot_indices(labels, 3)
-  with pytest.raises(ConfigError, match="class 4 has 0"):
-    probe.kshot_indices(labels, 1, classes=[0, 4])
 
 
 def test_bad_arguments_raise_config_errors_naming_them():

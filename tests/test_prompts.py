@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from configs import prompt_shapes
-from mmjax import export, parallel, train
-from mmjax.adapt import base_to_novel
+from mmjax import bundle, parallel, runs, train
+from mmjax import base_to_novel
 from mmjax.adapt.prompts import PromptLearner
 from mmjax.data import classes, shapes
 from mmjax.data.shapes import CLASS_TEMPLATES
@@ -24,7 +24,7 @@ from tests.helpers import tiny_config
 
 def _config(method, depth=1, **prompt):
   """The recipe for `method` on the tiny towers (depth `depth` on both sides), tiny shapes data."""
-  c = prompt_shapes.get_config(method)
+  c = prompt_shapes.get_config(f"method={method}")
   c.model = tiny_config().model
   c.model.image.depth = c.model.text.depth = depth
   c.init_from = ()
@@ -306,7 +306,7 @@ def backbone(setup, tmp_path_factory):
   """An export of the depth-1 base model (random init), to start prompt runs from."""
   task, params = setup.task("coop")
   out = str(tmp_path_factory.mktemp("backbone") / "export")
-  export.write_export(out, task.model_config, params["base"], task.tokenizer, {"test": True})
+  bundle.write(out, task.model_config, params["base"], task.tokenizer, {"test": True})
   return out, params["base"]
 
 
@@ -318,7 +318,7 @@ def test_coop_training_moves_only_the_prompt_and_reports_base_to_novel(backbone,
   a, b = summary["base_acc"], summary["novel_acc"]
   assert 0 <= a <= 1 and 0 <= b <= 1 and a * 48 == pytest.approx(round(a * 48))  # 24 classes x 2 images.
   assert summary["hm"] == pytest.approx(2 * a * b / (a + b) if a + b else 0.0)
-  restored = train.load_params(str(tmp_path / "coop"))
+  restored = runs.load_params(str(tmp_path / "coop"))
   leaves = jax.tree_util.tree_leaves_with_path(restored["base"])
   want = dict(jax.tree_util.tree_leaves_with_path(base))
   assert len(leaves) == len(want)
@@ -342,6 +342,25 @@ def test_class_split_is_a_seeded_disjoint_partition():
   assert len(classes.class_split(10, 0.3, seed=0)[0]) == 3
   with pytest.raises(ConfigError, match="data.base_fraction"):
     classes.class_split(3, 0.1, seed=0)
+
+
+def test_kshot_indices_draws_k_per_class_deterministically():
+  labels = np.random.default_rng(5).integers(0, 5, size=200)
+  idx = classes.kshot_indices(labels, 4, seed=7)
+  assert np.all(np.diff(idx) > 0)  # Sorted, no repeats.
+  np.testing.assert_array_equal(np.bincount(labels[idx], minlength=5), [4] * 5)
+  np.testing.assert_array_equal(idx, classes.kshot_indices(labels, 4, seed=7))
+  assert not np.array_equal(idx, classes.kshot_indices(labels, 4, seed=8))
+  sub = classes.kshot_indices(labels, 3, classes=[3, 1], seed=0)
+  np.testing.assert_array_equal(np.bincount(labels[sub], minlength=5), [0, 3, 0, 3, 0])
+
+
+def test_kshot_indices_names_the_short_class():
+  labels = np.array([0] * 5 + [1] * 2 + [2] * 5)
+  with pytest.raises(ConfigError, match="class 1 has 2 examples.*k=3"):
+    classes.kshot_indices(labels, 3)
+  with pytest.raises(ConfigError, match="class 4 has 0"):
+    classes.kshot_indices(labels, 1, classes=[0, 4])
 
 
 def test_shapes_class_data_shots_and_test_sets():

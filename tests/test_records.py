@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmjax.data import convert, records
+from mmjax.data import records, write_records
 from mmjax.errors import BadImageError, DataError
 from tests.test_multiprocess import REPO, _env, _free_port
 
@@ -67,7 +67,7 @@ def test_webdataset_source_indexes_and_decodes(shards):
 def test_convert_to_array_record(shards, tmp_path):
   out = tmp_path / "ar"
   # 10 indexed samples, 9 readable: 3 shards of 3 (the names count shards actually written).
-  assert convert.main(["--from", "webdataset", "--source", shards, "--out", str(out),
+  assert write_records.main(["--from", "webdataset", "--source", shards, "--out", str(out),
                        "--records_per_shard", "3"]) == 0
   assert sorted(os.listdir(out)) == [f"data-{i:05d}-of-00003.array_record" for i in range(3)]
   src = records.ArrayRecordSource(str(out / "*.array_record"))
@@ -81,7 +81,7 @@ def test_convert_to_array_record(shards, tmp_path):
   captions = tmp_path / "caps.jsonl"
   captions.write_text('{"image": "a.png", "caption": "three"}\n{"image": "gone.png", "caption": "x"}\n')
   messages = []
-  result = convert.convert("folder", str(captions), str(tmp_path / "ar2"), log=messages.append)
+  result = write_records.convert("folder", str(captions), str(tmp_path / "ar2"), log=messages.append)
   assert result == {"written": 1, "skipped": 1, "shards": 1}
   assert any("gone.png: cannot read file" in m for m in messages)
   assert records.ArrayRecordSource(str(tmp_path / "ar2" / "*"))[0]["caption"] == "three"
@@ -105,7 +105,7 @@ json.dump(seen, open(out, "w"))
 @pytest.mark.slow
 def test_two_processes_with_workers_read_every_record_once(shards, tmp_path):
   ar = tmp_path / "ar"
-  convert.convert("webdataset", shards, str(ar), records_per_shard=4, log=lambda *_: None)
+  write_records.convert("webdataset", shards, str(ar), records_per_shard=4, log=lambda *_: None)
   for kind, pattern in (("webdataset", shards), ("array_record", str(ar / "*.array_record"))):
     port = _free_port()
     outs = [tmp_path / f"{kind}{p}.json" for p in range(2)]

@@ -11,7 +11,7 @@ from mmjax.config import load, swin_tower
 from mmjax.errors import ConfigError, ConversionError
 from mmjax.interop.hf_swin import from_hf_swin
 from mmjax.models.swin import Swin, shifted_window_mask
-from mmjax.train import lower_train_step
+from mmjax.runs import lower_train_step
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

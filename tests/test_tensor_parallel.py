@@ -13,7 +13,7 @@ import pytest
 from mmjax import parallel, tasks
 from mmjax.models.text import TokenEmbed
 from mmjax.rules import path_str
-from mmjax.train import make_train_step, sharded_state
+from mmjax.runs import make_train_step, sharded_state
 from tests.helpers import tiny_config, tiny_generative_recipe
 
 STEPS = 3

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import mmjax
-from mmjax import parallel, tasks, train as train_lib
+from mmjax import parallel, runs, tasks, train as train_lib
 from mmjax.checkpoint import Checkpointer
 from mmjax.errors import CheckpointError, NonFiniteLossError
 from mmjax.evaluate import evaluate
@@ -26,7 +26,7 @@ def _config(**overrides):
 
 
 def _params(workdir):
-  return jax.device_get(train_lib.restore_params(train_lib.load_run_config(workdir), workdir)[2])
+  return jax.device_get(runs.restore_params(runs.load_run_config(workdir), workdir)[2])
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +115,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
 
 def test_evaluate_and_export_load(finished_run, tmp_path):
   workdir, summary = finished_run
-  results = evaluate(train_lib.load_run_config(workdir), workdir)
+  results = evaluate(runs.load_run_config(workdir), workdir)
   assert results["step"] == 6
   assert results["zeroshot/acc_seen"] == pytest.approx(summary["zeroshot/acc_seen"])
 
@@ -159,7 +159,7 @@ def test_trained_model_exports_to_hf_and_back(finished_run):
   pytest.importorskip("torch", reason="HF export needs torch: pip install -e '.[interop]'")
   from mmjax.interop import from_hf, to_hf
   from tests.test_interop import hf_outputs, mmjax_outputs, rel_err
-  task, _, params, _ = train_lib.restore_params(train_lib.load_run_config(finished_run[0]), finished_run[0])
+  task, _, params, _ = runs.restore_params(runs.load_run_config(finished_run[0]), finished_run[0])
   params = jax.device_get(params)
   hf = to_hf(task.model_config, params)
   assert type(hf).__name__ == "SiglipModel"

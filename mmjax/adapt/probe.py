@@ -1,36 +1,20 @@
-"""Linear probes on frozen features, as in CLIP's linear-probe evaluation: k-shot splits, ridge, logistic.
+"""Linear probes on frozen features, as in CLIP's linear-probe evaluation: ridge, logistic.
 
 A probe is a pair (W [D, C], b [C]) with logits = features @ W + b. Fitting runs in float32 JAX with
-full-precision matmuls (so accelerators do not drop to bf16/TF32); only k-shot sampling uses numpy.
+full-precision matmuls (so accelerators do not drop to bf16/TF32). k-shot splits are
+`mmjax.data.classes.kshot_indices`.
 """
 from __future__ import annotations
 
 import functools
-from typing import Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from mmjax.errors import ConfigError
 
 _dot = functools.partial(jnp.matmul, precision=jax.lax.Precision.HIGHEST)
-
-
-def kshot_indices(labels: np.ndarray, k: int, classes: Sequence[int] | None = None, seed: int = 0) -> np.ndarray:
-  """Sorted indices of k examples per class (default: every class present), drawn without replacement."""
-  labels = np.asarray(labels)
-  if k < 1:
-    raise ConfigError(f"kshot_indices: k={k} must be at least 1")
-  rng = np.random.default_rng(seed)
-  picks = []
-  for c in np.unique(labels if classes is None else np.asarray(classes)):
-    pool = np.flatnonzero(labels == c)
-    if len(pool) < k:
-      raise ConfigError(f"kshot_indices: class {c} has {len(pool)} examples, fewer than k={k}")
-    picks.append(rng.choice(pool, size=k, replace=False))
-  return np.sort(np.concatenate(picks)) if picks else np.zeros((0,), np.int64)
 
 
 def _check(features, labels, num_classes: int, l2: float, what: str) -> tuple[jax.Array, jax.Array]:

@@ -35,8 +35,10 @@ import jax.numpy as jnp
 
 from mmjax import rules
 from mmjax.adapt import lora
+from mmjax.config import as_dict
 from mmjax.errors import ConfigError
 from mmjax.models.decoder import apply_rope
+from mmjax.ops.attention import dot_product_attention
 
 METHODS = ("lora", "adapter", "prefix", "shift")
 BASE, ADAPTER = "base", "adapter"
@@ -47,7 +49,7 @@ def wrap(model, adapt_config):
   """`model` itself when `adapt_config` is empty or None, else an `Adapted` model."""
   if not adapt_config or not adapt_config.get("method"):
     return model
-  return Adapted(model, dict(adapt_config.to_dict() if hasattr(adapt_config, "to_dict") else adapt_config))
+  return Adapted(model, as_dict(adapt_config))
 
 
 def wrap_for_task(model, config, model_config: dict):
@@ -148,7 +150,7 @@ class Adapted:
     if self.method == "shift":
       return {"vector": box(jnp.zeros((width,)), names=("embed",))}
     heads = getattr(module, "num_heads", None)
-    if heads is None or not hasattr(module, "dtype"):
+    if heads is None or not hasattr(module, "attention_impl"):
       raise ConfigError(f"adapt.method='prefix' targets attention modules; {path} "
                         f"({type(module).__name__}) is not one")
     return {"tokens": box(jax.random.normal(key, (size, width)) * 0.02, names=(None, "embed")),
@@ -200,22 +202,23 @@ class Adapted:
 
 def _prefix_attention(module, p: dict, args: tuple, kwargs: dict) -> jax.Array:
   """tanh(gate) · out(softmax(q·kᵀ/√d)·v) with q from the layer's input and k, v from the
-  prefix tokens, through the layer's own projections (RoPE on q when the layer uses it)."""
+  prefix tokens, through the layer's own projections (RoPE on q when the layer uses it), the
+  softmax through the attention door with the layer's `attention_impl`."""
   w = module.variables["params"]
   x = args[0].astype(jnp.float32)
 
-  def proj(name, inputs, spec):
-    y = jnp.einsum(spec, inputs, w[name]["kernel"].astype(jnp.float32))
+  def proj(name, inputs):
+    y = jnp.einsum("...d,dhk->...hk", inputs, w[name]["kernel"].astype(jnp.float32))
     return y + w[name]["bias"] if "bias" in w[name] else y
 
-  q = proj("query", x, "bld,dhk->blhk")
+  q = proj("query", x)
   if getattr(module, "rope_theta", None) is not None:
     q = apply_rope(q, args[1], module.rope_theta)
-  k, v = proj("key", p["tokens"], "pd,dhk->phk"), proj("value", p["tokens"], "pd,dhk->phk")
-  group = q.shape[2] // k.shape[1]
-  k, v = jnp.repeat(k, group, axis=1), jnp.repeat(v, group, axis=1)
-  probs = jax.nn.softmax(jnp.einsum("blhk,phk->bhlp", q, k) / jnp.sqrt(q.shape[-1]), axis=-1)
-  y = jnp.einsum("bhlp,phk->blhk", probs, v) * jnp.tanh(p["gate"])[:, None]
+  # The prefix's keys and values [tokens, kv heads, head_dim], the same for every example.
+  k, v = (jnp.broadcast_to(t, (q.shape[0], *t.shape)) for t in (proj("key", p["tokens"]), proj("value", p["tokens"])))
+  group = q.shape[2] // k.shape[2]
+  k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
+  y = dot_product_attention(q, k, v, impl=module.attention_impl) * jnp.tanh(p["gate"])[:, None]
   return jnp.einsum("blhk,hkd->bld", y, w["out"]["kernel"].astype(jnp.float32))
 
 

@@ -12,10 +12,11 @@ from __future__ import annotations
 import dataclasses
 import json
 from functools import lru_cache
+from typing import Sequence
 
 import numpy as np
 
-from mmjax.adapt.probe import kshot_indices
+from mmjax.config import as_dict
 from mmjax.data import shapes
 from mmjax.data.folder import ImageFolderSource
 from mmjax.data.transforms import ResizeImage
@@ -31,6 +32,21 @@ def class_split(num_classes: int, base_fraction: float, seed: int) -> tuple[np.n
     raise ConfigError(f"data.base_fraction={base_fraction} leaves no base or no novel class of {num_classes}")
   order = np.random.default_rng(seed).permutation(num_classes)
   return np.sort(order[:n_base]), np.sort(order[n_base:])
+
+
+def kshot_indices(labels: np.ndarray, k: int, classes: Sequence[int] | None = None, seed: int = 0) -> np.ndarray:
+  """Sorted indices of k examples per class (default: every class present), drawn without replacement."""
+  labels = np.asarray(labels)
+  if k < 1:
+    raise ConfigError(f"kshot_indices: k={k} must be at least 1")
+  rng = np.random.default_rng(seed)
+  picks = []
+  for c in np.unique(labels if classes is None else np.asarray(classes)):
+    pool = np.flatnonzero(labels == c)
+    if len(pool) < k:
+      raise ConfigError(f"kshot_indices: class {c} has {len(pool)} examples, fewer than k={k}")
+    picks.append(rng.choice(pool, size=k, replace=False))
+  return np.sort(np.concatenate(picks)) if picks else np.zeros((0,), np.int64)
 
 
 class ArrayRecords:
@@ -69,7 +85,7 @@ class ClassData:
 
 
 def _key(data_config) -> str:
-  d = data_config.to_dict() if hasattr(data_config, "to_dict") else dict(data_config)
+  d = as_dict(data_config)
   return json.dumps({k: d.get(k) for k in ("source", "image_root", "image_size", "shots", "base_fraction",
                                            "split_seed", "shot_seed", "test_per_class", "seed",
                                            "on_bad_image")}, sort_keys=True)

@@ -15,7 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
-from mmjax.data.tokenizer import encode_rows, write_spec
+from mmjax.data.tokenizer_base import encode_rows, write_spec
 from mmjax.errors import ConfigError, DataError
 
 try:

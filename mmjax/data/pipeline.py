@@ -188,16 +188,17 @@ class Loader:
 
 
 def make_source(data_config):
-  """The training source named by `data_config.source` (one of SOURCES)."""
+  """The training source named by `data_config.source` (one of SOURCES). A retrieval-augmented
+  source (`data.rag`) is the generative task's (`GenerativeTask.source`), not built here."""
   kind = data_config.get("source")
+  if data_config.get("rag"):
+    raise ConfigError("data.rag: needs task='generative', whose source() retrieves the captions; "
+                      f"data.source={kind!r} alone builds no retrieval-augmented source")
   if kind == "shapes":
     return ShapesSource(seed=data_config.get("seed", 0),
                         image_size=data_config.get("image_size", 64),
                         held_out_fraction=data_config.get("held_out_fraction", 0.2),
                         twins=data_config.get("twins", False))
-  if kind == "shapes_vqa" and data_config.get("rag"):
-    from mmjax.retrieval import rag  # Imports the model code the retriever runs on.
-    return rag.training_source(data_config)
   if kind == "shapes_vqa":
     return ShapesVQASource(seed=data_config.get("seed", 0), image_size=data_config.get("image_size", 64),
                            held_out_fraction=data_config.get("held_out_fraction", 0.2),

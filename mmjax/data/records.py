@@ -1,5 +1,5 @@
 """Sharded image-caption records: webdataset tar shards (as img2dataset writes them) and
-array_record files (grain's random-access format, written by `python -m mmjax.data.convert`).
+array_record files (grain's random-access format, written by `python -m mmjax.data.write_records`).
 
 Both are grain random-access sources of dict(image=uint8 [H, W, 3], caption=str), or None
 for an unreadable image under `on_bad_image="skip"`. Being random access, they shard by
@@ -133,7 +133,7 @@ def pack_record(image: bytes, caption: str) -> bytes:
 
 
 class ArrayRecordSource:
-  """Records written by `python -m mmjax.data.convert`, read with grain's ArrayRecordDataSource."""
+  """Records written by `python -m mmjax.data.write_records`, read with grain's ArrayRecordDataSource."""
 
   def __init__(self, shards: str, on_bad_image: str = "skip"):
     check_policy(on_bad_image)

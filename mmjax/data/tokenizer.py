@@ -17,7 +17,9 @@ import numpy as np
 import sentencepiece as spm
 
 from mmjax.data import shapes, shapes_vqa
+from mmjax.data.clip_bpe import ClipBpeTokenizer
 from mmjax.data.folder import CaptionFolderSource
+from mmjax.data.tokenizer_base import SPEC_FILE, encode_rows, write_spec
 from mmjax.errors import ConfigError, DataError
 
 PAD_ID, UNK_ID, EOS_ID = 0, 1, 2
@@ -26,7 +28,6 @@ SHAPES_VOCAB_SIZE = 160
 # The vision-language models' vocabulary: captions, questions and answers, plus the media markers.
 SHAPES_VLM_MODEL = SHAPES_MODEL.with_name("shapes_vlm.model")
 IMAGE_TOKEN, END_OF_CHUNK = "<image>", "<|endofchunk|>"
-SPEC_FILE = "tokenizer.json"  # What `save` writes next to the tokenizer's own file(s).
 SENTENCEPIECE_FILE = "tokenizer.model"
 PAD_MODES = ("zero", "eos")
 _ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
@@ -36,20 +37,6 @@ CLEANERS = {
     "lower": lambda text: text.translate(_ASCII_LOWER),
     "canonicalize": lambda text: re.sub(r"\s+", " ", text.lower().translate(_NO_PUNCTUATION)).strip(),
 }
-
-
-def encode_rows(texts: str | Sequence[str], max_len: int, ids_of, eos_id: int, pad_id: int) -> np.ndarray:
-  """int32 [N, max_len] for a list, [max_len] for one string: each row is `ids_of(text)` cut to
-  max_len - 1 ids, then EOS, then `pad_id`. Every tokenizer kind encodes through this."""
-  if max_len < 1:
-    raise ConfigError(f"max_len={max_len}: expected at least 1 (room for EOS)")
-  single = isinstance(texts, str)
-  texts = [texts] if single else texts
-  out = np.full((len(texts), max_len), pad_id, np.int32)
-  for row, text in zip(out, texts):
-    ids = list(ids_of(text))[:max_len - 1] + [eos_id]
-    row[:len(ids)] = ids
-  return out[0] if single else out
 
 
 class Tokenizer:
@@ -196,14 +183,8 @@ def load_tokenizer(spec: str) -> Tokenizer:
   return Tokenizer.load(SHAPES_VLM_MODEL if spec == "shapes_vlm" else spec)
 
 
-def write_spec(directory: str | os.PathLike, spec: dict) -> None:
-  """Writes `tokenizer.json`: the tokenizer's kind, its file relative to `directory`, its options."""
-  (Path(directory) / SPEC_FILE).write_text(json.dumps(spec, indent=2) + "\n")
-
-
 def load_saved_tokenizer(directory: str | os.PathLike):
   """The tokenizer that `save(directory)` wrote, of whichever kind (`Tokenizer`, `ClipBpeTokenizer`)."""
-  from mmjax.data.clip_bpe import ClipBpeTokenizer  # Not at the top: clip_bpe imports this module.
   path = Path(directory) / SPEC_FILE
   try:
     spec = json.loads(path.read_text())

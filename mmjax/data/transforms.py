@@ -37,15 +37,6 @@ class NormalizeImage(grain.transforms.Map):
 
 
 @dataclasses.dataclass
-class RandomFlip(grain.transforms.RandomMap):
-  """Horizontal flip with probability 1/2. Wrong for shapes: captions name positions."""
-
-  def random_map(self, element: dict, rng: np.random.Generator) -> dict:
-    flip = rng.random() < 0.5
-    return element | dict(image=element["image"][:, ::-1]) if flip else element
-
-
-@dataclasses.dataclass
 class Tokenize(grain.transforms.Map):
   """Replaces `caption` (str) by `text` (int32 [max_len])."""
   tokenizer: Tokenizer

@@ -28,9 +28,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mmjax.config import as_dict
 from mmjax.errors import ConfigError
+from mmjax.models.layers import ACT_AXES, ACTIVATIONS, dense
 from mmjax.models.text import TokenEmbed
-from mmjax.models.vit import ACT_AXES, ACTIVATIONS, REMAT_POLICIES, _dense as vit_dense
+from mmjax.models.vit import REMAT_POLICIES
 from mmjax.ops.attention import IMPLS, dot_product_attention
 
 LM_ACTIVATIONS = {**ACTIVATIONS, "silu": nn.silu, "relu": nn.relu}
@@ -41,7 +43,7 @@ _INIT = nn.initializers.normal(stddev=0.02)
 
 
 def _dense(features, axes, name, dtype, use_bias):
-  return vit_dense(features, axes, name, dtype, kernel_init=_INIT, use_bias=use_bias)
+  return dense(features, axes, name, dtype, kernel_init=_INIT, use_bias=use_bias)
 
 
 class RMSNorm(nn.Module):
@@ -339,6 +341,20 @@ def _validate(m: Decoder):
 
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(Decoder) if f.name not in ("parent", "name"))
+# The keys of a decoder config: the Decoder's fields, and `variant`, a name in DECODER_VARIANTS.
+DECODER_KEYS = _FIELDS + ("variant",)
+
+_LLAMA_BLOCK = dict(positions="rope", norm="rmsnorm", mlp="gated", act="silu")
+# Named decoder shapes (`model.lm.variant`, or `model.variant` of kind "lm"); the config's own keys override them.
+DECODER_VARIANTS = {
+    # The small decoder of the shapes generative recipes; its vocabulary is the tokenizer's.
+    "shapes": dict(width=128, depth=2, num_heads=4, mlp_dim=256, max_len=64, **_LLAMA_BLOCK),
+    "llama2-7b": dict(vocab_size=32000, width=4096, depth=32, num_heads=32, num_kv_heads=32, mlp_dim=11008,
+                      max_len=4096, rope_theta=10000.0, norm_eps=1e-5, **_LLAMA_BLOCK),
+    # Llama's block at MPT-1B's width, depth and heads (MPT-1B is the LM of OpenFlamingo-3B).
+    "llama-1b": dict(vocab_size=32000, width=2048, depth=24, num_heads=16, num_kv_heads=16, mlp_dim=5632,
+                     max_len=2048, rope_theta=10000.0, norm_eps=1e-5, **_LLAMA_BLOCK),
+}
 
 
 def decoder_config(**overrides) -> dict:
@@ -351,7 +367,18 @@ def decoder_config(**overrides) -> dict:
   return {**defaults, **overrides}
 
 
+def expand_variant(cfg: Mapping[str, Any]) -> dict:
+  """A decoder config with its `variant` replaced by the keys DECODER_VARIANTS gives it, under the
+  config's own; a key set to None is unset (the variant's value, else the Decoder's default)."""
+  cfg = as_dict(cfg)
+  variant = cfg.pop("variant", None)
+  if variant is not None and variant not in DECODER_VARIANTS:
+    raise ConfigError(f"decoder variant={variant!r}; known: {sorted(DECODER_VARIANTS)}")
+  return {**DECODER_VARIANTS.get(variant, {}), **{k: v for k, v in cfg.items() if v is not None}}
+
+
 def build_decoder(cfg: Mapping[str, Any]) -> Decoder:
-  """A `Decoder` from a (possibly partial) config dict or ConfigDict; unknown keys raise ConfigError."""
-  cfg = decoder_config(**(cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)))
+  """A `Decoder` from a (possibly partial) config dict or ConfigDict (keys: DECODER_KEYS); unknown keys
+  raise ConfigError."""
+  cfg = decoder_config(**expand_variant(cfg))
   return Decoder(**{**cfg, "dtype": jnp.dtype(cfg["dtype"])})

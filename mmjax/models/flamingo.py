@@ -28,9 +28,9 @@ import jax.numpy as jnp
 
 from mmjax.errors import ConfigError
 from mmjax.models.decoder import Decoder
-from mmjax.models.llava import build_lm, build_vision, check_keys
 from mmjax.models.perceiver import PerceiverResampler
 from mmjax.models.vit import ViT
+from mmjax.models.vlm import build_lm, build_vision, check_keys, resolve_vlm_config
 from mmjax.models.xattn import GatedCrossAttentionBlock
 
 PERCEIVER_DEFAULTS = dict(depth=6, num_latents=64, num_heads=8, mlp_dim=None, max_media=8)  # mlp_dim None: 4*width.
@@ -61,6 +61,7 @@ class Flamingo(nn.Module):
   end_of_chunk_id: int | None = None
   dtype: Any = jnp.float32
   attention_impl: str = "xla"
+  num_image_tokens = 1  # Each image is one `<image>` token; its visual tokens are read by cross-attention.
 
   def init_cache(self, batch: int, max_len: int) -> dict:
     """The LM's empty KV cache for `batch` rows of `max_len` tokens plus room for `max_media` images."""
@@ -122,12 +123,7 @@ def build_flamingo(model_cfg: Mapping[str, Any]) -> Flamingo:
   mlp_dim, max_media), cross_attn_every, xattn (num_heads, mlp_dim), image_token_id (required),
   end_of_chunk_id, dtype, attention_impl.
   """
-  cfg = {**DEFAULTS, **check_keys(model_cfg, DEFAULTS, "model")}
-  if cfg["kind"] != "flamingo":
-    raise ConfigError(f"model.kind={cfg['kind']!r}; build_flamingo builds 'flamingo'")
-  for key in ("vision", "lm", "image_token_id"):
-    if cfg[key] is None:
-      raise ConfigError(f"model.{key} is required")
+  cfg = resolve_vlm_config(model_cfg, DEFAULTS, optional=("end_of_chunk_id",))
   if int(cfg["cross_attn_every"]) < 1:
     raise ConfigError(f"model.cross_attn_every={cfg['cross_attn_every']} must be >= 1")
   vision, lm = build_vision(cfg), build_lm(cfg)

@@ -23,7 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmjax.errors import ConfigError
-from mmjax.models.vit import Encoder1DBlock, MlpBlock, MultiHeadDotProductAttention, _dense, _layer_norm
+from mmjax.models.layers import MlpBlock, MultiHeadDotProductAttention, dense, layer_norm
+from mmjax.models.vit import Encoder1DBlock
 
 
 class PerceiverResampler(nn.Module):
@@ -51,14 +52,14 @@ class PerceiverResampler(nn.Module):
                                                                  (None, "embed")), (self.num_latents, width))
     y = jnp.broadcast_to(latents.astype(self.dtype), (batch * media, self.num_latents, width))
     for i in range(self.depth):
-      q = _layer_norm(f"latents_norm_{i}", self.dtype, self.norm_eps)(y)
-      kv = jnp.concatenate([_layer_norm(f"media_norm_{i}", self.dtype, self.norm_eps)(x), q], axis=1)
+      q = layer_norm(f"latents_norm_{i}", self.dtype, self.norm_eps)(y)
+      kv = jnp.concatenate([layer_norm(f"media_norm_{i}", self.dtype, self.norm_eps)(x), q], axis=1)
       y = y + MultiHeadDotProductAttention(self.num_heads, self.dtype, self.attention_impl,
                                            name=f"attention_{i}")(q, kv)
-      h = _layer_norm(f"mlp_norm_{i}", self.dtype, self.norm_eps)(y)
+      h = layer_norm(f"mlp_norm_{i}", self.dtype, self.norm_eps)(y)
       y = y + MlpBlock(self.mlp_dim, dtype=self.dtype, name=f"mlp_{i}")(h, not train)
-    y = _layer_norm("final_norm", self.dtype, self.norm_eps)(y)
-    y = _dense(self.out_width, ("embed", "proj"), "proj", self.dtype)(y)
+    y = layer_norm("final_norm", self.dtype, self.norm_eps)(y)
+    y = dense(self.out_width, ("embed", "proj"), "proj", self.dtype)(y)
     return y.reshape(batch, media, self.num_latents, self.out_width)
 
 
@@ -72,10 +73,10 @@ class CrossAttentionBlock(nn.Module):
 
   @nn.compact
   def __call__(self, queries, inputs, deterministic=True):
-    q = _layer_norm("query_norm", self.dtype, self.norm_eps)(queries)
-    kv = _layer_norm("input_norm", self.dtype, self.norm_eps)(inputs)
+    q = layer_norm("query_norm", self.dtype, self.norm_eps)(queries)
+    kv = layer_norm("input_norm", self.dtype, self.norm_eps)(inputs)
     y = queries + MultiHeadDotProductAttention(self.num_heads, self.dtype, self.attention_impl, name="attention")(q, kv)
-    h = _layer_norm("mlp_norm", self.dtype, self.norm_eps)(y)
+    h = layer_norm("mlp_norm", self.dtype, self.norm_eps)(y)
     return y + MlpBlock(self.mlp_dim, dtype=self.dtype, name="mlp")(h, deterministic)
 
 
@@ -112,7 +113,7 @@ class PerceiverIO(nn.Module):
     if self.num_iterations < 1:
       raise ConfigError(f"model.num_iterations={self.num_iterations}: expected at least 1")
     batch = inputs.shape[0]
-    x = _dense(self.width, (None, "embed"), "input_proj", self.dtype)(jnp.asarray(inputs, self.dtype))
+    x = dense(self.width, (None, "embed"), "input_proj", self.dtype)(jnp.asarray(inputs, self.dtype))
     latents = self.param("latents", nn.with_logical_partitioning(nn.initializers.normal(stddev=0.02),
                                                                  (None, "embed")), (self.num_latents, self.width))
     z = jnp.broadcast_to(latents.astype(self.dtype), (batch, self.num_latents, self.width))
@@ -132,8 +133,8 @@ class PerceiverIO(nn.Module):
           nn.initializers.normal(stddev=0.02), (None, "embed")), (self.num_outputs, self.width))
       queries = jnp.broadcast_to(learned.astype(self.dtype), (batch, self.num_outputs, self.width))
     y = self._block("cross", "decoder")(queries, z, not train)
-    y = _layer_norm("final_norm", self.dtype, self.norm_eps)(y)
-    return _dense(self.output_width, ("embed", "proj"), "output_proj", self.dtype)(y)
+    y = layer_norm("final_norm", self.dtype, self.norm_eps)(y)
+    return dense(self.output_width, ("embed", "proj"), "output_proj", self.dtype)(y)
 
 
 def fourier_position_features(height: int, width: int, num_bands: int, max_resolution: float) -> np.ndarray:

@@ -5,8 +5,8 @@ one after another) -> its final normed tokens (`aux["encoded"]`, class token inc
 ViT has one) -> Q-Former "qformer": `num_queries` learned queries through `depth` layers of
 self-attention among the queries, cross-attention from the queries to the image tokens and a
 GELU MLP -> [B * M, num_queries, width] -> "projector" (one Dense into the LM width) -> spliced
-over runs of `num_queries` image tokens exactly as in LLaVA (`mmjax.models.llava`, whose
-splicing functions this module uses) -> Decoder "lm".
+over runs of `num_queries` image tokens exactly as in LLaVA (`mmjax.models.vlm.SplicedPrompt`)
+-> Decoder "lm".
 
 Choices that differ from BLIP-2's BERT-based Q-Former: the layers are pre-norm, x + f(LN(x)),
 with a final LayerNorm (BERT is post-norm), like every other transformer in mmjax; there is no
@@ -22,9 +22,10 @@ import jax.numpy as jnp
 
 from mmjax.errors import ConfigError
 from mmjax.models.decoder import Decoder
-from mmjax.models.llava import (SplicedPrompt, build_lm, build_vision, check_image_token_id, check_keys,
-                                resolve_vlm_config)
-from mmjax.models.vit import ACT_AXES, MlpBlock, MultiHeadDotProductAttention, ViT, _dense, _layer_norm
+from mmjax.models.layers import ACT_AXES, MlpBlock, MultiHeadDotProductAttention, dense, layer_norm
+from mmjax.models.vit import ViT
+from mmjax.models.vlm import (SplicedPrompt, build_lm, build_vision, check_image_token_id, check_keys,
+                              resolve_vlm_config)
 from mmjax.ops.attention import dot_product_attention
 
 # Every `model` key of a BLIP-2 config; None marks a required key. `qformer` keys: QFORMER_KEYS.
@@ -36,7 +37,7 @@ QFORMER_KEYS = ("depth", "num_queries", "width", "num_heads", "mlp_dim", "cross_
 class CrossAttention(nn.Module):
   """Multi-head attention from queries [B, Q, width] to image tokens [B, N, kv_width] of another width.
 
-  Parameters laid out as `vit.MultiHeadDotProductAttention`'s (`query/key/value/out`), whose key
+  Parameters laid out as `layers.MultiHeadDotProductAttention`'s (`query/key/value/out`), whose key
   and value projections take inputs of the query's width only.
   """
   num_heads: int
@@ -72,12 +73,12 @@ class QFormerLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x, image):
-    y = _layer_norm("self_attention_norm", self.dtype, self.norm_eps)(x)
+    y = layer_norm("self_attention_norm", self.dtype, self.norm_eps)(x)
     x = x + MultiHeadDotProductAttention(self.num_heads, self.dtype, self.attention_impl, name="self_attention")(y)
     if self.cross_attention:
-      y = _layer_norm("cross_attention_norm", self.dtype, self.norm_eps)(x)
+      y = layer_norm("cross_attention_norm", self.dtype, self.norm_eps)(x)
       x = x + CrossAttention(self.num_heads, self.dtype, self.attention_impl, name="cross_attention")(y, image)
-    y = _layer_norm("mlp_norm", self.dtype, self.norm_eps)(x)
+    y = layer_norm("mlp_norm", self.dtype, self.norm_eps)(x)
     x = x + MlpBlock(self.mlp_dim, "gelu", dtype=self.dtype, name="mlp")(y)
     return nn.with_logical_constraint(x, ACT_AXES)
 
@@ -112,7 +113,7 @@ class QFormer(nn.Module):
     for i in range(self.depth):
       x = QFormerLayer(self.num_heads, self.mlp_dim, i % self.cross_attention_every == 0, self.dtype,
                        self.attention_impl, self.norm_eps, name=f"layers_{i}")(x, image)
-    return _layer_norm("final_norm", self.dtype, self.norm_eps)(x)
+    return layer_norm("final_norm", self.dtype, self.norm_eps)(x)
 
 
 class BLIP2(SplicedPrompt, nn.Module):
@@ -137,7 +138,7 @@ class BLIP2(SplicedPrompt, nn.Module):
     return self.qformer.num_queries
 
   def setup(self):
-    self.projector = _dense(self.lm.width, ("embed", "mlp"), None, self.dtype)
+    self.projector = dense(self.lm.width, ("embed", "mlp"), None, self.dtype)
 
   def image_features(self, images, train=False):
     """Projected query outputs [B, M * num_queries, LM width] of images [B, M, H, W, 3], image by image."""

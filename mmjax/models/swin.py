@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmjax.errors import ConfigError
-from mmjax.models.vit import MlpBlock, MultiHeadDotProductAttention, PatchEmbed, _dense, _layer_norm, tower_head
+from mmjax.models.layers import MlpBlock, MultiHeadDotProductAttention, dense, layer_norm
+from mmjax.models.vit import PatchEmbed, tower_head
 
 # HF's and the paper's value for "different region": exp(-100) is 0 in float32 softmax.
 _MASKED = -100.0
@@ -81,7 +82,7 @@ class SwinBlock(nn.Module):
     window, shift = self.window_size, self.shift
     if min(h, w) <= window:
       window, shift = min(h, w), 0
-    y = _layer_norm("norm_attention", self.dtype, self.norm_eps)(x)
+    y = layer_norm("norm_attention", self.dtype, self.norm_eps)(x)
     pad_h, pad_w = (-h) % window, (-w) % window
     y = jnp.pad(y, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
     hp, wp = h + pad_h, w + pad_w
@@ -102,7 +103,7 @@ class SwinBlock(nn.Module):
     if shift:
       y = jnp.roll(y, (shift, shift), axis=(1, 2))
     x = x + y[:, :h, :w]
-    y = _layer_norm("norm_mlp", self.dtype, self.norm_eps)(x)
+    y = layer_norm("norm_mlp", self.dtype, self.norm_eps)(x)
     return x + MlpBlock(self.mlp_dim, self.act, dtype=self.dtype, name="mlp")(y)
 
 
@@ -116,8 +117,8 @@ class PatchMerging(nn.Module):
     b, h, w, c = x.shape
     x = jnp.pad(x, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)))
     x = jnp.concatenate([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], axis=-1)
-    x = _layer_norm("norm", self.dtype, self.norm_eps)(x)
-    return _dense(2 * c, ("mlp", "embed"), "reduction", self.dtype, use_bias=False)(x)
+    x = layer_norm("norm", self.dtype, self.norm_eps)(x)
+    return dense(2 * c, ("mlp", "embed"), "reduction", self.dtype, use_bias=False)(x)
 
 
 class Swin(nn.Module):
@@ -160,7 +161,7 @@ class Swin(nn.Module):
     image = jnp.pad(jnp.asarray(image, self.dtype),  # HF pads to whole patches; PatchEmbed would drop the rest.
                     ((0, 0), (0, -image.shape[1] % p), (0, -image.shape[2] % p), (0, 0)))
     x = PatchEmbed(self.width, p, self.dtype, name="embedding")(image)
-    x = _layer_norm("embedding_norm", self.dtype, self.norm_eps)(x)
+    x = layer_norm("embedding_norm", self.dtype, self.norm_eps)(x)
     aux = {}
     for i, (depth, heads) in enumerate(zip(self.depths, self.num_heads)):
       if i:
@@ -170,7 +171,7 @@ class Swin(nn.Module):
                       int(self.mlp_ratio * x.shape[-1]), self.act, self.dtype, self.attention_impl, self.norm_eps,
                       name=f"stage{i}_block{j}")(x)
       aux[f"stage{i}"] = x
-    x = _layer_norm("norm", self.dtype, self.norm_eps)(x)
+    x = layer_norm("norm", self.dtype, self.norm_eps)(x)
     tokens = x.reshape(x.shape[0], -1, x.shape[-1])
     aux["encoded"] = tokens
     x = jnp.mean(tokens, axis=1) if self.pool == "gap" else tokens

@@ -4,23 +4,15 @@ Names follow big_vision's `two_towers`: `img`, `txt`, `t` (log temperature), `b`
 """
 from __future__ import annotations
 
+from typing import Any, Mapping
+
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
 from mmjax.errors import ConfigError
-from mmjax.models.swin import Swin
 from mmjax.models.text import TextTransformer
-from mmjax.models.vit import ViT
-
-
-def image_tower(kw: dict, name: str):
-  """The image tower of a resolved tower config: a ViT, or a Swin when `arch` is "swin"."""
-  kw = dict(kw)
-  arch = kw.pop("arch", "vit")
-  if arch not in ("vit", "swin"):
-    raise ConfigError(f"model.image.arch={arch!r}: expected 'vit' or 'swin'")
-  return (Swin if arch == "swin" else ViT)(**kw, name=name)
+from mmjax.models.towers import image_tower, resolve_tower, tower_width
 
 
 def _l2_normalize(x, eps=1e-8):
@@ -65,3 +57,25 @@ class TwoTower(nn.Module):
       b = self.param("b", nn.with_logical_partitioning(nn.initializers.constant(self.bias_init), (None,)), (1,))
       aux["b"] = b[0]
     return zimg, ztxt, aux
+
+
+def _tower_kwargs(cfg: Mapping[str, Any], side: str) -> dict[str, Any]:
+  kw = resolve_tower(cfg, side)
+  kw["dtype"] = jnp.dtype(kw["dtype"])
+  embed_dim = cfg["embed_dim"]
+  if kw.get("head") == "none" and tower_width(kw) != embed_dim:
+    raise ConfigError(f"model.{side}.head='none' needs the tower's output width ({tower_width(kw)}) == "
+                      f"model.embed_dim ({embed_dim})")
+  kw["num_classes"] = embed_dim
+  return kw
+
+
+def build_two_tower(cfg: Mapping[str, Any]) -> TwoTower:
+  """A `TwoTower` from a model config: `image` and `text` towers, `embed_dim`, `temperature_init`, `bias_init`."""
+  if "embed_dim" not in cfg:
+    raise ConfigError("model.embed_dim is required")
+  image, text = _tower_kwargs(cfg, "image"), _tower_kwargs(cfg, "text")
+  if "vocab_size" not in text:
+    raise ConfigError("model.text.vocab_size is required")
+  return TwoTower(image=image, text=text, temperature_init=float(cfg.get("temperature_init", 10.0)),
+                  bias_init=cfg.get("bias_init"))

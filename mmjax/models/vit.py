@@ -2,7 +2,8 @@
 
 The names (`embedding`, `pos_embedding`, `Transformer/encoderblock_N/...`,
 `MAPHead_0/probe`, `head`) match big_vision so released SigLIP `.npz` weights map
-onto this module one to one. The encoder pieces here are shared with the text tower.
+onto this module one to one. The encoder pieces here are shared with the text tower;
+the layers every model shares are in `mmjax.models.layers`.
 """
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmjax.errors import ConfigError
-from mmjax.ops.attention import dot_product_attention, warn_once
-from mmjax.ops.dense import dense_dot_general
+from mmjax.models.layers import ACT_AXES, MlpBlock, MultiHeadDotProductAttention, dense, layer_norm
+from mmjax.ops.attention import warn_once
 
 # big_vision's ViT family: width, depth, MLP width and heads per variant name.
 VARIANTS = {
@@ -38,15 +39,6 @@ REMAT_POLICIES = {
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
-ACTIVATIONS = {
-    "gelu_tanh": lambda x: nn.gelu(x, approximate=True),
-    # Exact GELU through erf: jax.nn.gelu's erfc form is 2.6x slower forward on XLA:CPU.
-    "gelu": lambda x: 0.5 * x * (1 + jax.lax.erf(x * 2 ** -0.5)),
-    "quick_gelu": lambda x: x * nn.sigmoid(1.702 * x),
-}
-
-ACT_AXES = ("act_batch", "act_seq", "act_embed")
-
 
 def decode_variant(variant: str | None) -> dict[str, int]:
   """`"B/16"` -> width, depth, mlp_dim, num_heads and patch_size; `"B"` omits the patch."""
@@ -62,13 +54,6 @@ def decode_variant(variant: str | None) -> dict[str, int]:
   return out
 
 
-def _dense(features, axes, name, dtype, kernel_init=nn.initializers.xavier_uniform(),
-           bias_init=nn.initializers.zeros, use_bias=True):
-  return nn.Dense(features, dtype=dtype, name=name, use_bias=use_bias, dot_general=dense_dot_general,
-                  kernel_init=nn.with_logical_partitioning(kernel_init, axes),
-                  bias_init=nn.with_logical_partitioning(bias_init, axes[-1:]))
-
-
 # Output projection of a tower: "dense" (with bias, big_vision), "linear" (no bias, CLIP's
 # `proj`) or "none" (the pooled features are the embedding, SigLIP's image tower).
 HEADS = ("dense", "linear", "none")
@@ -80,35 +65,13 @@ def tower_head(module: nn.Module, x):
     raise ConfigError(f"head={module.head!r}; known: {HEADS}")
   if module.head == "none" or not module.num_classes:
     return x
-  return _dense(module.num_classes, ("embed", "proj"), "head", module.dtype, use_bias=module.head == "dense")(x)
-
-
-def _layer_norm(name, dtype, eps):
-  return nn.LayerNorm(epsilon=eps, dtype=dtype, name=name,
-                      scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
-                      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)))
-
-
-class MlpBlock(nn.Module):
-  mlp_dim: int
-  act: str = "gelu_tanh"
-  dropout: float = 0.0
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, deterministic=True):
-    width = x.shape[-1]
-    normal = nn.initializers.normal(stddev=1e-6)
-    x = _dense(self.mlp_dim, ("embed", "mlp"), "Dense_0", self.dtype, bias_init=normal)(x)
-    x = ACTIVATIONS[self.act](x)
-    x = nn.Dropout(self.dropout)(x, deterministic)
-    return _dense(width, ("mlp", "embed"), "Dense_1", self.dtype, bias_init=normal)(x)
+  return dense(module.num_classes, ("embed", "proj"), "head", module.dtype, use_bias=module.head == "dense")(x)
 
 
 class PatchEmbed(nn.Module):
   """A stride-`patch_size` VALID convolution with `nn.Conv`'s parameters (`kernel`
-  [p, p, channels, width], `bias`), computed as one matmul over the flattened patches: XLA's
-  CPU convolution is 1.7x slower than the equivalent dot (ViT-B/32 batch 32, forward and backward)."""
+  [p, p, channels, width], `bias`), computed as one matmul over the flattened patches, which
+  XLA:CPU runs faster than the convolution (benchmarks/RESULTS.md)."""
   width: int
   patch_size: int
   dtype: Any = jnp.float32
@@ -125,37 +88,6 @@ class PatchEmbed(nn.Module):
     patches = image[:, :h * p, :w * p].reshape(batch, h, p, w, p, channels)
     x = jnp.einsum("bhpwqc,pqcd->bhwd", patches, kernel.astype(self.dtype))
     return x + bias.astype(self.dtype)
-
-
-class MultiHeadDotProductAttention(nn.Module):
-  """Multi-head attention with flax's parameter layout (`query/key/value/out`), via the door."""
-  num_heads: int
-  dtype: Any = jnp.float32
-  attention_impl: str = "xla"
-
-  @nn.compact
-  def __call__(self, x_q, x_kv=None, *, mask=None, causal=False, bias=None, q_segment_ids=None,
-               kv_segment_ids=None):
-    x_kv = x_q if x_kv is None else x_kv
-    width = x_q.shape[-1]
-    if width % self.num_heads:
-      raise ConfigError(f"width {width} is not divisible by num_heads {self.num_heads}")
-    head_dim = width // self.num_heads
-    # Initialised like flax's DenseGeneral: fans over the flattened (embed) x (heads * kv) matrix.
-    qkv_init = nn.initializers.xavier_uniform(in_axis=0, out_axis=(1, 2))
-
-    def proj(name):
-      return nn.Einsum((width, self.num_heads, head_dim), "bld,dhk->blhk", dtype=self.dtype, name=name,
-                       kernel_init=nn.with_logical_partitioning(qkv_init, ("embed", "heads", "kv")),
-                       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "kv")))
-
-    q, k, v = proj("query")(x_q), proj("key")(x_kv), proj("value")(x_kv)
-    y = dot_product_attention(q, k, v, bias=bias, mask=mask, causal=causal, q_segment_ids=q_segment_ids,
-                              kv_segment_ids=kv_segment_ids, impl=self.attention_impl)
-    out_init = nn.initializers.xavier_uniform(in_axis=(0, 1), out_axis=2)
-    return nn.Einsum((self.num_heads, head_dim, width), "blhk,hkd->bld", dtype=self.dtype, name="out",
-                     kernel_init=nn.with_logical_partitioning(out_init, ("heads", "kv", "embed")),
-                     bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))(y)
 
 
 class Encoder1DBlock(nn.Module):
@@ -179,7 +111,7 @@ class Encoder1DBlock(nn.Module):
   @nn.compact
   def __call__(self, x, deterministic=True, keep=None, segments=None):
     x = nn.with_logical_constraint(x, ACT_AXES)
-    y = _layer_norm("LayerNorm_0", self.dtype, self.norm_eps)(x)
+    y = layer_norm("LayerNorm_0", self.dtype, self.norm_eps)(x)
     impl = self.attention_impl
     if keep is not None and self.causal and impl != "xla":
       # The kept queries sit at per-example positions; the kernels' causal mask knows only the
@@ -198,7 +130,7 @@ class Encoder1DBlock(nn.Module):
       y = attention(take_tokens(y, keep), y, mask=mask, q_segment_ids=kept_segments,
                     kv_segment_ids=segments)
     x = x + nn.Dropout(self.dropout)(y, deterministic)
-    y = _layer_norm("LayerNorm_1", self.dtype, self.norm_eps)(x)
+    y = layer_norm("LayerNorm_1", self.dtype, self.norm_eps)(x)
     y = MlpBlock(self.mlp_dim, self.act, self.dropout, self.dtype, name="MlpBlock_0")(y, deterministic)
     x = x + nn.Dropout(self.dropout)(y, deterministic)
     return nn.with_logical_constraint(x, ACT_AXES), None
@@ -259,7 +191,7 @@ class Encoder(nn.Module):
       if keep is not None and not self.depth:
         x = take_tokens(x, keep)
     aux["pre_norm"] = x
-    return _layer_norm("encoder_norm", self.dtype, self.norm_eps)(x), aux
+    return layer_norm("encoder_norm", self.dtype, self.norm_eps)(x), aux
 
   def _scanned(self, block, x, deterministic, keep, segments):
     """`block` (one module, parameters stacked over layers) scanned over the stack; with `keep`
@@ -312,7 +244,7 @@ class MAPHead(nn.Module):
     probe = jnp.tile(probe, (batch, 1, 1)).astype(x.dtype)
     x = MultiHeadDotProductAttention(self.num_heads, self.dtype, self.attention_impl,
                                      name="MultiHeadDotProductAttention_0")(probe, x)
-    y = _layer_norm("LayerNorm_0", self.dtype, self.norm_eps)(x)
+    y = layer_norm("LayerNorm_0", self.dtype, self.norm_eps)(x)
     x = x + MlpBlock(self.mlp_dim, self.act, dtype=self.dtype, name="MlpBlock_0")(y)
     return x[:, 0]
 
@@ -382,7 +314,7 @@ class ViT(nn.Module):
                        (1, 1, self.width))
       x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), (batch, 1, 1)), x], axis=1)
     if self.pre_norm:
-      x = _layer_norm("pre_norm", self.dtype, self.norm_eps)(x)
+      x = layer_norm("pre_norm", self.dtype, self.norm_eps)(x)
 
     x = nn.Dropout(self.dropout)(x, not train)
     # An index per example, as nn.remat traces every argument it is not told is static.

@@ -12,7 +12,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mmjax.models.vit import ACT_AXES, MlpBlock, MultiHeadDotProductAttention, _layer_norm
+from mmjax.models.layers import ACT_AXES, MlpBlock, MultiHeadDotProductAttention, layer_norm
 
 
 def media_attention_mask(media, num_media: int, num_latents: int):
@@ -46,11 +46,11 @@ class GatedCrossAttentionBlock(nn.Module):
       alpha = self.param(name, nn.with_logical_partitioning(nn.initializers.zeros, ()), ())
       return jnp.tanh(alpha).astype(self.dtype)
 
-    h = _layer_norm("attention_norm", self.dtype, self.norm_eps)(y)
+    h = layer_norm("attention_norm", self.dtype, self.norm_eps)(y)
     h = MultiHeadDotProductAttention(self.num_heads, self.dtype, self.attention_impl, name="attention")(
         h, visual.reshape(batch, num_media * latents, width).astype(self.dtype), mask=mask)
     h = jnp.where(jnp.any(mask, axis=-1)[:, 0, :, None], h, 0)
     y = y + gate("alpha_xattn") * h
-    h = _layer_norm("mlp_norm", self.dtype, self.norm_eps)(y)
+    h = layer_norm("mlp_norm", self.dtype, self.norm_eps)(y)
     y = y + gate("alpha_dense") * MlpBlock(self.mlp_dim, dtype=self.dtype, name="mlp")(h, not train)
     return nn.with_logical_constraint(y, ACT_AXES)

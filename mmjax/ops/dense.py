@@ -2,10 +2,9 @@
 
 For `x @ kernel` with x [batch, length, in], autodiff's kernel gradient contracts the output
 gradient with `x` over both leading axes. XLA:CPU lays that out as an explicit transpose of the
-output gradient and a matmul with both operands transposed, which its Eigen path runs at 190-240
-GFLOP/s where the same product in other forms reaches 300 (ViT-B/32 MLP shapes;
-`benchmarks/RESULTS.md`). Flattened to [tokens, in] first, the same values come from a kernel
-gradient XLA computes without the transpose.
+output gradient and a matmul with both operands transposed, which its Eigen path runs slower than
+the same product in other forms (`benchmarks/RESULTS.md`). Flattened to [tokens, in] first, the
+same values come from a kernel gradient XLA computes without the transpose.
 
 Flattening keeps a batch-axis sharding. A sharded length axis (`act_seq` mapped to a mesh axis,
 which no recipe does) cannot survive the merge: XLA would gather x on every device first.

@@ -1,59 +1,30 @@
 """Supervised classification of the 48 colour x shape classes (`data.source="shapes_labels"`).
 
-`config.model.kind` picks the classifier: "perceiver_io" (`PerceiverClassifier`: pixels or
-patches with Fourier position features, latents, one output query) or "vit" (`model.image`, a
-ViT with a dense head to the classes). The loss is the softmax cross-entropy; the evaluator
-reports accuracy on held-apart images (`shapes.class_images`, `evals.per_class` per class), and
-the accuracy of their colour and of their shape read off the predicted class.
+`config.model.kind` picks the classifier (`mmjax.models.classifier`): "perceiver_io" or "vit".
+The loss is the softmax cross-entropy; the evaluator reports accuracy on held-apart images
+(`shapes.class_images`, `evals.per_class` per class), and the accuracy of their colour and of
+their shape read off the predicted class.
 """
 from __future__ import annotations
 
 import functools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from mmjax import models
+from mmjax.config import as_dict
 from mmjax.data import shapes
 from mmjax.data.transforms import NormalizeImage, ResizeImage
 from mmjax.errors import ConfigError
 from mmjax.evals import in_chunks
-from mmjax.models import resolve_tower
-from mmjax.models.perceiver import PerceiverClassifier
-from mmjax.models.vit import ViT
-
-KINDS = ("perceiver_io", "vit")
+from mmjax.models.classifier import KINDS
+from mmjax.tasks.base import Task
 
 
-def build_classifier(model_config, num_classes: int):
-  """The classifier module named by `model_config["kind"]`, mapping NHWC images to `[batch, num_classes]`."""
-  cfg = model_config.to_dict() if hasattr(model_config, "to_dict") else dict(model_config)
-  kind = cfg.get("kind")
-  if kind == "perceiver_io":
-    perceiver = dict(cfg["perceiver"])
-    perceiver.update(dtype=jnp.dtype(cfg.get("dtype", "float32")), attention_impl=cfg.get("attention_impl", "xla"))
-    return PerceiverClassifier(num_classes=num_classes, patch_size=cfg["patch_size"], num_bands=cfg["num_bands"],
-                               perceiver=perceiver)
-  if kind == "vit":
-    kw = resolve_tower(cfg, "image")
-    kw["dtype"] = jnp.dtype(kw["dtype"])
-    kw.update(num_classes=num_classes, head="dense")
-    return ViTClassifier(kw)
-  raise ConfigError(f"model.kind={kind!r}: expected one of {KINDS}")
-
-
-class ViTClassifier(nn.Module):
-  """A ViT whose dense head gives the logits."""
-  tower: dict
-
-  @nn.compact
-  def __call__(self, image, train=False):
-    return ViT(**self.tower, name="vit")(image, train=train, pooled_only=True)[0]
-
-
-class ClassificationTask:
+class ClassificationTask(Task):
   tokenizer = None
   max_len = None
 
@@ -61,8 +32,13 @@ class ClassificationTask:
     self.config, self.mesh = config, mesh
     if config.data.source != "shapes_labels":
       raise ConfigError(f"task 'classification' reads data.source='shapes_labels', not {config.data.source!r}")
+    if config.model.get("kind") not in KINDS:
+      raise ConfigError(f"model.kind={config.model.get('kind')!r}: task 'classification' takes one of {KINDS}")
     self.num_classes = len(shapes.CLASSES)
-    self.model = build_classifier(config.model, self.num_classes)
+    # The image size is recorded for exports: the ViT's learned position embeddings fix it.
+    self.model_config = {**as_dict(config.model), "num_classes": self.num_classes,
+                         "image_size": config.data.image_size}
+    self.model = models.build(self.model_config)
     self._logits = jax.jit(lambda p, x: self.model.apply({"params": p}, x))
     self._test = None
 

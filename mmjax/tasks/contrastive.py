@@ -9,11 +9,13 @@ from jax.experimental import multihost_utils
 
 from mmjax import losses, models, parallel
 from mmjax.adapt import wrap as adapt
+from mmjax.config import as_dict
 from mmjax.data import packing, shapes
 from mmjax.data.tokenizer import load_tokenizer
 from mmjax.errors import ConfigError
-from mmjax.evals import binding, retrieval, zeroshot
+from mmjax.evals import binding, map_padded_chunks, recall, zeroshot
 from mmjax.models.text import TextTransformer
+from mmjax.tasks.base import Task
 
 LOSSES = ("sigmoid", "softmax", "infonce", "triplet")
 TEMPLATE_SETS = {"shapes": shapes.CLASS_TEMPLATES, "plain": ("{}",)}
@@ -21,7 +23,7 @@ TEMPLATE_SETS = {"shapes": shapes.CLASS_TEMPLATES, "plain": ("{}",)}
 
 def model_config_with_vocab(model_config, tokenizer) -> dict:
   """`config.model` as a dict, with `text.vocab_size` taken from the tokenizer when unset."""
-  cfg = model_config.to_dict() if hasattr(model_config, "to_dict") else dict(model_config)
+  cfg = as_dict(model_config)
   cfg["text"] = dict(cfg["text"])
   vocab = cfg["text"].get("vocab_size")
   if vocab is None:
@@ -31,7 +33,7 @@ def model_config_with_vocab(model_config, tokenizer) -> dict:
   return cfg
 
 
-class ContrastiveTask:
+class ContrastiveTask(Task):
   """Builds the two-tower model, its loss and its evaluators from the config."""
 
   def __init__(self, config, mesh):
@@ -114,24 +116,22 @@ class ContrastiveTask:
     return self._embed_chunks(params, "text", self.tokenizer.encode(texts, self.max_len))
 
   def _embed_chunks(self, params, side: str, inputs: np.ndarray) -> np.ndarray:
-    """Embeds in fixed-size chunks (one compilation), padding the last one and dropping the
-    padding rows. Each process feeds its slice of every chunk; all get every embedding."""
+    """Embeds in chunks of evals.batch_size rows (`map_padded_chunks`). Each process feeds its
+    slice of every chunk; all get every embedding."""
     chunk = self.config.evals.batch_size
     divisor = parallel.batch_size_divisor(self.mesh)
     if chunk % divisor:
       raise ConfigError(f"evals.batch_size={chunk} must be divisible by the {divisor} batch-sharded devices")
     rows = chunk // jax.process_count()
     local = slice(jax.process_index() * rows, (jax.process_index() + 1) * rows)
-    out = []
+
+    def embed(padded):
+      batch = parallel.global_batch({side: padded[local]}, self.mesh)
+      zimg, ztxt = self._embed(params, **{"image": None, "text": None, **batch})
+      return np.asarray(jax.device_get(zimg if side == "image" else ztxt))
+
     with jax.set_mesh(self.mesh):
-      for start in range(0, len(inputs), chunk):
-        part = inputs[start:start + chunk]
-        padded = np.concatenate([part, np.zeros((chunk - len(part),) + part.shape[1:], part.dtype)])
-        batch = parallel.global_batch({side: padded[local]}, self.mesh)
-        zimg, ztxt = self._embed(params, **{"image": None, "text": None, **batch})
-        z = zimg if side == "image" else ztxt
-        out.append(np.asarray(jax.device_get(z))[:len(part)])
-    return np.concatenate(out)
+      return np.concatenate(map_padded_chunks(embed, (inputs,), chunk))
 
   def _eval_sets(self) -> dict[str, Any]:
     if self._eval_data is None:
@@ -162,7 +162,7 @@ class ContrastiveTask:
       results.update({f"zeroshot/{k}": v for k, v in zeroshot.evaluate(zimg, zclass, zs["labels"], groups).items()})
     if "retrieval" in sets:
       rs = sets["retrieval"]
-      r = retrieval.evaluate(self.embed_images(params, rs["images"]), self.embed_texts(params, rs["captions"]))
+      r = recall.evaluate(self.embed_images(params, rs["images"]), self.embed_texts(params, rs["captions"]))
       results.update({f"retrieval/{k}": v for k, v in r.items()})
     if "binding" in sets:
       bs = sets["binding"]

@@ -14,35 +14,32 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from mmjax import models
+from mmjax.config import as_dict
 from mmjax.data import shapes_vqa
 from mmjax.data.tokenizer import load_tokenizer
 from mmjax.data.transforms import NormalizeImage, ResizeImage, Tokenize
 from mmjax.errors import ConfigError
 from mmjax.evals import in_chunks
-from mmjax.models import resolve_tower
-from mmjax.models.fusion import FusionClassifier
+from mmjax.tasks.base import Task
 
 
-class FusionTask:
+class FusionTask(Task):
 
   def __init__(self, config, mesh):
     self.config, self.mesh = config, mesh
     if config.data.source != "shapes_vqa_labels":
       raise ConfigError(f"task 'fusion' reads data.source='shapes_vqa_labels', not {config.data.source!r}")
+    if config.model.get("kind") not in (None, "fusion"):
+      raise ConfigError(f"model.kind={config.model.kind!r}: task 'fusion' builds model.kind='fusion'")
     self.tokenizer = load_tokenizer(config.data.tokenizer)
     self.max_len = config.data.max_len
-    cfg = config.model.to_dict()
-    towers = {}
-    for side in ("image", "text"):
-      kw = resolve_tower(cfg, side)
-      kw["dtype"] = jnp.dtype(kw["dtype"])
-      kw.pop("head", None)
-      towers[side] = kw
-    towers["text"]["vocab_size"] = self.tokenizer.vocab_size
-    towers["text"]["max_len"] = self.max_len
-    self.model = FusionClassifier(cfg["fusion"], towers["image"], towers["text"], len(shapes_vqa.ANSWERS),
-                                  fusion_depth=cfg["fusion_depth"], fusion_heads=cfg["fusion_heads"],
-                                  mlp_dim=cfg["fusion_mlp_dim"])
+    cfg = as_dict(config.model)
+    # The image size is recorded for exports: the ViT's learned position embeddings fix it.
+    text = {**cfg.get("text", {}), "vocab_size": self.tokenizer.vocab_size, "max_len": self.max_len}
+    self.model_config = {**cfg, "kind": "fusion", "num_classes": len(shapes_vqa.ANSWERS), "text": text,
+                         "image_size": config.data.image_size}
+    self.model = models.build(self.model_config)
     self._predict = jax.jit(lambda p, image, text: jnp.argmax(self.model.apply({"params": p}, image, text), axis=-1))
     self._eval = None
 

@@ -1,9 +1,9 @@
 """Next-token training of generative models: text-only LMs and vision-language models (VQA, captions).
 
 `config.model.kind` picks the model: "lm" (a `Decoder`, trained on the text of the
-episodes) or a vision-language model of `mmjax.models.vlm`. Batches come from
-`mmjax.data.sequences.BuildSequence`; the loss is the cross-entropy of the weighted
-(answer) tokens. Evaluators, by `config.evals`: `vqa` (exact match of greedy answers, with
+episodes) or a vision-language model (`mmjax.models.vlm`): "llava", "flamingo" or "blip2".
+Batches come from `mmjax.data.sequences.BuildSequence`; the loss is the cross-entropy of the
+weighted (answer) tokens. Evaluators, by `config.evals`: `vqa` (exact match of greedy answers, with
 the majority-answer baseline and per question type), `captioning` (BLEU-4, CIDEr) and
 `few_shot` (VQA with k solved examples before the question, for models that take several
 images).
@@ -17,35 +17,41 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmjax import losses, parallel
+from mmjax import losses, models, parallel
 from mmjax.adapt import wrap as adapt
+from mmjax.config import as_dict
 from mmjax.data import sequences, shapes_vqa
 from mmjax.data.tokenizer import END_OF_CHUNK, IMAGE_TOKEN, load_tokenizer
 from mmjax.data.transforms import NormalizeImage
 from mmjax.errors import ConfigError
-from mmjax.evals import captioning, vqa
+from mmjax.evals import captioning, map_padded_chunks, vqa
 from mmjax.generate import generate
-from mmjax.models import vlm
-from mmjax.models.decoder import Decoder, build_decoder
+from mmjax.models.decoder import Decoder, expand_variant
+from mmjax.index import image_similarity_selector, rag
+from mmjax.tasks.base import Task
 
+KINDS = ("lm", "llava", "flamingo", "blip2")
 # Training answers drawn to find the majority answer the VQA eval reports as its baseline.
 _BASELINE_RECORDS = 2000
 
 
-def build_model(model_config: dict, tokenizer):
-  """The model of `config.model` (kind "lm" or a VLM kind), with the vocabulary size and the
-  media token ids taken from the tokenizer; returns `(model, resolved config)`."""
-  cfg = dict(model_config)
-  kind = cfg.pop("kind", None)
-  lm_cfg = cfg if kind == "lm" else cfg.setdefault("lm", {})
-  if lm_cfg.get("vocab_size") is None:
-    lm_cfg["vocab_size"] = tokenizer.vocab_size
+def model_config_with_tokens(model_config, tokenizer) -> dict:
+  """`config.model` (kind "lm" or a vision-language kind) as a dict for `mmjax.models.build`: the LM's
+  variant expanded, its vocabulary size the tokenizer's when unset, and the media token ids the
+  tokenizer's (the image token; Flamingo's end-of-chunk token too)."""
+  cfg = as_dict(model_config)
+  kind = cfg.get("kind")
+  if kind not in KINDS:
+    raise ConfigError(f"model.kind={kind!r}: task 'generative' takes one of {KINDS}")
   if kind == "lm":
-    return build_decoder(cfg), {"kind": kind, **cfg}
-  cfg["image_token_id"] = tokenizer.piece_id(IMAGE_TOKEN)
+    cfg = lm = expand_variant(cfg)
+  else:
+    cfg["lm"] = lm = expand_variant(cfg.get("lm") or {})
+    cfg["image_token_id"] = tokenizer.piece_id(IMAGE_TOKEN)
   if kind == "flamingo":
     cfg["end_of_chunk_id"] = tokenizer.piece_id(END_OF_CHUNK)
-  return vlm.build(kind, {"kind": kind, **cfg}), {"kind": kind, **cfg}
+  lm.setdefault("vocab_size", tokenizer.vocab_size)
+  return cfg
 
 
 def make_sequence(model, tokenizer, max_len: int, loss_on: str | None = None) -> sequences.BuildSequence:
@@ -54,7 +60,7 @@ def make_sequence(model, tokenizer, max_len: int, loss_on: str | None = None) ->
   if isinstance(model, Decoder):
     return sequences.BuildSequence(tokenizer, max_len, None, 0, tokenizer.eos_id, loss_on or "all")
   terminator = getattr(model, "end_of_chunk_id", None)
-  return sequences.BuildSequence(tokenizer, max_len, model.image_token_id, vlm.tokens_per_image(model),
+  return sequences.BuildSequence(tokenizer, max_len, model.image_token_id, model.num_image_tokens,
                                  tokenizer.eos_id if terminator is None else terminator, loss_on or "answer")
 
 
@@ -64,35 +70,42 @@ def answer(model, params, sequence: sequences.BuildSequence, episodes: list[dict
   answers); the answers before the last are solved demonstrations), `batch_size` at a time."""
   tokenizer = sequence.tokenizer
   stop = sorted({tokenizer.eos_id, sequence.terminator})
-  out = []
-  for start in range(0, len(episodes), batch_size):
-    part = episodes[start:start + batch_size]
-    padded = part + [part[-1]] * (batch_size - len(part))  # One compilation: pad the last chunk.
-    prompts = [sequence.prompt(ep) for ep in padded]
+
+  def generated_ids(chunk: list[dict]) -> np.ndarray:
+    prompts = [sequence.prompt(ep) for ep in chunk]
     tokens, mask = np.stack([p[0] for p in prompts]), np.stack([p[1] for p in prompts])
     images = None
     if sequence.image_token_id is not None:
-      images = jnp.asarray(np.stack([ep["image"] for ep in padded]).astype(np.float32) / 127.5 - 1.0)
+      images = jnp.asarray(np.stack([ep["image"] for ep in chunk]).astype(np.float32) / 127.5 - 1.0)
     ids, _ = generate(model, params, jnp.asarray(tokens), jnp.asarray(mask), max_new_tokens=max_new_tokens,
                       stop_tokens=stop, pad_id=tokenizer.pad_id, images=images)
-    for row in np.asarray(jax.device_get(ids))[:len(part)].tolist():
-      out.append(tokenizer.decode([i for i in row if i not in stop and i != tokenizer.pad_id]).strip())
-  return out
+    return np.asarray(jax.device_get(ids))
+
+  return [tokenizer.decode([i for i in row if i not in stop and i != tokenizer.pad_id]).strip()
+          for ids in map_padded_chunks(generated_ids, (episodes,), batch_size) for row in ids.tolist()]
 
 
-class GenerativeTask:
+class GenerativeTask(Task):
   """Builds the model, its sequences, loss and evaluators from the config."""
 
   def __init__(self, config, mesh):
     self.config, self.mesh = config, mesh
     self.tokenizer = load_tokenizer(config.data.tokenizer)
-    base, self.model_config = build_model(config.model.to_dict(), self.tokenizer)
+    self.model_config = model_config_with_tokens(config.model, self.tokenizer)
+    base = models.build(self.model_config)
     self.is_lm = isinstance(base, Decoder)
     self.max_len = config.data.max_len
     self.sequence = make_sequence(base, self.tokenizer, self.max_len, config.data.get("loss_on"))
     self.model = adapt.wrap_for_task(base, config, self.model_config)
     self.media = config.data.get("media_per_record", 1)
     self._eval_data = None
+
+  def source(self, data_config):
+    """With `data.rag`, the training records with retrieved captions before their prompts
+    (`mmjax.index.rag`); otherwise the source `data.source` names."""
+    if data_config.get("rag"):
+      return rag.training_source(data_config)
+    return super().source(data_config)
 
   def data_ops(self) -> list:
     return ([] if self.is_lm else [NormalizeImage()]) + [self.sequence]
@@ -148,7 +161,6 @@ class GenerativeTask:
   def _with_retrieved_captions(self):
     """The VQA, captioning and few-shot records with the captions `data.rag` retrieves for them, as
     in training (`described_vqa` asks after the scene's own description instead)."""
-    from mmjax.retrieval import rag
     retrieve, k = rag.retriever(self.config.data), self.config.data.rag.k
     for name in ("vqa", "captioning"):
       if name in self._eval_data:
@@ -168,7 +180,6 @@ class GenerativeTask:
       raise ConfigError(f"evals.few_shot.selection={selection!r}: expected 'random' or 'rices'")
     if not few_shot.get("retriever"):
       raise ConfigError("evals.few_shot.selection='rices' needs evals.few_shot.retriever, a two-tower export")
-    from mmjax.retrieval import image_similarity_selector
     return shapes_vqa.retrieved_few_shot_set(image_similarity_selector(few_shot.retriever), n=few_shot.n,
                                              shots=shots, pool=few_shot.get("pool", 1024), **kw)
 

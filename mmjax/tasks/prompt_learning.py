@@ -28,6 +28,7 @@ from mmjax.data.tokenizer import load_tokenizer
 from mmjax.data.transforms import NormalizeImage, ResizeImage
 from mmjax.errors import ConfigError
 from mmjax.evals import in_chunks
+from mmjax.tasks.base import Task
 from mmjax.tasks.contrastive import model_config_with_vocab
 
 BASE, PROMPT = "base", "prompt"
@@ -41,7 +42,7 @@ def _cosine_distance(a, b):
   return jnp.mean(1.0 - jnp.sum(a * b, axis=-1))
 
 
-class PromptLearningTask:
+class PromptLearningTask(Task):
   """Builds the frozen model, the prompt learner, the k-shot data and the base-to-novel evaluator."""
 
   def __init__(self, config, mesh):

@@ -1,9 +1,9 @@
 """Convert open_clip, HF transformers or big_vision checkpoints into an mmjax export directory.
 
-  python -m mmjax.convert --from open_clip --source open_clip_pytorch_model.bin \\
+  python -m mmjax.convert_checkpoint --from open_clip --source open_clip_pytorch_model.bin \\
       --model-config ViT-B-32 --out exports/vit_b32
-  python -m mmjax.convert --from hf --source ./siglip-base-patch16-224 --out exports/siglip_b16
-  python -m mmjax.convert --from big_vision --source webli_en_b16_224.npz \\
+  python -m mmjax.convert_checkpoint --from hf --source ./siglip-base-patch16-224 --out exports/siglip_b16
+  python -m mmjax.convert_checkpoint --from big_vision --source webli_en_b16_224.npz \\
       --tokenizer c4_en.model --out exports/siglip_b16
 
 `mmjax.load(out)` then returns `(model, params, tokenizer)`. PyTorch files are read with
@@ -18,6 +18,9 @@ import os
 from pathlib import Path
 from typing import Sequence
 
+from mmjax import bundle, interop
+from mmjax.data.clip_bpe import ClipBpeTokenizer
+from mmjax.data.tokenizer import Tokenizer
 from mmjax.errors import ConversionError
 
 SOURCES = ("open_clip", "hf", "big_vision")
@@ -91,8 +94,6 @@ def make_tokenizer(spec: str | None, model_config: dict, source_kind: str, sourc
   SiglipTokenizer does for HF checkpoints, and lower-cased as in big_vision's training
   otherwise.
   """
-  from mmjax.data.clip_bpe import ClipBpeTokenizer
-  from mmjax.data.tokenizer import Tokenizer
   vocab = model_config["text"]["vocab_size"]
   if spec is None:
     if vocab == OPENAI_VOCAB_SIZE:
@@ -114,8 +115,6 @@ def make_tokenizer(spec: str | None, model_config: dict, source_kind: str, sourc
 def convert(source_kind: str, source: str, out: str, model_config: str | None = None,
             tokenizer: str | None = None) -> str:
   """Converts `source` and writes the export directory `out`; returns its path."""
-  from mmjax import interop
-  from mmjax.export import write_export
   if source_kind == "open_clip":
     mc, params = interop.from_open_clip(load_torch_state_dict(source), open_clip_model_config(model_config))
   elif source_kind == "hf":
@@ -126,11 +125,11 @@ def convert(source_kind: str, source: str, out: str, model_config: str | None = 
   else:
     raise ConversionError(f"--from {source_kind!r}; use one of {SOURCES}")
   tok = make_tokenizer(tokenizer, mc, source_kind, source if source_kind == "hf" else None)
-  return write_export(out, mc, params, tok, {"converted_from": source_kind, "source": os.path.abspath(source)})
+  return bundle.write(out, mc, params, tok, {"converted_from": source_kind, "source": os.path.abspath(source)})
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(prog="python -m mmjax.convert", description=__doc__.split("\n")[0])
+  parser = argparse.ArgumentParser(prog="python -m mmjax.convert_checkpoint", description=__doc__.split("\n")[0])
   parser.add_argument("--from", dest="source_kind", choices=SOURCES, required=True,
                       help="checkpoint family of --source")
   parser.add_argument("--source", required=True,

@@ -23,7 +23,7 @@ import numpy as np
 from mmjax.data import shapes_vqa
 from mmjax.errors import ConfigError
 from mmjax.metrics import fmt_duration
-from mmjax.retrieval import EmbeddingIndex, TwoTowerEncoder
+from mmjax.index import EmbeddingIndex, TwoTowerEncoder
 
 SELECTIONS = ("retrieved", "random")
 # Images embedded per call while the training records' contexts are computed (bounds host memory).

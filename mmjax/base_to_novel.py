@@ -1,4 +1,5 @@
-"""The base-to-novel protocol (CoCoOp's): adapt on k shots of the base classes, test on base and novel.
+"""`python -m mmjax.base_to_novel --workdir DIR [--config configs/prompt_shapes.py]`: the base-to-novel
+protocol (CoCoOp's): adapt on k shots of the base classes, test on base and novel.
 
 For every method and seed: base accuracy (test images of base classes among the base classes),
 novel accuracy (novel among novel) and their harmonic mean, then the mean over seeds.
@@ -6,7 +7,12 @@ Methods: "zeroshot" (template ensemble, nothing trained), "linear_probe" (logist
 on the frozen image embeddings of the shots, `mmjax.adapt.probe`; it has no weights for classes
 it never saw, so no novel accuracy), and the methods of `mmjax.tasks.prompt_learning` (the
 prompt learners, and "lora": the template prompt with LoRA on both towers), each trained by
-`mmjax.train` with the recipe's config for that method, the seed set per run.
+`mmjax.train` with the recipe's config for that method, the seed set per run. Runs are kept under
+--workdir, so a rerun reads finished ones back. Prints method x base / novel / HM / trainable
+parameters / seconds per run (means over seeds) and writes `base_to_novel.json` there.
+
+  python -m mmjax.base_to_novel --workdir runs/base_to_novel
+  python -m mmjax.base_to_novel --image_folder /data/flowers --workdir runs/b2n_flowers
 """
 from __future__ import annotations
 
@@ -17,7 +23,9 @@ import time
 import jax
 import numpy as np
 
-from mmjax import parallel, train
+from absl import app, flags
+
+from mmjax import config as mmjax_config, parallel, runs, runtime, train
 from mmjax.adapt import probe
 from mmjax.adapt.wrap import ADAPTER
 from mmjax.data import classes
@@ -37,7 +45,7 @@ def backbone(config):
   sources = {entry[0]: entry[1] for entry in config.init_from}
   if "base" not in sources:
     raise ConfigError("base-to-novel needs config.init_from=(('base', <backbone run or export>),)")
-  return ContrastiveTask(config, parallel.make_mesh(config.mesh)), train.load_params(sources["base"])
+  return ContrastiveTask(config, parallel.make_mesh(config.mesh)), runs.load_params(sources["base"])
 
 
 def zeroshot(task: ContrastiveTask, params, data: classes.ClassData) -> dict[str, float]:
@@ -65,7 +73,7 @@ def linear_probe(task: ContrastiveTask, params, data: classes.ClassData, kind: s
 
 def run(config_for, workdir: str, methods=METHODS, seeds=(0, 1, 2)) -> dict:
   """`{method: {"seeds": [per-seed results], "mean": {...}}}`. `config_for(method)` is the recipe's
-  config for a method (`mmjax.config.load("configs/prompt_shapes.py:coop")`); trained runs go to
+  config for a method (`mmjax.config.load("configs/prompt_shapes.py:method=coop")`); trained runs go to
   workdir/<method>_<seed> (a finished run is read back, not retrained)."""
   unknown = sorted(set(methods) - set(METHODS))
   if unknown:
@@ -93,8 +101,9 @@ def run(config_for, workdir: str, methods=METHODS, seeds=(0, 1, 2)) -> dict:
     keys = per_seed[0].keys()
     results[method] = {"seeds": per_seed, "mean": {k: float(np.mean([r[k] for r in per_seed])) for k in keys}}
   os.makedirs(workdir, exist_ok=True)
+  config = config_for("coop")
   with open(os.path.join(workdir, "base_to_novel.json"), "w", encoding="utf-8") as f:
-    json.dump(results, f, indent=2)
+    json.dump({"data": config.data.to_dict(), "steps": config.total_steps, "results": results}, f, indent=2)
   return results
 
 
@@ -114,3 +123,36 @@ def table(results: dict) -> str:
     cells = [f"{m[k]:8.3f}" if k in m else f"{'-':>8}" for k in ("base_acc", "novel_acc", "hm")]
     lines.append(f"{method:<14}{''.join(cells)}{int(m['trainable']):>11,}{m['seconds']:>8.1f}")
   return "\n".join(lines)
+
+
+def main(argv):
+  del argv
+  runtime.quiet_logs()
+  f = flags.FLAGS
+
+  def config_for(method):
+    config = mmjax_config.load(f"{f.config}:method={method}")
+    if f.image_folder:
+      config.data.source, config.data.image_root = "image_folder", f.image_folder
+    if f.shots:
+      config.data.shots = f.shots
+    if f.steps:
+      config.total_steps = config.eval_every = config.checkpoint_every = f.steps
+    return config
+
+  seeds = [int(s) for s in f.seeds]
+  results = run(config_for, f.workdir, f.methods, seeds)
+  config = config_for("coop")
+  print(f"base-to-novel, {config.data.shots} shots, seeds {seeds} ({config.data.source})")
+  print(table(results))
+
+
+if __name__ == "__main__":
+  flags.DEFINE_string("config", "configs/prompt_shapes.py", "Prompt-learning recipe; its argument names the method.")
+  flags.DEFINE_string("workdir", None, "Runs and base_to_novel.json go here.", required=True)
+  flags.DEFINE_list("methods", list(METHODS), "Methods to run.")
+  flags.DEFINE_list("seeds", ["0", "1", "2"], "Shot seeds.")
+  flags.DEFINE_string("image_folder", "", "An ImageFolder tree (root/<class>/<image>) instead of the shapes classes.")
+  flags.DEFINE_integer("shots", None, "Shots per base class (the recipe's by default).")
+  flags.DEFINE_integer("steps", None, "Training steps per prompt run.")
+  app.run(main)

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from mmjax import bundle
 from mmjax.data.transforms import ResizeImage
 from mmjax.errors import ConfigError, DataError
 from mmjax.evals import in_chunks
@@ -109,10 +110,8 @@ class TwoTowerEncoder:
   """Unit-norm image and text embeddings from a two-tower export, in fixed-size batches."""
 
   def __init__(self, export_dir: str, batch_size: int = 256):
-    from mmjax.export import MODEL_CONFIG, load
-
-    self.model, self.params, self.tokenizer = load(export_dir)
-    with open(os.path.join(export_dir, MODEL_CONFIG), encoding="utf-8") as f:
+    self.model, self.params, self.tokenizer = bundle.load(export_dir)
+    with open(os.path.join(export_dir, bundle.MODEL_CONFIG), encoding="utf-8") as f:
       config = json.load(f)
     if "kind" in config:
       raise ConfigError(f"{export_dir} holds a {config['kind']!r} model; an index needs a two-tower export")

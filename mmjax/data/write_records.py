@@ -1,7 +1,7 @@
 """Converts image-caption data to array_record shards, grain's random-access format.
 
-  python -m mmjax.data.convert --from folder --source captions.jsonl --out data/ar
-  python -m mmjax.data.convert --from webdataset --source 'shards/*.tar' --out data/ar
+  python -m mmjax.data.write_records --from folder --source captions.jsonl --out data/ar
+  python -m mmjax.data.write_records --from webdataset --source 'shards/*.tar' --out data/ar
 
 `--from folder` takes a JSONL or CSV caption file (images relative to `--image_root`, by
 default the caption file's directory); `--from webdataset` takes a glob (or comma-separated
@@ -79,7 +79,7 @@ def convert(kind: str, source: str, out: str, *, image_root: str | None = None,
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m mmjax.data.convert", description=__doc__,
+  parser = argparse.ArgumentParser(prog="python -m mmjax.data.write_records", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--from", dest="kind", required=True, choices=FORMATS)
   parser.add_argument("--source", required=True, help="Caption file (folder) or tar shard glob (webdataset).")

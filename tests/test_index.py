@@ -14,8 +14,8 @@ from mmjax import models, parallel
 from mmjax.data import shapes, shapes_vqa
 from mmjax.data.tokenizer import load_tokenizer
 from mmjax.errors import ConfigError, DataError
-from mmjax.export import write_export
-from mmjax.retrieval import EmbeddingIndex, rag, top_k
+from mmjax.bundle import write as write_export
+from mmjax.index import EmbeddingIndex, rag, top_k
 from mmjax.retrieve import build
 from mmjax.tasks.contrastive import model_config_with_vocab
 from tests.helpers import tiny_config, tiny_generative_recipe
@@ -209,14 +209,14 @@ def test_random_caption_selection_is_seeded_and_distinct(tiny_export):
 
 def test_rag_recipe_trains_on_retrieved_prompts_and_evaluates_with_them(tiny_export, rag_retriever, tmp_path):
   from mmjax import train as train_lib
-  from mmjax.data import pipeline
   from mmjax.tasks.generative import GenerativeTask
   tiny = dict(width=32, depth=1, num_heads=2, mlp_dim=64)
   overrides = {f"model.{part}.{k}": v for part in ("lm", "vision") for k, v in tiny.items()}
   overrides.update({"init_from": (), "evals.captioning.n": 16, "data.rag.retriever": tiny_export,
                     "data.rag.records": 40, "data.rag.pool": 40})
   config = tiny_generative_recipe("llava_shapes", "rag", **overrides)
-  source = pipeline.make_source(config.data)
+  task = GenerativeTask(config, parallel.make_mesh(config.mesh))
+  source = task.source(config.data)  # What the trainer reads.
   plain = shapes_vqa.ShapesVQASource(image_size=32, num_records=40)
   want = rag_retriever(np.stack([plain.record(i)["image"] for i in range(40)]), 2)
   assert len(source) == 40 and "contexts=40@" in repr(source)
@@ -224,11 +224,10 @@ def test_rag_recipe_trains_on_retrieved_prompts_and_evaluates_with_them(tiny_exp
       f"caption: {a} caption: {b} {plain.record(i)['prompt']}" for i, (a, b) in enumerate(want)]
   summary = train_lib.train(config, str(tmp_path))
   assert {"vqa/accuracy", "captioning/cider"} <= set(summary)
-  task = GenerativeTask(config, parallel.make_mesh(config.mesh))
   plain = shapes_vqa.eval_set(image_size=32, n=16)
   want = rag_retriever(np.stack([r["image"] for r in plain]), 2)
   assert [r["prompt"] for r in task._eval_sets()["vqa"]] == [
       f"caption: {a} caption: {b} {r['prompt']}" for r, (a, b) in zip(plain, want)]
   config.data.rag.retriever = ""
   with pytest.raises(ConfigError, match="data.rag.retriever"):
-    pipeline.make_source(config.data)
+    task.source(config.data)
