@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One trainer process per node over all its GPUs; srun starts them and JAX reads the SLURM
 # variables to join them. SIGTERM two minutes before the time limit makes every process
-# save a checkpoint and stop; --requeue restarts the job, which resumes from it.
+# save a checkpoint and exit with 143; this script then requeues the job (`scontrol
+# requeue`, which --requeue allows), and the requeued job resumes from that checkpoint.
 #
 #   sbatch --nodes=4 launch/slurm.sh --config configs/siglip_b16.py --workdir /shared/runs/b16
 #
@@ -18,4 +19,10 @@
 #SBATCH --requeue
 #SBATCH --output=%x-%j.out
 set -euo pipefail
-srun --kill-on-bad-exit=1 "${PYTHON:-python3}" -m mmjax.train "$@"
+rc=0
+srun --kill-on-bad-exit=1 "${PYTHON:-python3}" -m mmjax.train "$@" || rc=$?
+# The batch script runs once per job start, on the first node, so the job is requeued once.
+if [[ $rc -eq 143 ]]; then
+  scontrol requeue "$SLURM_JOB_ID"
+fi
+exit "$rc"

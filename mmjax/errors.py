@@ -26,7 +26,7 @@ class CheckpointError(MMJaxError, RuntimeError):
 
 
 class NonFiniteLossError(MMJaxError, FloatingPointError):
-  """The training loss became NaN or Inf; the last good checkpoint is left intact."""
+  """The training loss, gradients or parameters became NaN or Inf; the last good checkpoint is left intact."""
 
 
 class ConversionError(MMJaxError, ValueError):

@@ -94,7 +94,7 @@ def load_run_config(workdir: str):
 def restore_params(config, workdir: str, step: int | None = None):
   """`(task, mesh, params, step)` from a run's checkpoint: the latest one unless `step` is given."""
   _, mesh, rules, task = setup(config)
-  ckpt = Checkpointer(workdir, keep=config.keep_checkpoints)
+  ckpt = Checkpointer(workdir, keep=config.keep_checkpoints, writer=False)  # The run may still be training.
   step = ckpt.latest_step() if step is None else step
   if step is None:
     raise CheckpointError(f"no checkpoint in {ckpt.directory}")
@@ -142,7 +142,9 @@ def make_train_step(task, tx, lr, shardings, mesh):
     (_, metrics), grads = grad_fn(state["params"], batch, rng)
     updates, opt = tx.update(grads, state["opt"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    metrics = dict(metrics, grad_norm=optax.tree.norm(grads), lr=lr(state["step"]))
+    # Counted on the updated parameters, so the trainer never saves a state it has not seen finite.
+    nonfinite = sum(jnp.sum(~jnp.isfinite(x)) for x in jax.tree.leaves(params))
+    metrics = dict(metrics, grad_norm=optax.tree.norm(grads), lr=lr(state["step"]), nonfinite_params=nonfinite)
     return {"params": params, "opt": opt, "step": state["step"] + 1}, metrics
 
   return jax.jit(step, in_shardings=(shardings, parallel.batch_sharding(mesh), None),

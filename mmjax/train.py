@@ -36,11 +36,17 @@ def _log(*args):
 
 
 def _check_finite(step: int, metrics: dict, last_saved: int | None) -> float:
-  loss = float(metrics["loss"])
-  if not np.isfinite(loss):
+  """The step's loss; raises if the loss, the gradient norm or any updated parameter is NaN or Inf,
+  naming the last checkpoint saved (every save is checked first, so it holds finite parameters)."""
+  loss, grad_norm, nonfinite = (float(metrics["loss"]), float(metrics["grad_norm"]),
+                                int(metrics["nonfinite_params"]))
+  problem = (f"loss is {loss}" if not np.isfinite(loss) else
+             f"the gradient norm is {grad_norm} (the loss, {loss:.4f}, is finite)" if not np.isfinite(grad_norm) else
+             f"{nonfinite:,} updated parameter values are NaN or Inf" if nonfinite else None)
+  if problem is not None:
     where = f"step {last_saved}" if last_saved is not None else "none saved yet"
-    raise NonFiniteLossError(f"loss is {loss} at step {step}; stopping. Last good checkpoint: {where}. "
-                             "Lower optim.lr, raise optim.warmup_steps or check the data.")
+    raise NonFiniteLossError(f"{problem} at step {step}; stopping without saving it. Last good checkpoint: "
+                             f"{where}. Lower optim.lr, raise optim.warmup_steps or check the data.")
   return loss
 
 
@@ -150,10 +156,11 @@ def _loop(config, workdir, task, mesh, train_step, state, start, data_iter, ckpt
   progress = Progress(config.total_steps, config.data.batch_size, start)
   rng = jax.random.key(config.seed + 1)
   last_saved = start if start else None
-  evals, pending, skipped = {}, None, 0
+  evals, pending = {}, None
+  skipped = pipeline.SkippedImages(workdir, resume=start > 0)
   for step in range(start + 1, config.total_steps + 1):
     local = next(data_iter)
-    skipped += int(local.pop(pipeline.SKIPPED))
+    skipped.add(local.pop(pipeline.SKIPPED))
     local = task.prepare_batch(local)
     if step == start + 1:
       _log("first batch (this process's rows): " + ", ".join(f"{k} {tuple(np.shape(v))}" for k, v in local.items()))
@@ -165,10 +172,11 @@ def _loop(config, workdir, task, mesh, train_step, state, start, data_iter, ckpt
     last = step == config.total_steps
     if step % config.log_every == 0 or last:
       loss = _check_finite(step, metrics, last_saved)
-      writer.write(step, {**jax.device_get(metrics), **progress.update(step, loss), "data/skipped": skipped})
+      writer.write(step, {**jax.device_get(metrics), **progress.update(step, loss), "data/skipped": skipped.gather()})
     stop = preempted(step)
     if step % config.checkpoint_every == 0 or last or stop:
       _check_finite(step, metrics, last_saved)
+      skipped.gather()  # So skipped.jsonl, which a resumed run reads back, covers the saved steps.
       ckpt.save(step, state, data_iter)
       last_saved = step
     if stop:
@@ -180,7 +188,7 @@ def _loop(config, workdir, task, mesh, train_step, state, start, data_iter, ckpt
       writer.write(step, {f"eval/{k}": v for k, v in evals.items()})
       _log(f"eval @ {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in evals.items()))
   writer.close()
-  return state, evals, skipped
+  return state, evals, len(skipped.files)
 
 
 def main(argv):

@@ -1,5 +1,6 @@
 """Shapes source and eval sets, image files, and the grain loader."""
 import json
+import os
 import re
 
 import numpy as np
@@ -144,6 +145,8 @@ def test_caption_csv_and_malformed_files(tmp_path):
       "cols.csv": ("path,text\na.png,x\n", "cols.csv:1"),
       "row.csv": ("image,caption\na.png,x\nb.png\n", "row.csv:3"),
       "empty.jsonl": ("", "no records"),
+      "surrogate.jsonl": ('{"image": "a.png", "caption": "x \\ud800"}\n',
+                          r"surrogate.jsonl:1: caption 'x \\ud800': not valid Unicode"),
   }
   for name, (text, match) in cases.items():
     (tmp_path / name).write_text(text)
@@ -179,21 +182,88 @@ def test_shapes_loader_batches():
   assert batch["image"].shape == (8, 32, 32, 3) and batch["image"].dtype == np.float32
   assert -1 <= batch["image"].min() < batch["image"].max() <= 1
   assert batch["text"].shape == (8, 16) and batch["text"].dtype == np.int32
-  assert batch[pipeline.SKIPPED] == 0
+  assert batch[pipeline.SKIPPED].shape == (0, 2)
 
 
-def test_folder_loader_counts_skipped_records(tmp_path):
+def _bad_folder(tmp_path):
+  """A caption folder of 10 records, 4 of them unreadable; returns (source, good names, bad names)."""
   good, bad = _write_images(tmp_path / "imgs")
-  # Skips are reported with the next batch, so a good record comes last.
   names = [n for pair in zip(good, bad) for n in pair] + good[len(bad):]
-  src = folder.CaptionFolderSource(_write_captions(tmp_path, names))
-  loader = pipeline.Loader(src, tokenizer=default_shapes_tokenizer(), image_size=24,
-                                max_len=8, global_batch_size=2, seed=0, shuffle=False,
-                                num_epochs=1, drop_remainder=False)
+  return folder.CaptionFolderSource(_write_captions(tmp_path, names)), good, bad
+
+
+def test_finite_loader_reads_every_readable_record_once_and_names_the_rest(tmp_path):
+  src, good, bad = _bad_folder(tmp_path)
+  tok = default_shapes_tokenizer()
+  loader = pipeline.Loader(src, tokenizer=tok, image_size=24, max_len=32, global_batch_size=4, seed=0,
+                           num_epochs=1, drop_remainder=False)
   batches = list(loader)
-  assert sum(len(b["image"]) for b in batches) == len(good)
-  assert sum(int(b[pipeline.SKIPPED]) for b in batches) == len(bad)
-  assert all(b["image"].shape[1:] == (24, 24, 3) for b in batches)
+  texts = [tuple(t) for b in batches for t, v in zip(b["text"].tolist(), b[pipeline.VALID]) if v]
+  assert sorted(texts) == sorted(tuple(tok.encode(f"picture {n}", 32).tolist()) for n in good)
+  # Full batches: each unreadable record's row holds a readable stand-in, marked invalid.
+  assert [len(b["image"]) for b in batches] == [4, 4, 4]
+  assert sum(int((~b[pipeline.VALID]).sum()) for b in batches) == 12 - len(good)
+  skipped = np.concatenate([b[pipeline.SKIPPED] for b in batches]).tolist()
+  assert sorted(path for path, _ in skipped) == sorted(str(tmp_path / "imgs" / n) for n in bad)
+  reasons = dict(zip(bad, ["smaller than MIN_SIDE", "cannot decode", "cannot decode", "not found"]))
+  for path, reason in skipped:
+    assert reasons[os.path.basename(path)] in reason and path in reason
+
+
+def test_unreadable_records_get_the_same_stand_ins_on_any_process_count(tmp_path, monkeypatch):
+  """2 processes read the rows of 1, unreadable records included: a bad record's stand-in is the
+  same on every process, and each process names the bad files in its own rows."""
+  src, good, bad = _bad_folder(tmp_path)
+  tok = default_shapes_tokenizer()
+  kw = dict(tokenizer=tok, image_size=24, max_len=32, global_batch_size=4, seed=0)
+  it = iter(pipeline.Loader(src, **kw))
+  whole = [next(it) for _ in range(6)]  # 2.4 epochs.
+  parts = []
+  for p in range(2):
+    _as_process(monkeypatch, p, 2)
+    it = iter(pipeline.Loader(src, **kw))
+    parts.append([next(it) for _ in range(6)])
+  readable = {tuple(tok.encode(f"picture {n}", 32).tolist()) for n in good}
+  for k in range(6):
+    for key in ("image", "text"):
+      np.testing.assert_array_equal(np.concatenate([parts[0][k][key], parts[1][k][key]]), whole[k][key])
+    assert set(map(tuple, whole[k]["text"].tolist())) <= readable
+    both = sorted(map(tuple, np.concatenate([parts[0][k][pipeline.SKIPPED], parts[1][k][pipeline.SKIPPED]])))
+    assert both == sorted(map(tuple, whole[k][pipeline.SKIPPED]))
+  met = {path for b in whole for path, _ in b[pipeline.SKIPPED].tolist()}
+  assert met == {str(tmp_path / "imgs" / n) for n in bad}
+
+
+def test_a_source_without_a_readable_image_stops_with_a_data_error(tmp_path):
+  _, bad = _write_images(tmp_path / "imgs")
+  src = folder.CaptionFolderSource(_write_captions(tmp_path, bad))
+  loader = pipeline.Loader(src, tokenizer=None, image_size=8, max_len=0, global_batch_size=2, seed=0)
+  with pytest.raises(DataError, match=r"no readable image among its 4 records.*check the image files"):
+    next(iter(loader))
+
+
+def test_skipped_images_counts_distinct_files_and_lists_them_once(tmp_path, caplog):
+  batches = [[("a.jpg", "a.jpg: cannot decode"), ("b.png", "b.png: file not found")],
+             [("a.jpg", "a.jpg: cannot decode")], [], [("c.gif", "c.gif: 1x1 image")], [("b.png", "b.png: file not found")]]
+  skipped = pipeline.SkippedImages(str(tmp_path), resume=False)
+  counts = []
+  for k, batch in enumerate(batches):
+    skipped.add(np.array(batch, str).reshape(-1, 2))
+    if k % 2 == 0:
+      counts.append(skipped.gather())
+  assert counts == [2, 2, 3]
+  lines = [json.loads(line) for line in (tmp_path / "skipped.jsonl").read_text().splitlines()]
+  assert lines == [{"path": "a.jpg", "reason": "a.jpg: cannot decode"},
+                   {"path": "b.png", "reason": "b.png: file not found"},
+                   {"path": "c.gif", "reason": "c.gif: 1x1 image"}]
+  assert [m for m in caplog.messages if "skipped unreadable image" in m] == [
+      f"skipped unreadable image {r['path']}: {r['reason']}" for r in lines]
+  # A resumed run goes on from the file; a fresh run in the same directory starts it again.
+  resumed = pipeline.SkippedImages(str(tmp_path), resume=True)
+  resumed.add(np.array([("a.jpg", "a.jpg: cannot decode"), ("d.png", "d.png: cannot decode")]))
+  assert resumed.gather() == 4 and len((tmp_path / "skipped.jsonl").read_text().splitlines()) == 4
+  assert pipeline.SkippedImages(str(tmp_path), resume=False).gather() == 0
+  assert (tmp_path / "skipped.jsonl").read_text() == ""
 
 
 def test_loader_state_restores_exact_batches():

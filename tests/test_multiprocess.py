@@ -12,6 +12,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from PIL import Image
 
 from mmjax import train as train_lib
 from mmjax.runs import load_run_config, restore_params
@@ -138,6 +139,50 @@ def test_packed_captions_train_alike_on_two_processes_and_one(tmp_path):
   assert "text (4, 64), text_positions (4, 64)" in two[0][1] and "text_slot (8,)" in two[0][1]
   np.testing.assert_allclose(_losses(str(tmp_path / "two")), _losses(str(tmp_path / "one")), rtol=1e-5)
   assert len(_losses(str(tmp_path / "one"))) == 3
+
+
+def _folder_with_bad_images(root, n=20):
+  """A caption folder of n records whose records 3, 9 and 14 cannot be read; returns (captions
+  file, {bad file: what its reason says})."""
+  root.mkdir(parents=True)
+  rng = np.random.default_rng(0)
+  colours, shapes = ("red", "green", "blue", "yellow"), ("circle", "square", "triangle")
+  lines = []
+  for i in range(n):
+    name = f"{i:02d}.png"
+    Image.fromarray(rng.integers(0, 255, (40, 36, 3), np.uint8)).save(root / name)
+    lines.append(json.dumps({"image": name, "caption": f"a {colours[i % 4]} {shapes[i % 3]}"}))
+  (root / "03.png").write_bytes((root / "03.png").read_bytes()[:100])
+  (root / "09.png").write_bytes(b"not an image")
+  os.remove(root / "14.png")
+  (root / "captions.jsonl").write_text("\n".join(lines) + "\n")
+  bad = {str(root / "03.png"): "cannot decode", str(root / "09.png"): "cannot decode",
+         str(root / "14.png"): "file not found"}
+  return str(root / "captions.jsonl"), bad
+
+
+def test_unreadable_images_change_no_batch_and_are_named_once(tmp_path):
+  """2 processes x 4 devices train like 1 x 8 on a caption folder with unreadable images (each
+  replaced by the same stand-in on every process), and over 4.8 epochs each unreadable file is
+  counted, logged and listed once, whichever process met it."""
+  captions, bad = _folder_with_bad_images(tmp_path / "data")
+  flags = ["--config.data.source=folder", f"--config.data.captions={captions}", "--config.eval_every=0"]
+  one = run_processes(tmp_path / "one", "8x1", 1, extra_per_process={0: flags})
+  two = run_processes(tmp_path / "two", "8x1", 2, extra_per_process={0: flags, 1: flags})
+  _assert_ok(one + two)
+  np.testing.assert_allclose(_losses(str(tmp_path / "two")), _losses(str(tmp_path / "one")), rtol=1e-5)
+  assert_same_params(_params(str(tmp_path / "two")), _params(str(tmp_path / "one")))
+  for name, outputs in (("one", one), ("two", two)):
+    workdir = tmp_path / name
+    assert json.load(open(workdir / "summary.json"))["skipped_images"] == len(bad)
+    rows = [json.loads(line) for line in open(workdir / "skipped.jsonl")]
+    assert sorted(r["path"] for r in rows) == sorted(bad)
+    for r in rows:
+      assert r["reason"].startswith(r["path"]) and bad[r["path"]] in r["reason"], r
+      assert outputs[0][2].count(f"skipped unreadable image {r['path']}: ") == 1
+    assert all("skipped unreadable image" not in err for _, _, err in outputs[1:])
+    metrics = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+    assert metrics[-1]["data/skipped"] == len(bad)
 
 
 @pytest.mark.parametrize("case", ["config", "mesh"])

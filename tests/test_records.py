@@ -8,8 +8,10 @@ import subprocess
 import sys
 import tarfile
 
+import msgpack
 import numpy as np
 import pytest
+from array_record.python.array_record_module import ArrayRecordWriter
 from PIL import Image
 
 from mmjax.data import records, write_records
@@ -85,6 +87,31 @@ def test_convert_to_array_record(shards, tmp_path):
   assert result == {"written": 1, "skipped": 1, "shards": 1}
   assert any("gone.png: cannot read file" in m for m in messages)
   assert records.ArrayRecordSource(str(tmp_path / "ar2" / "*"))[0]["caption"] == "three"
+
+
+def test_malformed_captions_and_records_raise_data_errors_naming_them(tmp_path):
+  with tarfile.open(tmp_path / "bad.tar", "w") as tar:
+    for key, ext, caption in (("latin1", "txt", "caf\xe9".encode("latin-1")),
+                              ("surrogate", "json", b'{"caption": "a \\ud800 b"}'),
+                              ("number", "json", b'{"caption": 7}')):
+      _add(tar, f"{key}.png", _png(1))
+      _add(tar, f"{key}.{ext}", caption)
+  src = records.WebDatasetSource(str(tmp_path / "bad.tar"))
+  reasons = [r"bad\.tar:latin1\.txt: not UTF-8 text", r"bad\.tar:surrogate\.json: .caption. 'a \\ud800 b': not valid",
+             r'bad\.tar:number\.json: "caption" 7: expected a string']
+  assert len(src) == len(reasons)
+  for i, reason in enumerate(reasons):  # In the order of the shard.
+    with pytest.raises(DataError, match=reason):
+      src[i]
+  # array_record records whose fields have the wrong types.
+  writer = ArrayRecordWriter(str(tmp_path / "bad.array_record"), "group_size:1")
+  for record in ({"image": 5, "caption": "x"}, {"image": _png(1), "caption": b"x"}, [1, 2], "text"):
+    writer.write(msgpack.packb(record, use_bin_type=True))
+  writer.close()
+  src = records.ArrayRecordSource(str(tmp_path / "bad.array_record"))
+  for i in range(4):
+    with pytest.raises(DataError, match=rf"bad\.array_record: record {i} is not an mmjax image-caption record"):
+      src[i]
 
 
 READER = """

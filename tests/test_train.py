@@ -6,6 +6,7 @@ import sys
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -40,17 +41,36 @@ def test_run_writes_checkpoints_metrics_and_summary(finished_run, capsys):
   workdir, summary = finished_run
   assert Checkpointer(workdir, keep=3).latest_step() == 6
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints")), key=int) == ["2", "4", "6"]
-  steps = [json.loads(line)["step"] for line in open(os.path.join(workdir, "metrics.jsonl"))]
-  assert steps[:3] == [2, 4, 6]
+  logged = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  assert [m["step"] for m in logged][:3] == [2, 4, 6]
+  # In 6 steps the sigmoid loss sheds its initial bias of -10 (measured 8.9 at step 2, 3.9 at step 6); the
+  # evals stay at chance this early (zero-shot beating chance is tested on a longer run: test_prompts.py).
+  losses = [m["loss"] for m in logged if "loss" in m]
+  assert losses[-1] <= 0.6 * losses[0], losses
   assert os.listdir(os.path.join(workdir, "tensorboard"))
-  for key in ("zeroshot/acc_seen", "zeroshot/acc_held_out", "retrieval/i2t_r1", "retrieval/t2i_r5",
-              "binding/acc"):
-    assert 0.0 <= summary[key] <= 1.0
+  assert {"zeroshot/acc_seen", "zeroshot/acc_held_out", "retrieval/i2t_r1", "retrieval/t2i_r5",
+          "binding/acc"} <= set(summary)
   assert summary["checkpoint"].endswith(os.path.join("checkpoints", "6"))
   # Running the finished run again reports it instead of training.
   again = train_lib.train(_config(), workdir)
   assert again == summary
   assert "run complete" in capsys.readouterr().out
+
+
+def test_the_same_seed_on_the_same_machine_gives_identical_metrics(finished_run, tmp_path):
+  workdir, summary = finished_run
+  again = train_lib.train(_config(), str(tmp_path))
+  timing = {"samples_per_s", "steps_per_s", "train_seconds", "checkpoint"}
+
+  def logged(run):
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+      return [{k: v for k, v in json.loads(line).items() if k not in timing} for line in f]
+
+  assert logged(str(tmp_path)) == logged(workdir)
+  assert {k: v for k, v in again.items() if k not in timing} == {k: v for k, v in summary.items() if k not in timing}
+  # A different seed is a different run, so the comparison above can fail.
+  other = train_lib.train(_config(seed=1), str(tmp_path / "seed1"))
+  assert other["zeroshot/acc"] != summary["zeroshot/acc"] or logged(str(tmp_path / "seed1")) != logged(workdir)
 
 
 def test_killed_run_resumes_to_the_same_parameters(finished_run, tmp_path, monkeypatch):
@@ -111,6 +131,43 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
   assert Checkpointer(str(tmp_path), keep=3).latest_step() == 2
   params = _params(str(tmp_path))
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
+@jax.custom_vjp
+def _zero_with_inf_gradient(x, trigger):
+  """0 in the forward pass; an Inf gradient for `x` where `trigger` is set."""
+  return 0.0 * x.sum()
+
+
+_zero_with_inf_gradient.defvjp(lambda x, trigger: (0.0 * x.sum(), (x, trigger)),
+                               lambda res, g: (jnp.where(res[1], jnp.inf, 0.0) * jnp.ones_like(res[0]), None))
+
+
+def test_an_inf_gradient_with_a_finite_loss_is_never_saved(tmp_path, monkeypatch):
+  # Step 4 (a save step, the last) gets a finite loss and an Inf gradient, so Adam's update turns
+  # every parameter it touches into NaN: the old loss-only check saved those parameters.
+  real_loss_fn, real_global_batch, calls = tasks.ContrastiveTask.loss_fn, parallel.global_batch, []
+
+  def loss_fn(self, params, batch, rng, train=True):
+    loss, metrics = real_loss_fn(self, params, batch, rng, train)
+    trigger = batch["image"][0, 0, 0, 0] == 1234.0
+    return loss + _zero_with_inf_gradient(params["img"]["embedding"]["kernel"], trigger), metrics
+
+  def mark_step_4(batch, mesh):
+    calls.append(1)
+    if len(calls) == 4:
+      image = batch["image"].copy()
+      image[0, 0, 0, 0] = 1234.0
+      batch = dict(batch, image=image)
+    return real_global_batch(batch, mesh)
+
+  monkeypatch.setattr(tasks.ContrastiveTask, "loss_fn", loss_fn)
+  monkeypatch.setattr(parallel, "global_batch", mark_step_4)
+  with pytest.raises(NonFiniteLossError, match=r"gradient norm is inf \(the loss, [0-9.]+, is finite\) at step 4.*"
+                                               r"Last good checkpoint: step 2"):
+    train_lib.train(_config(total_steps=4, eval_every=0), str(tmp_path))
+  assert Checkpointer(str(tmp_path), keep=3).latest_step() == 2
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(_params(str(tmp_path))))
 
 
 def test_evaluate_and_export_load(finished_run, tmp_path):

@@ -1,8 +1,9 @@
 """Image files on disk: captioned images (JSONL / CSV) and class folders.
 
-Both sources return None for an unreadable image when `on_bad_image="skip"`;
-`make_loader` drops those records and reports how many it dropped with every
-batch, so nothing is skipped without a count.
+Both sources return None for an unreadable image when `on_bad_image="skip"`; the
+trainer's loader reads them through `read` instead, which names the file, puts a
+readable record in its place and reports it with the batch (`mmjax.data.pipeline`),
+so nothing is skipped without a name.
 """
 import csv
 import json
@@ -13,6 +14,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image
 
+from mmjax.data.tokenizer_base import check_text
 from mmjax.errors import BadImageError, ConfigError, DataError
 
 MIN_SIDE = 8  # Smaller images are placeholders (web crawls serve 1x1 pixels).
@@ -56,20 +58,24 @@ def check_policy(on_bad_image: str) -> None:
         f"data.on_bad_image={on_bad_image!r}: expected one of {BAD_IMAGE_POLICIES}")
 
 
-def load_image_under_policy(path, on_bad_image: str, name: str | None = None) -> np.ndarray | None:
-  """`load_image`, or None for a bad image when `on_bad_image="skip"`."""
-  try:
-    return load_image(path, name)
-  except BadImageError:
-    if on_bad_image == "raise":
-      raise
-    return None
-
-
-class _ImageFiles:
-  """Shared loading of the image at `self._paths[index]` under a bad-image policy."""
-  _paths: list[Path]
+class SkipsBadImages:
+  """A source of records with one image each: `read(index)` decodes record `index` or raises
+  BadImageError naming its file, `record_name(index)` names that file, and `source[index]`
+  is `read(index)`, or None for an unreadable image under `on_bad_image="skip"`."""
   on_bad_image: str
+
+  def __getitem__(self, index: int) -> dict | None:
+    try:
+      return self.read(index)
+    except BadImageError:
+      if self.on_bad_image == "raise":
+        raise
+      return None
+
+
+class _ImageFiles(SkipsBadImages):
+  """Image files `self._paths`, one a record."""
+  _paths: list[Path]
 
   def __len__(self) -> int:
     return len(self._paths)
@@ -77,8 +83,8 @@ class _ImageFiles:
   def image_path(self, index: int) -> Path:
     return self._paths[index]
 
-  def _image(self, index: int) -> np.ndarray | None:
-    return load_image_under_policy(self._paths[index], self.on_bad_image)
+  def record_name(self, index: int) -> str:
+    return str(self._paths[index])
 
 
 class CaptionFolderSource(_ImageFiles):
@@ -104,9 +110,8 @@ class CaptionFolderSource(_ImageFiles):
     self._paths = [root / image for image, _ in pairs]
     self.captions = [caption for _, caption in pairs]
 
-  def __getitem__(self, index: int) -> dict | None:
-    image = self._image(index)
-    return None if image is None else dict(image=image, caption=self.captions[index])
+  def read(self, index: int) -> dict:
+    return dict(image=load_image(self._paths[index]), caption=self.captions[index])
 
   def __repr__(self) -> str:  # Grain validates restored iterator state against it.
     return f"CaptionFolderSource({str(self.captions_path)!r}, records={len(self)})"
@@ -125,7 +130,7 @@ def _read_jsonl(path: Path):
               and isinstance(record.get("caption"), str)):
         raise DataError(
             f'{path}:{lineno}: expected an object with string "image" and "caption", got {line[:80]!r}')
-      yield record["image"], record["caption"]
+      yield record["image"], check_text(record["caption"], f"{path}:{lineno}: caption")
 
 
 def _read_csv(path: Path):
@@ -169,9 +174,8 @@ class ImageFolderSource(_ImageFiles):
   def labels(self) -> list[int]:
     return self._labels
 
-  def __getitem__(self, index: int) -> dict | None:
-    image = self._image(index)
-    return None if image is None else dict(image=image, label=self._labels[index])
+  def read(self, index: int) -> dict:
+    return dict(image=load_image(self._paths[index]), label=self._labels[index])
 
   def __repr__(self) -> str:
     return f"ImageFolderSource({str(self.root)!r}, records={len(self)})"

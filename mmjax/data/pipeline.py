@@ -7,14 +7,20 @@ depend on how many processes read it: 2 processes x 4 devices train on exactly t
 batches of 1 process x 8 devices, and a run restored on another process count
 continues with the batches it would have seen (`make_iterator(start_batch=step)`).
 
+Unreadable images (`data.on_bad_image="skip"`) do not change that: record i of the source
+with an unreadable image is replaced by a readable record that depends on i and the seed
+alone (`_Readable`), before the shuffle, so every process and worker puts the same record
+in its place.
+
 Every batch is a dict of numpy arrays {"image": float32 [b, S, S, 3], "text": int32
-[b, L]} (or "label" for class folders) plus SKIPPED, an int32 scalar counting the
-records dropped as unreadable while assembling that batch. The count travels
-with the batch, so it is exact with worker processes too; pop it before turning
-the batch into a global array, and sum it over steps (and processes) for logs.
-Finite loaders that keep the remainder (`num_epochs` set, `drop_remainder=False`)
-pad the last global batch with repeated records and add VALID, a bool per example,
-so every record counts exactly once.
+[b, L]} (or "label" for class folders) plus SKIPPED, str [k, 2]: the (file, reason) of
+each unreadable record replaced in this process's rows of the batch. It travels with the
+batch, so it is exact with worker processes too; pop it before turning the batch into a
+global array and hand it to `SkippedImages`, which shares it among the processes, counts
+distinct files and names each once. Finite loaders that keep the remainder (`num_epochs`
+set, `drop_remainder=False`) pad the last global batch with repeated records and add VALID,
+a bool per example (False for padding and for stand-ins of unreadable records), so every
+readable record counts exactly once.
 
 The iterator's state is checkpointed with the training state by
 `mmjax.checkpoint.Checkpointer` (grain's Orbax handler; one file per JAX process).
@@ -22,13 +28,16 @@ The iterator's state is checkpointed with the training state by
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 import sys
 
 import grain
 import jax
 import numpy as np
-from absl import flags
+from absl import flags, logging
+from jax.experimental import multihost_utils
 
 from mmjax.data import classes
 from mmjax.data.folder import CaptionFolderSource
@@ -37,21 +46,56 @@ from mmjax.data.shapes import ShapesLabelSource, ShapesSource
 from mmjax.data.shapes_vqa import ShapesVQALabelSource, ShapesVQASource
 from mmjax.data.tokenizer import Tokenizer
 from mmjax.data.transforms import NormalizeImage, ResizeImage, Tokenize
-from mmjax.errors import ConfigError, DataError
+from mmjax.errors import BadImageError, ConfigError, DataError
 
 SKIPPED = "skipped"
 VALID = "valid"
+SKIPPED_FILE = "skipped.jsonl"
 SOURCES = ("shapes", "shapes_vqa", "shapes_vqa_labels", "shapes_labels", "folder", "webdataset", "array_record",
            "shapes_classes", "image_folder")
 
 
-# Stands in for a record the source returned as None, so that it reaches the counter
-# (grain's iterators drop None silently).
-_UNREADABLE = object()
+class _Readable:
+  """The source as a random-access source of `(record, skipped)`: skipped is None, or for a
+  record whose image is unreadable under `on_bad_image="skip"` (a `SkipsBadImages` source),
+  its (file, reason), and record is then a readable stand-in.
+
+  The stand-in for record i is the first readable one of records (i + 1 + (o + k) mod (N - 1))
+  mod N, k = 0 .. N - 2 (every other record once), with o drawn from (seed, i): a function of
+  the data alone, and from anywhere in the source rather than from i's batch, where a
+  duplicate pair would be a false negative of the contrastive loss.
+  """
+
+  def __init__(self, source, seed: int):
+    self.source, self.seed = source, seed
+    self.skip = getattr(source, "on_bad_image", None) == "skip"
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __repr__(self) -> str:  # Grain validates restored iterator state against it.
+    return repr(self.source)
+
+  def __getitem__(self, index: int):
+    if not self.skip:
+      return self.source[index], None
+    try:
+      return self.source.read(index), None
+    except BadImageError as e:
+      skipped = (self.source.record_name(index), str(e))
+    n = len(self.source)
+    offset = int(np.random.default_rng([self.seed, index]).integers(max(n - 1, 1)))
+    for k in range(n - 1):
+      try:
+        return self.source.read((index + 1 + (offset + k) % (n - 1)) % n), skipped
+      except BadImageError:
+        continue
+    raise DataError(f"{self.source!r}: no readable image among its {n} records, so none can stand in for "
+                    f"{skipped[0]} ({skipped[1]}); check the image files")
 
 
 class _ProcessSlice(grain.MapDataset):
-  """This process's records of every global batch, as `(record, valid)`.
+  """This process's elements of every global batch, as `(element, valid)`.
 
   Local index i is global position (start_batch + i // r) * R + process * r + i % r,
   with r = R / processes. Positions past the end of a finite parent pad the last
@@ -86,50 +130,26 @@ class _ProcessSlice(grain.MapDataset):
 
 @dataclasses.dataclass
 class _Preprocess:
-  """(record or group of records, valid) -> list of model-ready examples, or _UNREADABLE."""
+  """((record or group of records, skipped), valid) -> (list of model-ready examples, skipped)."""
   ops: list
   with_valid: bool
 
   def __call__(self, element):
-    record, valid = element
-    if record is None:
-      return _UNREADABLE
+    (record, skipped), valid = element
     examples = []
     for example in (record if isinstance(record, list) else [record]):
       for op in self.ops:
         example = op.map(example)
-      examples.append(example | {VALID: valid} if self.with_valid else example)
-    return examples
+      examples.append(example | {VALID: valid and skipped is None} if self.with_valid else example)
+    return examples, skipped
 
 
-class _DropUnreadable(grain.transforms.Filter):
-  """Drops unreadable records, counting them until the next batch."""
-
-  def __init__(self, source_name: str, limit: int):
-    self.source_name, self.limit, self.count = source_name, limit, 0
-
-  def filter(self, element) -> bool:
-    if element is not _UNREADABLE:
-      return True
-    self.count += 1
-    if self.count >= self.limit:  # Otherwise an infinite loader would spin forever.
-      raise DataError(f"{self.source_name}: {self.count} unreadable records without "
-                      "filling one batch; check the image files")
-    return False
-
-
-@dataclasses.dataclass
-class _Collate:
-  """Stacks a batch (groups flattened in order) and attaches the number of records dropped
-  while collecting it."""
-  drop: _DropUnreadable
-
-  def __call__(self, groups: list[list[dict]]) -> dict:
-    examples = [example for group in groups for example in group]
-    batch = {key: np.stack([e[key] for e in examples]) for key in examples[0]}
-    batch[SKIPPED] = np.int32(self.drop.count)
-    self.drop.count = 0
-    return batch
+def _collate(elements: list[tuple[list[dict], tuple | None]]) -> dict:
+  """Stacks a batch (groups flattened in order) with the (file, reason) of its stand-ins as SKIPPED."""
+  examples = [example for group, _ in elements for example in group]
+  batch = {key: np.stack([e[key] for e in examples]) for key in examples[0]}
+  batch[SKIPPED] = np.array([skipped for _, skipped in elements if skipped is not None], str).reshape(-1, 2)
+  return batch
 
 
 @dataclasses.dataclass
@@ -159,7 +179,7 @@ class Loader:
 
   def make_iterator(self, start_batch: int = 0) -> grain.DatasetIterator:
     """An iterator starting at global batch `start_batch` of the (first) epoch sequence."""
-    ds = grain.MapDataset.source(self.source)
+    ds = grain.MapDataset.source(_Readable(self.source, self.seed))
     if self.shuffle:
       ds = ds.shuffle(seed=self.seed)
     ds = ds.repeat(self.num_epochs)  # Each epoch is reshuffled.
@@ -171,12 +191,10 @@ class Loader:
       ops = [ResizeImage(self.image_size), NormalizeImage()]
       if self.tokenizer is not None:
         ops.append(Tokenize(self.tokenizer, self.max_len))
-    drop = _DropUnreadable(repr(self.source), limit=len(self.source))
     ds = (ds.map(_Preprocess(ops, with_valid=pad))
           .to_iter_dataset(grain.ReadOptions(num_threads=0))
-          .filter(drop)
           .batch(self.local_batch_size // self.group_size, drop_remainder=self.drop_remainder,
-                 batch_fn=_Collate(drop)))
+                 batch_fn=_collate))
     if self.worker_count:
       if not flags.FLAGS.is_parsed():  # Grain's workers read absl flags; notebooks never parse them.
         flags.FLAGS.mark_as_parsed()
@@ -185,6 +203,59 @@ class Loader:
 
   def __iter__(self):
     return self.make_iterator()
+
+
+class SkippedImages:
+  """The distinct unreadable images a run has met, over all its processes.
+
+  `add` takes each batch's SKIPPED; `gather` is a collective (every process calls it at the
+  same steps): it shares the files met since the last call, and process 0 logs each new
+  file once and appends it to WORKDIR/skipped.jsonl, a line {"path": ..., "reason": ...} a
+  file. A resumed run (`resume=True`) starts from the files that file lists.
+  """
+
+  def __init__(self, workdir: str, resume: bool):
+    self.path = os.path.join(workdir, SKIPPED_FILE)
+    self.files: dict[str, str] = {}  # file -> reason, the same on every process after `gather`.
+    self._new: dict[str, str] = {}
+    if resume and os.path.exists(self.path):
+      with open(self.path, encoding="utf-8") as f:
+        self.files = {r["path"]: r["reason"] for r in map(json.loads, f)}
+    if jax.process_index() == 0:
+      os.makedirs(workdir, exist_ok=True)
+      with open(self.path, "a" if resume else "w", encoding="utf-8"):
+        pass
+
+  def add(self, skipped: np.ndarray) -> None:
+    self._new.update((path, reason) for path, reason in skipped.tolist() if path not in self.files)
+
+  def gather(self) -> int:
+    """The number of distinct files skipped so far by all processes."""
+    new = {}
+    for text in _gather_text(json.dumps(self._new) if self._new else ""):
+      new.update((path, reason) for path, reason in json.loads(text or "{}").items() if path not in self.files)
+    self.files.update(new)
+    self._new = {}
+    if new and jax.process_index() == 0:
+      with open(self.path, "a", encoding="utf-8") as f:
+        for path, reason in new.items():
+          logging.warning("skipped unreadable image %s: %s", path, reason)
+          f.write(json.dumps({"path": path, "reason": reason}) + "\n")
+    return len(self.files)
+
+
+def _gather_text(text: str) -> list[str]:
+  """Every process's `text`, in process order (a collective)."""
+  if jax.process_count() == 1:
+    return [text]
+  data = np.frombuffer(text.encode("utf-8"), np.uint8)
+  lengths = np.asarray(multihost_utils.process_allgather(np.array([len(data)], np.int32))).reshape(-1)
+  if not lengths.any():
+    return [""] * len(lengths)
+  padded = np.zeros(int(lengths.max()), np.uint8)
+  padded[:len(data)] = data
+  rows = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(lengths), -1)
+  return [bytes(row[:n]).decode("utf-8") for row, n in zip(rows, lengths)]
 
 
 def make_source(data_config):
@@ -215,7 +286,7 @@ def make_source(data_config):
       raise ConfigError("data.captions: required (a JSONL or CSV caption file) when "
                         "data.source='folder'")
     return CaptionFolderSource(data_config.get("captions"),
-                               image_root=data_config.get("image_root"),
+                               image_root=data_config.get("image_root") or None,  # "": the captions' folder.
                                on_bad_image=data_config.get("on_bad_image", "skip"))
   if kind in classes.SOURCES:
     return classes.load(data_config).train

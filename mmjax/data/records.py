@@ -18,7 +18,8 @@ from typing import NamedTuple
 import grain
 import msgpack
 
-from mmjax.data.folder import IMAGE_EXTENSIONS, check_policy, load_image_under_policy
+from mmjax.data.folder import IMAGE_EXTENSIONS, SkipsBadImages, check_policy, load_image
+from mmjax.data.tokenizer_base import check_text
 from mmjax.errors import DataError
 
 CAPTION_EXTENSIONS = ("txt", "json")
@@ -73,17 +74,18 @@ def _index_shard(path: str, shard: int) -> tuple[list[_Sample], int]:
 
 def _caption(raw: bytes, kind: str, name: str) -> str:
   if kind == "txt":
-    return raw.decode("utf-8").strip()
+    try:
+      return raw.decode("utf-8").strip()
+    except UnicodeDecodeError as e:
+      raise DataError(f"{name}.txt: not UTF-8 text ({e})") from e
   try:
     caption = json.loads(raw).get("caption")
   except (ValueError, AttributeError) as e:
     raise DataError(f"{name}.json: invalid JSON ({e})") from e
-  if not isinstance(caption, str):
-    raise DataError(f'{name}.json: expected a string "caption" field')
-  return caption
+  return check_text(caption, f'{name}.json: "caption"')
 
 
-class WebDatasetSource:
+class WebDatasetSource(SkipsBadImages):
   """Samples `KEY.{jpg,png,webp,...}` + `KEY.txt` (or `KEY.json` with "caption") from tar shards.
 
   The constructor reads every shard's headers (not its data) to index the samples, which
@@ -107,6 +109,10 @@ class WebDatasetSource:
   def __len__(self) -> int:
     return len(self._samples)
 
+  def record_name(self, index: int) -> str:
+    sample = self._samples[index]
+    return f"{self.paths[sample.shard]}:{sample.key}"
+
   def encoded(self, index: int) -> tuple[bytes, str, str]:
     """(encoded image bytes, caption, record name) of sample `index`, without decoding."""
     sample = self._samples[index]
@@ -115,13 +121,12 @@ class WebDatasetSource:
       image = f.read(sample.image.size)
       f.seek(sample.caption.offset)
       raw_caption = f.read(sample.caption.size)
-    name = f"{self.paths[sample.shard]}:{sample.key}"
+    name = self.record_name(index)
     return image, _caption(raw_caption, sample.caption_kind, name), name
 
-  def __getitem__(self, index: int) -> dict | None:
+  def read(self, index: int) -> dict:
     image, caption, name = self.encoded(index)
-    pixels = load_image_under_policy(io.BytesIO(image), self.on_bad_image, name)
-    return None if pixels is None else dict(image=pixels, caption=caption)
+    return dict(image=load_image(io.BytesIO(image), name), caption=caption)
 
   def __repr__(self) -> str:  # Grain validates restored iterator state against it.
     return f"WebDatasetSource({self.pattern!r}, records={len(self)})"
@@ -132,7 +137,7 @@ def pack_record(image: bytes, caption: str) -> bytes:
   return msgpack.packb({"image": image, "caption": caption}, use_bin_type=True)
 
 
-class ArrayRecordSource:
+class ArrayRecordSource(SkipsBadImages):
   """Records written by `python -m mmjax.data.write_records`, read with grain's ArrayRecordDataSource."""
 
   def __init__(self, shards: str, on_bad_image: str = "skip"):
@@ -144,14 +149,19 @@ class ArrayRecordSource:
   def __len__(self) -> int:
     return len(self._records)
 
-  def __getitem__(self, index: int) -> dict | None:
+  def record_name(self, index: int) -> str:
+    return f"{self.pattern}[{index}]"
+
+  def read(self, index: int) -> dict:
     try:
       record = msgpack.unpackb(self._records[index], raw=False)
       image, caption = record["image"], record["caption"]
     except (ValueError, KeyError, TypeError, msgpack.UnpackException) as e:
       raise DataError(f"{self.pattern}: record {index} is not an mmjax image-caption record ({e})") from e
-    pixels = load_image_under_policy(io.BytesIO(image), self.on_bad_image, f"{self.pattern}[{index}]")
-    return None if pixels is None else dict(image=pixels, caption=caption)
+    if not (isinstance(image, bytes) and isinstance(caption, str)):
+      raise DataError(f'{self.pattern}: record {index} is not an mmjax image-caption record (expected bytes '
+                      f'"image" and str "caption", got {type(image).__name__} and {type(caption).__name__})')
+    return dict(image=load_image(io.BytesIO(image), self.record_name(index)), caption=caption)
 
   def __repr__(self) -> str:
     return f"ArrayRecordSource({self.pattern!r}, records={len(self)})"

@@ -10,10 +10,12 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mmjax.data.packing import check_packable
-from mmjax.errors import ConfigError
+from mmjax.errors import ConfigError, DataError
 from mmjax.models.vit import SINGLE_TOKEN_POOLS, Encoder, pool_tokens, tower_head
 
 
@@ -26,11 +28,29 @@ class TokenEmbed(nn.Embed):
   `fsdp`), they would come out split over their features, and on a data x fsdp x tensor mesh
   XLA reaches the batch-split activations from there only by replicating them ("Involuntary
   full rematerialization", forward and backward).
+
+  Concrete ids (an eager `model.apply`) are checked: a non-integer dtype or an id outside
+  [0, vocab) raises DataError naming the module, the id, its position and the vocabulary size.
+  Under jit the ids are tracers and go unchecked: `jnp.take` returns NaN rows for ids >= vocab
+  or < -vocab (a NaN loss, at which the trainer stops) and silently reads ids in [-vocab, 0)
+  from the end of the table; the tokenizers only make ids in range.
   """
 
   def __call__(self, inputs):
+    if not isinstance(inputs, jax.core.Tracer) and getattr(inputs, "is_fully_addressable", True):
+      self._check_ids(np.asarray(inputs))
     table = nn.with_logical_constraint(jnp.asarray(self.embedding, self.dtype), ("vocab", None))
     return jnp.take(table, inputs, axis=0)
+
+  def _check_ids(self, ids: np.ndarray) -> None:
+    where = "/".join(self.path) or type(self).__name__
+    if not np.issubdtype(ids.dtype, np.integer):
+      raise DataError(f"{where}: token ids must be integers, got dtype {ids.dtype}")
+    bad = np.argwhere((ids < 0) | (ids >= self.num_embeddings))
+    if len(bad):
+      first = tuple(bad[0].tolist())
+      raise DataError(f"{where}: token id {ids[first]} at {first} is outside the vocabulary [0, "
+                      f"{self.num_embeddings}) ({len(bad)} of {ids.size} ids are)")
 
 
 class TextTransformer(nn.Module):
