@@ -42,6 +42,7 @@ setup(
             "nbformat>=5.10",
             "ipykernel>=6.29",
             "matplotlib>=3.8",
+            "nltk>=3.8",  # The reference BLEU of tests/test_vlm_metrics.py.
         ],
         # Converters from open_clip / HF transformers checkpoints and their parity tests (CPU torch).
         "interop": [

@@ -1,11 +1,14 @@
 """Small configs shared by the tests (tiny towers that compile and train in seconds), and float64 NumPy
 references of the layers many models share, with random parameters to run them on."""
 import importlib
+import json
+import os
 
 import flax
 import jax
 import numpy as np
 
+from mmjax import export, train
 from mmjax.config import tower
 from configs import siglip_shapes
 
@@ -26,6 +29,26 @@ def tiny_config(**overrides):
                  binding=dict(n=64))
   c.update(overrides)
   return c
+
+
+def logged_losses(workdir):
+  """The training losses a run logged to its metrics.jsonl, in step order."""
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [m["loss"] for m in map(json.loads, f) if "loss" in m]
+
+
+_trained_tiny_backbone = {}
+
+
+def trained_tiny_backbone(tmp_path_factory):
+  """`(run dir, export dir)` of `tiny_config` trained for 600 steps (~35 s on 2 CPU cores), trained once per
+  session for every module that needs a backbone that has learned: its loss sits at ~3.74 for the first
+  100-200 steps, then falls to 2.3 by step 600, where shapes zero-shot accuracy is 0.24 (chance 1/48)."""
+  if not _trained_tiny_backbone:
+    root = tmp_path_factory.mktemp("trained_tiny_backbone")
+    train.train(tiny_config(total_steps=600, checkpoint_every=600, log_every=100), str(root / "run"))
+    _trained_tiny_backbone["dirs"] = str(root / "run"), export.export(str(root / "run"), str(root / "export"))
+  return _trained_tiny_backbone["dirs"]
 
 
 def tiny_generative_recipe(name, arg=None, **overrides):

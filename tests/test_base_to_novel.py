@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmjax import bundle, config as mmjax_config, export, runs, train
+from mmjax import bundle, config as mmjax_config, runs
 from mmjax import base_to_novel
-from tests.helpers import tiny_config
+from tests.helpers import tiny_config, trained_tiny_backbone
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 235), "white": (240, 240, 240)}
@@ -16,13 +16,11 @@ COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 235), 
 
 @pytest.fixture(scope="module")
 def backbone(tmp_path_factory):
-  """A tiny two-tower run (2 steps) and its export."""
-  root = tmp_path_factory.mktemp("backbone")
-  train.train(tiny_config(total_steps=2), str(root / "run"))
-  return str(root / "run"), export.export(str(root / "run"), str(root / "export"))
+  """A tiny two-tower run trained until it tells colours apart, and its export."""
+  return trained_tiny_backbone(tmp_path_factory)
 
 
-def _image_folder(root, per_class=5):
+def _image_folder(root, per_class=12):
   """root/<colour>_square/<i>.png: a coloured square on noise, 40 px (resized to the model's 32)."""
   rng = np.random.default_rng(0)
   for name, rgb in COLOURS.items():
@@ -38,7 +36,7 @@ def _image_folder(root, per_class=5):
 def _recipe(method, backbone_dir, folder):
   c = mmjax_config.load(os.path.join(REPO, "configs", f"prompt_shapes.py:method={method}"))
   c.model = tiny_config().model
-  c.data.update(source="image_folder", image_root=folder, image_size=32, shots=2, test_per_class=3,
+  c.data.update(source="image_folder", image_root=folder, image_size=32, shots=2, test_per_class=10,
                 batch_size=8)
   c.init_from = (("base", backbone_dir),)
   c.total_steps = c.eval_every = c.checkpoint_every = 2
@@ -51,11 +49,14 @@ def test_base_to_novel_runs_every_kind_of_method_on_an_image_folder(backbone, tm
   folder = _image_folder(tmp_path / "folder")
   results = base_to_novel.run(lambda m: _recipe(m, run_dir, folder), str(tmp_path / "b2n"),
                               methods=("zeroshot", "linear_probe", "coop"), seeds=(0, 1))
-  # 4 classes, half base: 2 base classes x 3 test images (the 5 - 2 shots left, capped at 3).
+  # 4 classes, half base: 2 base classes x 10 test images (the 12 - 2 shots left). Chance is 10 of the 20, and
+  # 16 or more happen by chance 0.6% of the time; each method measured 20 of 20 (zero-shot and CoOp 7 to 10
+  # on a backbone trained 2 steps).
   for method, r in results.items():
     assert len(r["seeds"]) == 2
     for seed in r["seeds"]:
-      assert 0.0 <= seed["base_acc"] <= 1.0 and seed["base_acc"] * 6 == pytest.approx(round(seed["base_acc"] * 6))
+      assert seed["base_acc"] >= 1.6 * 0.5, (method, seed, "want 1.6 x chance (1/2)")
+      assert seed["base_acc"] * 20 == pytest.approx(round(seed["base_acc"] * 20))
       if "novel_acc" in seed:
         a, b = seed["base_acc"], seed["novel_acc"]
         assert seed["hm"] == pytest.approx(2 * a * b / (a + b) if a + b else 0.0)

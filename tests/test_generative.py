@@ -12,7 +12,7 @@ from mmjax.data import shapes_vqa
 from mmjax.evals import vqa
 from mmjax.tasks import generative
 from mmjax.errors import ConfigError
-from tests.helpers import tiny_generative_recipe
+from tests.helpers import logged_losses, tiny_generative_recipe
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_LM = dict(width=32, depth=1, num_heads=2, mlp_dim=64)
@@ -31,14 +31,22 @@ def test_next_token_loss_matches_numpy():
 
 @pytest.fixture(scope="module")
 def lm_run(tmp_path_factory):
+  """200 steps (a few seconds): enough to learn each question type's answers, which 4 steps are not."""
   workdir = str(tmp_path_factory.mktemp("lm"))
-  config = tiny_generative_recipe("lm_shapes", **{f"model.{k}": v for k, v in TINY_LM.items()})
+  overrides = {f"model.{k}": v for k, v in TINY_LM.items()}
+  overrides.update({"total_steps": 200, "log_every": 20, "eval_every": 200, "checkpoint_every": 200,
+                    "evals.vqa.n": 128})
+  config = tiny_generative_recipe("lm_shapes", **overrides)
   return workdir, train_lib.train(config, workdir)
 
 
 def test_lm_trains_and_reports_vqa_against_the_majority_baseline(lm_run):
-  _, summary = lm_run
-  assert 0.0 <= summary["vqa/accuracy"] <= 1.0 and 0.0 < summary["vqa/majority_baseline"] < 1.0
+  workdir, summary = lm_run
+  losses = logged_losses(workdir)
+  assert losses[-1] <= 0.5 * losses[0], losses  # Measured 3.5 at step 20, 0.7 at step 200.
+  # Without images the LM can only learn each question type's likely answers: measured 39 of 128 against the
+  # majority answer's 24 (an untrained LM: 0).
+  assert summary["vqa/accuracy"] >= 1.3 * summary["vqa/majority_baseline"] > 0, summary
   assert {"vqa/count", "vqa/colour", "vqa/shape", "described_vqa/accuracy", "described_vqa/colour"} <= set(summary)
 
 

@@ -101,12 +101,17 @@ def test_perceiver_cost_is_linear_in_input_length_where_self_attention_is_not():
 
 def test_perceiver_recipe_trains_and_evaluates(tmp_path):
   config = load(os.path.join(REPO, "configs", "perceiver_shapes.py"))
-  config.total_steps, config.optim.warmup_steps, config.data.batch_size = 12, 2, 16
-  config.log_every, config.checkpoint_every, config.eval_every = 4, 12, 12
+  config.total_steps, config.optim.warmup_steps, config.data.batch_size = 40, 2, 16
+  config.log_every, config.checkpoint_every, config.eval_every = 4, 40, 40
+  config.optim.lr = 4e-3
   config.evals.per_class, config.evals.batch_size = 2, 48
   summary = train_lib.train(config, str(tmp_path))
   logged = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
-  assert [m["step"] for m in logged if "loss" in m] == [4, 8, 12]
-  assert all(np.isfinite(m["loss"]) for m in logged if "loss" in m)
-  for key in ("acc", "colour_acc", "shape_acc"):
-    assert 0.0 <= summary[key] <= 1.0
+  assert [m["step"] for m in logged if "loss" in m] == list(range(4, 41, 4))
+  losses = [m["loss"] for m in logged if "loss" in m]
+  assert losses[-1] <= 0.8 * losses[0], losses  # Measured 4.5 at step 4, 3.0 at step 40.
+  assert {"acc", "colour_acc", "shape_acc"} <= set(summary)
+  # 96 test images. Chance is 2 of them for the 48 classes (measured 14), 12 for the 8 colours (measured 83);
+  # shapes are not learned yet.
+  assert summary["acc"] >= 3 / 48, "want 3 x chance"
+  assert summary["colour_acc"] >= 3 / 8, "want 3 x chance"
