@@ -15,7 +15,7 @@ PY_LATEST := $(VENV_LATEST)/bin/python
 LATEST_JAX_TESTS := tests/test_flash_attention.py tests/test_attention.py tests/test_cudnn_attention.py \
                     tests/test_tpu_compile.py tests/test_recipes.py tests/test_architecture.py
 
-.PHONY: train test test-latest-jax bench clean
+.PHONY: train seeds test test-latest-jax bench clean
 
 # Both environments take the `tpu` extra: libtpu is what compiles for a TPU topology on a CPU host.
 $(VENV)/.installed: setup.py
@@ -39,6 +39,10 @@ $(VENV_LATEST)/.installed: setup.py
 
 train: $(VENV)/.installed
 	$(PY) -m mmjax.train --config configs/siglip_shapes.py --workdir runs/siglip_shapes
+
+# `make train` for seeds 0, 1 and 2, with mean and range (README "Results").
+seeds: $(VENV)/.installed
+	$(PY) benchmarks/seeds.py
 
 test: $(VENV)/.interop
 	$(PY) -m pytest -n 2 -q tests
