@@ -3,6 +3,7 @@ import math
 
 import numpy as np
 import pytest
+from nltk.translate import bleu_score as nltk_bleu
 
 from mmjax.errors import ConfigError, DataError
 from mmjax.evals import captioning, vqa
@@ -63,7 +64,6 @@ def test_bleu_perfect_match_is_one_and_no_overlap_is_zero():
 
 
 def test_bleu_agrees_with_nltk_corpus_bleu():
-  from nltk.translate import bleu_score as nltk_bleu
   candidates = ["a cat sat on the mat", "there is a dog", "two men play tennis on a court today"]
   references = [["the cat sat on the mat", "a cat is on a mat"],
                 ["there is a big dog here", "a dog is sitting in the garden"],
