@@ -18,7 +18,9 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    packages=find_packages(include=["mmjax", "mmjax.*"]),
+    # The recipes in configs/ ship as mmjax/configs, so `--config siglip_shapes` works from any directory.
+    packages=[*find_packages(include=["mmjax", "mmjax.*"]), "mmjax.configs"],
+    package_dir={"mmjax.configs": "configs"},
     package_data={"mmjax": ["assets/*.model"]},
     install_requires=[
         *(f"jax=={jax}; {marker}" for marker, jax, _ in JAX_PINS),

@@ -14,7 +14,7 @@ from mmjax.config import base_config, decoder, shapes_vqa_data
 
 
 def get_config(arg=None):
-  c = base_config()
+  c = base_config(arg)
   c.task = "generative"
   c.model = dict(kind="blip2", vision=dict(width=96, depth=2, mlp_dim=192, num_heads=4, patch_size=8,
                                            posemb="learn"),

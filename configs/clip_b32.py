@@ -18,7 +18,7 @@ from mmjax.config import base_config, tower
 
 
 def get_config(arg=None):
-  c = base_config()
+  c = base_config(arg)
   c.model.image = tower(variant="B/32", posemb="learn", pool="tok", act="gelu")
   c.model.text = tower(vocab_size=32000, max_len=77, width=512, depth=12, mlp_dim=2048, num_heads=8,
                        pool="eos", causal=True, eos_id=2, act="gelu")

@@ -15,7 +15,7 @@ from mmjax.config import base_config, decoder, shapes_vqa_data
 
 
 def get_config(arg=None):
-  c = base_config()
+  c = base_config(arg)
   c.task = "generative"
   c.model = dict(kind="flamingo", vision=dict(variant="L/14", pool="tok", pre_norm=True, act="quick_gelu", remat_policy="full"),
                  lm=decoder("llama-1b", remat_policy="full"),

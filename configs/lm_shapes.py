@@ -17,7 +17,7 @@ from mmjax.config import base_config, decoder, shapes_vqa_data
 
 
 def get_config(arg=None):
-  c = base_config()
+  c = base_config(arg)
   c.task = "generative"
   c.model = dict(kind="lm", **decoder("shapes"))
   c.data = shapes_vqa_data(loss_on="all", max_len=72, described_fraction=0.5)

@@ -12,7 +12,7 @@ from mmjax.config import base_config, tower
 
 
 def get_config(arg=None):
-  c = base_config()
+  c = base_config(arg)
   c.model.image = tower(width=96, depth=2, mlp_dim=192, num_heads=4, patch_size=8, posemb="learn", pool="map",
                         head="dense")
   c.model.text = tower(vocab_size=None, max_len=32, width=96, depth=1, mlp_dim=192, num_heads=4,

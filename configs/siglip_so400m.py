@@ -13,7 +13,7 @@ from mmjax.config import base_config, tower
 
 
 def get_config(arg=None):
-  c = base_config()
+  c = base_config(arg)
   c.model.image = tower(variant="So400m/14", posemb="learn", pool="map", scan=True, remat_policy="full")
   c.model.text = tower(variant="So400m", vocab_size=32000, max_len=64, pool="last", causal=False, eos_id=2,
                        scan=True, remat_policy="full")

@@ -12,6 +12,7 @@ prompt learners, and "lora": the template prompt with LoRA on both towers), each
 parameters / seconds per run (means over seeds) and writes `base_to_novel.json` there.
 
   python -m mmjax.base_to_novel --workdir runs/base_to_novel
+  python -m mmjax.base_to_novel --backbone runs/seeds/seed1 --workdir runs/b2n_seed1
   python -m mmjax.base_to_novel --image_folder /data/flowers --workdir runs/b2n_flowers
 """
 from __future__ import annotations
@@ -23,9 +24,9 @@ import time
 import jax
 import numpy as np
 
-from absl import app, flags
+from absl import flags
 
-from mmjax import config as mmjax_config, parallel, runs, runtime, train
+from mmjax import cli, config as mmjax_config, parallel, runs, runtime, train
 from mmjax.adapt import probe
 from mmjax.adapt.wrap import ADAPTER
 from mmjax.data import classes
@@ -138,6 +139,8 @@ def main(argv):
       config.data.shots = f.shots
     if f.steps:
       config.total_steps = config.eval_every = config.checkpoint_every = f.steps
+    if f.backbone:
+      config.init_from = (("base", f.backbone),)
     return config
 
   seeds = [int(s) for s in f.seeds]
@@ -155,4 +158,5 @@ if __name__ == "__main__":
   flags.DEFINE_string("image_folder", "", "An ImageFolder tree (root/<class>/<image>) instead of the shapes classes.")
   flags.DEFINE_integer("shots", None, "Shots per base class (the recipe's by default).")
   flags.DEFINE_integer("steps", None, "Training steps per prompt run.")
-  app.run(main)
+  flags.DEFINE_string("backbone", "", "The two-tower run or export to adapt (the recipe's init_from 'base' by default).")
+  cli.run(main)

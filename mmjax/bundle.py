@@ -54,6 +54,9 @@ def read(path: str):
   """`(model_config, params, tokenizer)` as stored, without building the model."""
   path = epath.Path(path).absolute()
   missing = [n for n in (PARAMS, MODEL_CONFIG) if not (path / n).exists()]
+  if missing and (path / "config.json").exists():  # What `mmjax.train` writes in a workdir.
+    raise CheckpointError(f"{path} is a training workdir, not an export: export it first with "
+                          f"`python -m mmjax.export --workdir {path} --out {path}_export` and load that")
   if missing:
     raise CheckpointError(f"{path} is not an mmjax export: missing {missing}")
   with ocp.StandardCheckpointer() as ckptr:

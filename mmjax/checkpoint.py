@@ -71,11 +71,18 @@ class Checkpointer:
   def path(self, step: int) -> str:
     return str(self.directory / str(step))
 
-  def save(self, step: int, state: Any, data_iterator=None) -> None:
+  def save(self, step: int, state: Any, data_iterator=None, train_seconds: float | None = None) -> None:
+    """`train_seconds`: training time up to `step` over every segment of the run, kept in the
+    step's metadata for the next resumed segment to add to."""
     items = {"state": ocp.args.StandardSave(state)}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-    self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+    metadata = {} if train_seconds is None else {"train_seconds": round(train_seconds, 1)}
+    self.manager.save(step, args=ocp.args.Composite(**items), force=True, custom_metadata=metadata)
+
+  def train_seconds(self, step: int) -> float:
+    """The training time saved with `step` (0 when it has none)."""
+    return float((self.manager.metadata(step).custom_metadata or {}).get("train_seconds", 0.0))
 
   def has_data_state(self, step: int) -> bool:
     """Whether `step` holds an iterator state for this process under the current process

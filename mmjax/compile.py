@@ -28,7 +28,7 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
-from mmjax import parallel
+from mmjax import cli, parallel
 from mmjax.errors import ConfigError, MMJaxError
 from mmjax.runs import lower_train_step, resolve_batch_size
 
@@ -257,7 +257,7 @@ if __name__ == "__main__":
   # compiler, which `topology_devices` loads without claiming a TPU).
   if not os.environ.get("JAX_PLATFORMS"):
     jax.config.update("jax_platforms", "cpu")
-  config_flags.DEFINE_config_file("config", None, "Recipe: configs/<file>.py[:arg].", lock_config=True)
+  config_flags.DEFINE_config_file("config", None, "Recipe: a shipped recipe's name (siglip_shapes) or a file, path/to/recipe.py[:arg].", lock_config=True)
   flags.DEFINE_string("topology", None, "TPU slice, <generation>:<shape>, e.g. v5e:2x2, v5e:16x16, v5p:4x4x4.")
   flags.DEFINE_enum("platform", "tpu", ["tpu", "cuda"], "tpu: compile for --topology; cuda: lower for GPUs.")
   flags.DEFINE_integer("num_devices", None, "--platform=cuda: how many GPUs the mesh spans (host CPU devices "
@@ -273,4 +273,4 @@ if __name__ == "__main__":
                                  f" --xla_force_host_platform_device_count={flags.FLAGS.num_devices}").strip()
     main(argv)
 
-  app.run(set_devices)
+  cli.run(set_devices)

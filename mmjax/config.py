@@ -5,6 +5,7 @@ Every key a recipe may set exists here, so a locked config rejects a misspelt
 """
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import os
 import sys
@@ -56,7 +57,10 @@ def shapes_vqa_data(**overrides) -> dict:
               worker_count=0) | overrides
 
 
-def base_config() -> ml_collections.ConfigDict:
+def base_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """Every key with its default. A recipe that takes no argument passes its `arg` here, which
+  rejects any (`recipe.py:key=value`) by name; one that takes arguments reads them with `parse_arg`."""
+  parse_arg(arg)
   c = ml_collections.ConfigDict()
   c.task = "contrastive"
   c.seed = 0
@@ -123,14 +127,36 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(values)
 
 
+# Where the shipped recipes are: `mmjax/configs` in an installed wheel (setup.py maps the checkout's
+# `configs/` there), `configs/` next to the package in a checkout.
+RECIPE_DIRS = (os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs"),
+               os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"))
+
+
+def recipe_path(path: str) -> str:
+  """The recipe file that `--config` names: an existing file, else a shipped recipe given by name
+  (`siglip_shapes`) or as `configs/<name>.py` or `mmjax/configs/<name>.py`, from any directory."""
+  if os.path.isfile(path):
+    return path
+  folder, name = os.path.split(path)
+  name = name if name.endswith(".py") else f"{name}.py"
+  recipes = next((d for d in RECIPE_DIRS if os.path.isdir(d)), None)
+  if folder.rstrip("/") in ("", "configs", "mmjax/configs") and recipes:
+    if os.path.isfile(os.path.join(recipes, name)):
+      return os.path.join(recipes, name)
+  known = sorted(f[:-3] for f in os.listdir(recipes) if f.endswith(".py") and f != "__init__.py") if recipes else []
+  close = difflib.get_close_matches(name[:-3], known, n=1)
+  hint = f"did you mean {close[0]}? " if close else ""
+  raise ConfigError(f"config file {path} does not exist; {hint}the shipped recipes are {', '.join(known)}")
+
+
 def load(spec: str) -> ml_collections.ConfigDict:
-  """The config of a recipe file given as `path/to/recipe.py[:arg]`, as `--config` takes it.
+  """The config of a recipe given as `path/to/recipe.py[:arg]` or `name[:arg]`, as `--config` takes it.
 
   Recipes import each other as `configs.<name>`, so the directory above the file's is importable
   while it loads."""
   path, _, arg = spec.partition(":")
-  if not os.path.isfile(path):
-    raise ConfigError(f"config file {path} does not exist")
+  path = recipe_path(path)
   root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
   module_spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
   module = importlib.util.module_from_spec(module_spec)

@@ -7,10 +7,10 @@ from __future__ import annotations
 import json
 import os
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from mmjax import runs, runtime
+from mmjax import cli, runs, runtime
 from mmjax.metrics import summary_table
 
 def evaluate(config, workdir: str, step: int | None = None) -> dict:
@@ -35,4 +35,4 @@ if __name__ == "__main__":
                                   lock_config=True)
   flags.DEFINE_string("workdir", None, "The training run to evaluate.", required=True)
   flags.DEFINE_integer("step", None, "Checkpoint step; the latest by default.")
-  app.run(main)
+  cli.run(main)

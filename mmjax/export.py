@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import os
 
-from absl import app, flags
+from absl import flags
 
-from mmjax import bundle, runs, runtime
+from mmjax import bundle, cli, runs, runtime
 from mmjax.adapt import wrap as adapt
 from mmjax.errors import CheckpointError
 
@@ -39,4 +39,4 @@ if __name__ == "__main__":
   flags.DEFINE_string("out", None, "Export directory to create.", required=True)
   flags.DEFINE_integer("step", None, "Checkpoint step; the latest by default.")
   flags.DEFINE_bool("adapter_only", False, "Adapted runs: export the adapter's parameters only.")
-  app.run(main)
+  cli.run(main)

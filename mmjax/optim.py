@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from absl import logging
 import jax
 import optax
 
@@ -13,9 +14,15 @@ _FROZEN = "frozen"
 
 
 def schedule(optim_config, total_steps: int) -> optax.Schedule:
+  """Linear warmup, then cosine decay to `end_lr_fraction` of the peak. A recipe's warmup that does not
+  fit a shortened run (`--config.total_steps=30` of a recipe with warmup 100) becomes a tenth of it."""
   warmup = int(optim_config.warmup_steps)
+  if warmup < 0:
+    raise ConfigError(f"optim.warmup_steps={warmup} must not be negative")
   if warmup >= total_steps:
-    raise ConfigError(f"optim.warmup_steps={warmup} must be below total_steps={total_steps}")
+    logging.warning("optim.warmup_steps=%d does not fit total_steps=%d: warming up over %d steps instead",
+                    warmup, total_steps, total_steps // 10)
+    warmup = total_steps // 10
   return optax.warmup_cosine_decay_schedule(0.0, optim_config.lr, warmup, total_steps,
                                             end_value=optim_config.lr * optim_config.get("end_lr_fraction", 0.0))
 

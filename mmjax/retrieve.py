@@ -16,7 +16,7 @@ import time
 
 from absl import app, flags
 
-from mmjax import runtime
+from mmjax import cli, runtime
 from mmjax.data import shapes
 from mmjax.data.folder import CaptionFolderSource, load_image
 from mmjax.errors import ConfigError
@@ -101,4 +101,4 @@ if __name__ == "__main__":
   flags.DEFINE_multi_string("text", None, "query: a text query (repeatable).")
   flags.DEFINE_multi_string("image", None, "query: an image file query (repeatable).")
   flags.DEFINE_integer("k", 5, "query: results per query.")
-  app.run(main)
+  cli.run(main)

@@ -21,7 +21,7 @@ import optax
 
 from mmjax import bundle, optim, parallel, tasks
 from mmjax.checkpoint import Checkpointer
-from mmjax.errors import CheckpointError, ConfigError
+from mmjax.errors import CheckpointError, ConfigError, MeshError
 from mmjax.rules import path_str
 
 CONFIG_FILE = "config.json"
@@ -71,15 +71,20 @@ def sharded_state(task, config, mesh, rules):
 
 def resolve_batch_size(config, mesh):
   """`config` with `data.batch_size` set from `data.per_device_batch_size` (when > 0) and the
-  mesh's batch-sharded devices, so a scale recipe keeps its per-chip batch on any slice."""
+  mesh's batch-sharded devices, so a scale recipe keeps its per-chip batch on any slice; raises
+  MeshError before any model is built when the mesh cannot split `data.batch_size`."""
   per_device = config.data.get("per_device_batch_size", 0)
-  if not per_device:
-    return config
+  divisor = parallel.batch_size_divisor(mesh)
   if per_device < 0:
     raise ConfigError(f"data.per_device_batch_size={per_device} must be positive (or 0: use data.batch_size)")
-  resolved = ml_collections.ConfigDict(config.to_dict())
-  resolved.data.batch_size = per_device * parallel.batch_size_divisor(mesh)
-  return resolved
+  if per_device:
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.data.batch_size = per_device * divisor
+  batch = config.data.get("batch_size", 0)
+  if batch and batch % divisor:
+    raise MeshError(f"data.batch_size={batch} does not split over the {divisor} devices of the batch axes "
+                    f"(mesh {dict(mesh.shape)}); use a multiple of {divisor}, e.g. {batch // divisor * divisor or divisor}")
+  return config
 
 
 def load_run_config(workdir: str):

@@ -21,7 +21,7 @@ from absl import app, flags, logging
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from mmjax import parallel, runs, runtime
+from mmjax import cli, parallel, runs, runtime
 from mmjax.checkpoint import Checkpointer
 from mmjax.data import pipeline
 from mmjax.errors import MMJaxError, NonFiniteLossError, PreemptedError
@@ -107,13 +107,14 @@ def train(config, workdir: str) -> dict[str, Any]:
         return summary
       # Step and loop.
       train_step = runs.make_train_step(task, tx, lr, shardings, mesh)
-      t0 = time.perf_counter()
+      earlier, t0 = (ckpt.train_seconds(start) if start else 0.0), time.perf_counter()
+      elapsed = lambda: earlier + time.perf_counter() - t0  # Over every segment of a resumed run.
       state, evals, skipped = _loop(config, workdir, task, mesh, train_step, state, start, data_iter, ckpt,
-                                    preempted)
+                                    preempted, elapsed)
       # Final evals and summary.
       if not evals and config.eval_every:  # Resumed at the last step, before the final eval ran.
         evals = task.evaluate(state["params"])
-      summary = {**evals, "steps": config.total_steps, "train_seconds": round(time.perf_counter() - t0, 1),
+      summary = {**evals, "steps": config.total_steps, "train_seconds": round(elapsed(), 1),
                  "skipped_images": skipped, "checkpoint": ckpt.path(config.total_steps)}
       if jax.process_index() == 0:
         with open(summary_path, "w", encoding="utf-8") as f:
@@ -150,7 +151,7 @@ def _start_state(config, workdir, mesh, ckpt, loader, abstract, init):
   return state, start, data_iter
 
 
-def _loop(config, workdir, task, mesh, train_step, state, start, data_iter, ckpt, preempted):
+def _loop(config, workdir, task, mesh, train_step, state, start, data_iter, ckpt, preempted, elapsed):
   """Steps `start + 1 .. total_steps`; returns `(state, last evals, skipped images)`."""
   writer = MetricWriter(workdir)
   progress = Progress(config.total_steps, config.data.batch_size, start)
@@ -177,7 +178,7 @@ def _loop(config, workdir, task, mesh, train_step, state, start, data_iter, ckpt
     if step % config.checkpoint_every == 0 or last or stop:
       _check_finite(step, metrics, last_saved)
       skipped.gather()  # So skipped.jsonl, which a resumed run reads back, covers the saved steps.
-      ckpt.save(step, state, data_iter)
+      ckpt.save(step, state, data_iter, train_seconds=elapsed())
       last_saved = step
     if stop:
       ckpt.wait()
@@ -204,17 +205,18 @@ def main(argv):
     logging.warning("process %d: %s", jax.process_index(), e)
     sys.exit(143)  # 128 + SIGTERM: what a scheduler expects from a job it asked to stop.
   except MMJaxError as e:  # Every process reports its own error; process 0 is not the only one.
-    logging.error("process %d of %d: %s: %s", jax.process_index(), jax.process_count(), type(e).__name__, e)
+    if jax.process_count() > 1:
+      raise type(e)(f"process {jax.process_index()} of {jax.process_count()}: {e}") from e
     raise
 
 
 if __name__ == "__main__":
   # Flags are defined here, not at import, so other entry points can import this module.
-  config_flags.DEFINE_config_file("config", None, "Recipe: configs/<file>.py[:arg].", lock_config=True)
+  config_flags.DEFINE_config_file("config", None, "Recipe: a shipped recipe's name (siglip_shapes) or a file, path/to/recipe.py[:arg].", lock_config=True)
   flags.DEFINE_string("workdir", None, "Checkpoints, metrics and the summary go here.")
   flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-process runs "
                       "outside SLURM or TPU pods (see mmjax.parallel.initialize).")
   flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-process run.")
   flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  cli.run(main)

@@ -53,9 +53,15 @@ def test_weight_decay_applies_to_matrices_only():
   np.testing.assert_array_equal(np.asarray(out["t"]), 1.0)
 
 
+def test_a_warmup_longer_than_the_run_becomes_a_tenth_of_it():
+  lr = optim.schedule(_config(warmup_steps=100, end_lr_fraction=0.0), 30)
+  assert float(lr(0)) == 0.0 and float(lr(3)) == pytest.approx(LR)  # Peak after 3 = 30 // 10 steps.
+  assert float(lr(2)) == pytest.approx(LR * 2 / 3)
+
+
 def test_schedule_and_rule_errors_name_the_key():
   with pytest.raises(ConfigError, match="optim.warmup_steps"):
-    optim.make(_config(warmup_steps=10), 10, _params())
+    optim.make(_config(warmup_steps=-1), 10, _params())
   with pytest.raises(ConfigError, match="optim.frozen"):
     optim.make(_config(frozen=("img/(",)), 10, _params())
 

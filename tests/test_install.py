@@ -1,0 +1,54 @@
+"""A built wheel in a fresh virtual environment, used from a directory outside the repository: the
+recipes ship with it, so `--config <name>` trains."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import venv
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def wheel_env(tmp_path_factory):
+  """`python` of a new venv holding the wheel built from a copy of the sources and its dependencies
+  (from pip's cache or the package index), and nothing of this checkout."""
+  tmp = tmp_path_factory.mktemp("wheel")
+  source = tmp / "source"
+  ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+  for name in ("mmjax", "configs"):
+    shutil.copytree(os.path.join(REPO, name), source / name, ignore=ignore)
+  for name in ("setup.py", "README.md"):
+    shutil.copy(os.path.join(REPO, name), source / name)
+  subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(source),
+                  "-w", str(tmp / "dist")], check=True, capture_output=True, timeout=300)
+  (wheel,) = (tmp / "dist").iterdir()
+  venv.create(tmp / "venv", with_pip=True)
+  python = str(tmp / "venv" / "bin" / "python")
+  subprocess.run([python, "-m", "pip", "install", "-q", str(wheel)], check=True, capture_output=True, timeout=900)
+  return python
+
+
+def test_the_wheel_trains_a_recipe_by_name_from_any_directory(wheel_env, tmp_path):
+  env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+  env["JAX_PLATFORMS"] = "cpu"
+  where = subprocess.run([wheel_env, "-c", "import mmjax; print(mmjax.__file__)"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, check=True).stdout
+  assert not where.startswith(REPO), where  # The installed package, not this checkout.
+  proc = subprocess.run([wheel_env, "-m", "mmjax.train", "--config", "siglip_shapes", "--workdir", "run",
+                         "--config.total_steps=4", "--config.log_every=2", "--config.eval_every=0",
+                         "--config.data.batch_size=16"],
+                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "warming up over 0 steps" in proc.stderr  # The recipe's warmup of 100 fits a 4-step trial.
+  with open(tmp_path / "run" / "summary.json") as f:
+    assert json.load(f)["steps"] == 4
+  # A recipe that imports another (`from configs import siglip_shapes`) loads from the wheel, by
+  # name and by the path it has in the package.
+  for spec in ("lit_shapes", "mmjax/configs/swin_shapes.py"):
+    loaded = subprocess.run([wheel_env, "-c", f"from mmjax import config; print(config.load({spec!r}).task)"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert loaded.returncode == 0 and loaded.stdout.strip() == "contrastive", loaded.stderr[-2000:]
