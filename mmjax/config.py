@@ -79,7 +79,8 @@ def base_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # batch-sharded devices of the mesh the run gets (runs.resolve_batch_size).
   c.data = dict(source="shapes", tokenizer="shapes", image_size=64, batch_size=128, held_out_fraction=0.2,
                 twins=True, captions="", image_root="", shards="", on_bad_image="skip", worker_count=0, seed=0,
-                pack_text=False, captions_per_row=6, per_device_batch_size=0)
+                pack_text=False, captions_per_row=6, per_device_batch_size=0,
+                csv_image_key="", csv_caption_key="", csv_separator="")
   c.mesh = (("data", -1), ("fsdp", 1), ("tensor", 1))
   # Logical axis -> mesh axes: parameters, activations and, through `batch`, the input batch, the
   # losses and the step (mmjax.parallel).

@@ -8,7 +8,9 @@
 `build` embeds the images (or, `--modality text`, the captions) of a caption file (JSONL or CSV,
 as `data.captions`; unreadable images are skipped and counted) or of N procedural shapes scenes,
 and saves the index; an image's item is its path (`shapes:<i>` for the scenes), a text's is the
-text. `query` embeds each query with the matching tower and prints the k nearest items.
+text. Identical captions become one row that keeps the records it came from, so a query never
+gets the same caption twice. `query` embeds each query with the matching tower and prints the k
+nearest items with the records they stand for.
 """
 from __future__ import annotations
 
@@ -53,23 +55,27 @@ def build(export: str, out: str, modality: str, captions: str | None = None, ima
   if modality == "image":
     index = EmbeddingIndex(encoder.images(images), image_items, "image")
   else:
-    index = EmbeddingIndex(encoder.texts(list(texts)), list(texts), "text")
+    owners: dict[str, list[int]] = {}
+    for record, text in enumerate(texts):
+      owners.setdefault(text, []).append(record)
+    index = EmbeddingIndex(encoder.texts(list(owners)), list(owners), "text", list(owners.values()))
   index.save(out)
   return index, skipped
 
 
 def query(export: str, index_dir: str, texts=(), image_paths=(), k: int = 5) -> list[tuple[str, list]]:
-  """`[(query, [(cosine, row, item), ...]), ...]` for each text and image query."""
+  """`[(query, [(cosine, item, records), ...]), ...]` for each text and image query; `records` are
+  the rows of the caption file (or scenes) the item stands for."""
   if not texts and not image_paths:
     raise ConfigError("give at least one --text or --image query")
   index = EmbeddingIndex.load(index_dir)
   encoder = TwoTowerEncoder(export)
-  out = []
+  hits = []
   if texts:
-    out += zip(texts, index.search(encoder.texts(list(texts)), k))
+    hits += zip(texts, index.search(encoder.texts(list(texts)), k))
   if image_paths:
-    out += zip(image_paths, index.search(encoder.images([load_image(p) for p in image_paths]), k))
-  return out
+    hits += zip(image_paths, index.search(encoder.images([load_image(p) for p in image_paths]), k))
+  return [(q, [(score, item, index.owners_of(row)) for score, row, item in found]) for q, found in hits]
 
 
 def main(argv):
@@ -80,13 +86,16 @@ def main(argv):
   if argv[1] == "build":
     start = time.time()
     index, skipped = build(f.export, f.out, f.modality, f.captions, f.image_root, f.shapes, f.seed)
+    merged = sum(len(o) - 1 for o in index.owners or [])
     print(f"indexed {len(index.items)} {index.modality} rows (dim {index.embeddings.shape[1]}) in "
-          f"{time.time() - start:.1f} s -> {f.out}" + (f"; skipped {skipped} unreadable images" if skipped else ""))
+          f"{time.time() - start:.1f} s -> {f.out}" + (f"; skipped {skipped} unreadable images" if skipped else "")
+          + (f"; {merged} duplicate captions merged into the rows they repeat" if merged else ""))
     return
   for text, hits in query(f.export, f.index, f.text or (), f.image or (), f.k):
     print(f"{text}")
-    for rank, (score, row, item) in enumerate(hits, 1):
-      print(f"  {rank:>2}  {score:.4f}  {item}  (row {row})")
+    for rank, (score, item, records) in enumerate(hits, 1):
+      print(f"  {rank:>2}  {score:.4f}  {item}  (record{'s' if len(records) > 1 else ''} "
+            f"{', '.join(map(str, records))})")
 
 
 if __name__ == "__main__":

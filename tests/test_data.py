@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from mmjax.checkpoint import Checkpointer
+from mmjax.config import base_config
 from mmjax.data import folder, pipeline, shapes
 from mmjax.data.tokenizer import default_shapes_tokenizer
 from mmjax.errors import BadImageError, ConfigError, DataError
@@ -154,6 +155,24 @@ def test_caption_csv_and_malformed_files(tmp_path):
       folder.CaptionFolderSource(tmp_path / name)
   with pytest.raises(DataError, match="nope.jsonl"):
     folder.CaptionFolderSource(tmp_path / "nope.jsonl")
+
+
+def test_caption_csv_with_named_columns_and_separator(tmp_path):
+  _write_images(tmp_path)
+  path = tmp_path / "c.csv"
+  path.write_text("url;alt;width\ngood.png;a cat, sitting;30\ngray.png;grey;30\n")
+  src = folder.CaptionFolderSource(path, csv_image_key="url", csv_caption_key="alt", csv_separator=";")
+  assert src.captions == ["a cat, sitting", "grey"] and src[0]["image"].shape == (20, 30, 3)
+  with pytest.raises(DataError, match="csv_separator"):  # The default "," cannot split this header.
+    folder.CaptionFolderSource(path, csv_image_key="url", csv_caption_key="alt")
+  with pytest.raises(ConfigError, match="csv_caption_key"):
+    folder.CaptionFolderSource(path, csv_image_key="url")
+  tsv = tmp_path / "c.tsv"
+  tsv.write_text("image\tcaption\ngood.png\tx, y\n")
+  assert folder.CaptionFolderSource(tsv).captions == ["x, y"]
+  data = base_config().data
+  data.update(source="folder", captions=str(path), csv_image_key="url", csv_caption_key="alt", csv_separator=";")
+  assert pipeline.make_source(data).captions == ["a cat, sitting", "grey"]
 
 
 def test_image_folder_source(tmp_path):

@@ -85,11 +85,16 @@ def tiny_export(tmp_path_factory):
 def test_text_index_finds_each_caption_first(tiny_export, tmp_path):
   captions = tmp_path / "captions.jsonl"
   texts = shapes.retrieval_set(0, 32, 12)["captions"]
-  captions.write_text("".join(json.dumps({"image": f"{i}.png", "caption": t}) + "\n" for i, t in enumerate(texts)))
+  assert len(set(texts)) == 12
+  repeated = texts + texts[:3] + texts[:1]  # Records 12, 13, 14 and 15 repeat captions 0, 1, 2 and 0.
+  captions.write_text("".join(json.dumps({"image": f"{i}.png", "caption": t}) + "\n" for i, t in enumerate(repeated)))
   index, skipped = build(tiny_export, str(tmp_path / "index"), "text", captions=str(captions))
   assert skipped == 0 and index.items == texts
+  assert EmbeddingIndex.load(str(tmp_path / "index")).owners[:4] == [[0, 12, 15], [1, 13], [2, 14], [3]]
   best = [hits[0][1] for hits in index.search(index.embeddings, k=1)]
   assert best == list(range(len(texts)))
+  found = [item for _, _, item in index.search(index.embeddings[:1], k=len(texts))[0]]
+  assert sorted(found) == sorted(texts)  # Each caption once, however often the file repeats it.
 
 
 def test_retrieve_cli_builds_an_image_index_and_queries_it(tiny_export, tmp_path):

@@ -69,6 +69,19 @@ def test_cli_trains_on_caption_file(tmp_path):
   assert tokenizer.Tokenizer.load(out).decode(tokenizer.Tokenizer.load(out).encode(TEXTS[0], 32)) == TEXTS[0]
 
 
+def test_a_corpus_too_small_for_the_vocabulary_warns_with_both_sizes(tmp_path):
+  with pytest.warns(UserWarning, match=r"vocabulary of \d+ pieces, not the 8000 requested") as record:
+    tok = tokenizer.train_tokenizer(TEXTS, tmp_path / "a.model", vocab_size=8000)
+  assert str(tok.vocab_size) in str(record[0].message) and tok.vocab_size < 8000
+  # Coverage below 1 sends the rarest characters to <unk>: "ü" occurs once in this corpus.
+  texts = TEXTS + ["ü" + TEXTS[0]]
+  full = tokenizer.train_tokenizer(texts, tmp_path / "full.model", vocab_size=48)
+  covered = tokenizer.train_tokenizer(texts, tmp_path / "cov.model", vocab_size=48, character_coverage=0.99)
+  assert tokenizer.UNK_ID not in full.encode("ü", 4) and tokenizer.UNK_ID in covered.encode("ü", 4)
+  with pytest.raises(ConfigError, match="character_coverage"):
+    tokenizer.train_tokenizer(texts, tmp_path / "bad.model", vocab_size=48, character_coverage=0)
+
+
 def test_load_rejects_bad_models(tmp_path):
   (tmp_path / "junk.model").write_bytes(b"not a model")
   with pytest.raises(DataError, match="junk.model"):

@@ -90,17 +90,29 @@ class _ImageFiles(SkipsBadImages):
 class CaptionFolderSource(_ImageFiles):
   """Grain random-access source of dict(image=uint8 [H, W, 3], caption=str) or None.
 
-  `captions_path` is JSONL ({"image": path, "caption": text} per line) or CSV with
-  columns image,caption or filepath,title. Relative image paths are resolved
-  against `image_root` (default: the caption file's directory).
+  `captions_path` is JSONL ({"image": path, "caption": text} per line) or CSV / TSV (by its
+  suffix) with the columns `csv_image_key` and `csv_caption_key`, by default image,caption or
+  filepath,title, separated by `csv_separator` (default "," for .csv, a tab for .tsv). Relative
+  image paths are resolved against `image_root` (default: the caption file's directory).
   """
 
   def __init__(self, captions_path: str | os.PathLike, image_root: str | os.PathLike | None = None,
-               on_bad_image: str = "skip"):
+               on_bad_image: str = "skip", csv_image_key: str = "", csv_caption_key: str = "",
+               csv_separator: str = ""):
     check_policy(on_bad_image)
     self.captions_path, self.on_bad_image = Path(captions_path), on_bad_image
     root = Path(image_root) if image_root is not None else self.captions_path.parent
-    reader = _read_csv if self.captions_path.suffix.lower() in (".csv", ".tsv") else _read_jsonl
+    if bool(csv_image_key) != bool(csv_caption_key):
+      raise ConfigError("data.csv_image_key and data.csv_caption_key: set both or neither, got "
+                        f"{csv_image_key!r} and {csv_caption_key!r}")
+    if len(csv_separator) > 1:
+      raise ConfigError(f"data.csv_separator={csv_separator!r}: expected one character")
+    if self.captions_path.suffix.lower() in (".csv", ".tsv"):
+      columns = ((csv_image_key, csv_caption_key),) if csv_image_key else CSV_COLUMNS
+      separator = csv_separator or ("\t" if self.captions_path.suffix.lower() == ".tsv" else ",")
+      reader = lambda path: _read_csv(path, columns, separator)
+    else:
+      reader = _read_jsonl
     try:
       pairs = list(reader(self.captions_path))
     except (OSError, UnicodeDecodeError) as e:
@@ -133,13 +145,14 @@ def _read_jsonl(path: Path):
       yield record["image"], check_text(record["caption"], f"{path}:{lineno}: caption")
 
 
-def _read_csv(path: Path):
+def _read_csv(path: Path, accepted: tuple[tuple[str, str], ...], separator: str):
   with path.open(encoding="utf-8", newline="") as f:
-    reader = csv.DictReader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+    reader = csv.DictReader(f, delimiter=separator)
     header = reader.fieldnames or []
-    columns = next((c for c in CSV_COLUMNS if set(c) <= set(header)), None)
+    columns = next((c for c in accepted if set(c) <= set(header)), None)
     if columns is None:
-      raise DataError(f"{path}:1: header {header} lacks the columns of any of {CSV_COLUMNS}")
+      raise DataError(f"{path}:1: header {header} (separator {separator!r}) lacks the columns of any of "
+                      f"{accepted}; set data.csv_image_key, data.csv_caption_key and data.csv_separator")
     for row in reader:
       image, caption = (row[c] for c in columns)
       if not image or caption is None or None in row:

@@ -287,7 +287,10 @@ def make_source(data_config):
                         "data.source='folder'")
     return CaptionFolderSource(data_config.get("captions"),
                                image_root=data_config.get("image_root") or None,  # "": the captions' folder.
-                               on_bad_image=data_config.get("on_bad_image", "skip"))
+                               on_bad_image=data_config.get("on_bad_image", "skip"),
+                               csv_image_key=data_config.get("csv_image_key", ""),
+                               csv_caption_key=data_config.get("csv_caption_key", ""),
+                               csv_separator=data_config.get("csv_separator", ""))
   if kind in classes.SOURCES:
     return classes.load(data_config).train
   if kind in ("webdataset", "array_record"):

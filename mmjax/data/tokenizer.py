@@ -10,6 +10,7 @@ import json
 import os
 import re
 import string
+import warnings
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -143,20 +144,30 @@ class Tokenizer:
 
 
 def train_tokenizer(texts: Iterable[str], out_path: str | os.PathLike, vocab_size: int,
-                    model_type: str = "bpe", special_pieces: Sequence[str] = ()) -> Tokenizer:
+                    model_type: str = "bpe", special_pieces: Sequence[str] = (),
+                    character_coverage: float = 1.0) -> Tokenizer:
   """Trains a SentencePiece model on `texts`, writes it to `out_path` and loads it.
 
-  Single-threaded with input shuffling off, so the same texts give the same bytes.
+  Single-threaded with input shuffling off, so the same texts give the same bytes. A corpus too
+  small for `vocab_size` gives a smaller vocabulary (SentencePiece's soft limit), with a warning
+  naming both sizes. `character_coverage` below 1 (SentencePiece suggests 0.9995 for languages
+  with large alphabets) maps the rarest characters to <unk>.
   """
+  if not 0 < character_coverage <= 1:
+    raise ConfigError(f"character_coverage={character_coverage}: expected a value in (0, 1]")
   model = io.BytesIO()
   spm.SentencePieceTrainer.train(
       sentence_iterator=iter(texts), model_writer=model, vocab_size=vocab_size,
       model_type=model_type, pad_id=PAD_ID, unk_id=UNK_ID, bos_id=-1, eos_id=EOS_ID,
-      hard_vocab_limit=False, character_coverage=1.0, num_threads=1,
+      hard_vocab_limit=False, character_coverage=character_coverage, num_threads=1,
       shuffle_input_sentence=False, minloglevel=2, user_defined_symbols=list(special_pieces))
   Path(out_path).parent.mkdir(parents=True, exist_ok=True)
   Path(out_path).write_bytes(model.getvalue())
-  return Tokenizer.load(out_path)
+  tokenizer = Tokenizer.load(out_path)
+  if tokenizer.vocab_size < vocab_size:
+    warnings.warn(f"{out_path}: the corpus supports a vocabulary of {tokenizer.vocab_size} pieces, not the "
+                  f"{vocab_size} requested; more (or more varied) text gives more", stacklevel=2)
+  return tokenizer
 
 
 def shapes_corpus(num_texts: int, seed: int = 0) -> list[str]:
@@ -218,6 +229,8 @@ def main(argv: Sequence[str] | None = None) -> None:
   train.add_argument("--vocab_size", type=int, default=SHAPES_VOCAB_SIZE)
   train.add_argument("--num_texts", type=int, default=20_000,
                      help="captions drawn from the shapes source")
+  train.add_argument("--character_coverage", type=float, default=1.0,
+                     help="fraction of characters the vocabulary covers (0.9995 for large alphabets)")
   args = parser.parse_args(argv)
   special = ()
   if args.source == "shapes":
@@ -228,8 +241,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     texts = CaptionFolderSource(args.captions).captions
   else:
     parser.error("--source captions needs --captions PATH")
-  tokenizer = train_tokenizer(texts, args.out, args.vocab_size, special_pieces=special)
-  print(f"wrote {args.out}: vocab_size={tokenizer.vocab_size} from {len(texts)} texts")
+  tokenizer = train_tokenizer(texts, args.out, args.vocab_size, special_pieces=special,
+                              character_coverage=args.character_coverage)
+  print(f"wrote {args.out}: vocab_size={tokenizer.vocab_size} (requested {args.vocab_size}) from {len(texts)} texts")
 
 
 if __name__ == "__main__":

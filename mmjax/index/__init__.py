@@ -77,12 +77,19 @@ class EmbeddingIndex:
   embeddings: np.ndarray  # [N, D] float32, rows L2-normalised.
   items: list[str]
   modality: str
+  # Per row, the source records it stands for (a caption shared by several images); None: row i is record i.
+  owners: list[list[int]] | None = None
 
   def __post_init__(self):
     if self.modality not in MODALITIES:
       raise ConfigError(f"index modality={self.modality!r}: expected one of {MODALITIES}")
     if len(self.items) != len(self.embeddings):
       raise ConfigError(f"{len(self.items)} items for {len(self.embeddings)} embeddings")
+    if self.owners is not None and len(self.owners) != len(self.items):
+      raise ConfigError(f"{len(self.owners)} owner lists for {len(self.items)} items")
+
+  def owners_of(self, row: int) -> list[int]:
+    return [row] if self.owners is None else list(self.owners[row])
 
   def search(self, queries: np.ndarray, k: int, mesh=None) -> list[list[tuple[float, int, str]]]:
     """Per query, the k best `(cosine, row, item)`, best first."""
@@ -93,7 +100,7 @@ class EmbeddingIndex:
     os.makedirs(path, exist_ok=True)
     np.save(os.path.join(path, EMBEDDINGS), np.asarray(self.embeddings, np.float32))
     with open(os.path.join(path, META), "w", encoding="utf-8") as f:
-      json.dump({"modality": self.modality, "items": list(self.items)}, f)
+      json.dump({"modality": self.modality, "items": list(self.items), "owners": self.owners}, f)
     return path
 
   @classmethod
@@ -103,7 +110,7 @@ class EmbeddingIndex:
       raise DataError(f"{path} is not an embedding index: missing {missing}")
     with open(os.path.join(path, META), encoding="utf-8") as f:
       meta = json.load(f)
-    return cls(np.load(os.path.join(path, EMBEDDINGS)), meta["items"], meta["modality"])
+    return cls(np.load(os.path.join(path, EMBEDDINGS)), meta["items"], meta["modality"], meta.get("owners"))
 
 
 class TwoTowerEncoder:
