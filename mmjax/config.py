@@ -75,12 +75,16 @@ def base_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # twins (shapes only): every image comes with a negative differing only in its shapes. pack_text (contrastive,
   # causal text tower pooled at its end of text): captions packed up to captions_per_row per row
   # (mmjax.data.packing).
+  # augment (training on folder, webdataset and array_record sources; never on the shapes scenes, whose captions
+  # a flip or crop would contradict): random resized crop of crop_scale of the area (None: centre crop, as
+  # evaluation), flip, colour_jitter strength (mmjax.data.transforms).
   # per_device_batch_size (scale recipes, as MaxText's): when > 0, the global batch_size is it times the
   # batch-sharded devices of the mesh the run gets (runs.resolve_batch_size).
   c.data = dict(source="shapes", tokenizer="shapes", image_size=64, batch_size=128, held_out_fraction=0.2,
                 twins=True, captions="", image_root="", shards="", on_bad_image="skip", worker_count=0, seed=0,
                 pack_text=False, captions_per_row=6, per_device_batch_size=0,
-                csv_image_key="", csv_caption_key="", csv_separator="")
+                csv_image_key="", csv_caption_key="", csv_separator="",
+                augment=dict(crop_scale=(0.9, 1.0), flip=False, colour_jitter=0.0))
   c.mesh = (("data", -1), ("fsdp", 1), ("tensor", 1))
   # Logical axis -> mesh axes: parameters, activations and, through `batch`, the input batch, the
   # losses and the step (mmjax.parallel).

@@ -85,7 +85,8 @@ def train(config, workdir: str) -> dict[str, Any]:
   # Data.
   loader = pipeline.Loader(task.source(config.data), tokenizer=task.tokenizer, image_size=config.data.image_size,
                            max_len=task.max_len, global_batch_size=config.data.batch_size, seed=config.seed,
-                           worker_count=config.data.worker_count, ops=task.data_ops())
+                           worker_count=config.data.worker_count, ops=task.data_ops(),
+                           augment=pipeline.augmentation(config.data))
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, runs.CONFIG_FILE), "w", encoding="utf-8") as f:

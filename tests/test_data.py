@@ -10,7 +10,7 @@ from PIL import Image
 
 from mmjax.checkpoint import Checkpointer
 from mmjax.config import base_config
-from mmjax.data import folder, pipeline, shapes
+from mmjax.data import folder, pipeline, shapes, transforms
 from mmjax.data.tokenizer import default_shapes_tokenizer
 from mmjax.errors import BadImageError, ConfigError, DataError
 
@@ -202,6 +202,72 @@ def test_shapes_loader_batches():
   assert -1 <= batch["image"].min() < batch["image"].max() <= 1
   assert batch["text"].shape == (8, 16) and batch["text"].dtype == np.int32
   assert batch[pipeline.SKIPPED].shape == (0, 2)
+
+
+def _coordinate_image(h: int, w: int) -> np.ndarray:
+  """Red = row, green = column: a crop shows which region it took."""
+  rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+  return np.stack([rows, cols, np.zeros_like(rows)], -1).astype(np.uint8)
+
+
+def test_random_resized_crop_takes_a_region_of_the_stated_area_and_aspect():
+  image = _coordinate_image(128, 128)
+  crop = transforms.RandomResizedCrop(64, scale=(0.25, 0.25), ratio=(1.0, 1.0))
+  corners = set()
+  for seed in range(8):
+    out = crop.random_map({"image": image}, np.random.default_rng(seed))["image"]
+    assert out.shape == (64, 64, 3) and out.dtype == np.uint8
+    rows, cols = out[..., 0].astype(int), out[..., 1].astype(int)
+    # A 64 x 64 region (a quarter of the area, square), upsampled 1x: bilinear keeps the coordinates.
+    assert rows.max() - rows.min() == cols.max() - cols.min() == 63
+    np.testing.assert_array_equal(rows, rows[:, :1] + 0 * rows)  # Rows stay rows: no flip, no rotation.
+    corners.add((rows.min(), cols.min()))
+  assert len(corners) == 8  # Each draw crops somewhere else.
+  # Everything (scale 1, square image, square aspect) is the plain resize of evaluation.
+  full = transforms.RandomResizedCrop(32, scale=(1.0, 1.0), ratio=(1.0, 1.0))
+  np.testing.assert_array_equal(full.random_map({"image": image}, np.random.default_rng(0))["image"],
+                                transforms.ResizeImage(32).map({"image": image})["image"])
+
+
+def test_flip_mirrors_half_the_time_and_jitter_stays_in_range():
+  image = _coordinate_image(16, 20)
+  outs = [transforms.RandomFlip().random_map({"image": image}, np.random.default_rng(s))["image"] for s in range(40)]
+  flipped = [np.array_equal(o, image[:, ::-1]) for o in outs]
+  assert all(f or np.array_equal(o, image) for f, o in zip(flipped, outs)) and 10 <= sum(flipped) <= 30
+  rgb = np.random.default_rng(0).integers(0, 256, (16, 16, 3)).astype(np.uint8)
+  same = transforms.ColourJitter(0.0).random_map({"image": rgb}, np.random.default_rng(0))["image"]
+  np.testing.assert_array_equal(same, rgb)
+  jittered = [transforms.ColourJitter(0.4).random_map({"image": rgb}, np.random.default_rng(s))["image"]
+              for s in range(4)]
+  assert all(j.dtype == np.uint8 and not np.array_equal(j, rgb) for j in jittered)
+  # Brightness alone scales the mean (contrast and saturation keep it): within [0.6, 1.4] of it, up to clipping.
+  assert all(0.5 * rgb.mean() < j.mean() < 1.5 * rgb.mean() for j in jittered)
+
+
+def test_user_data_is_augmented_by_seed_and_position_and_shapes_never(tmp_path):
+  images = tmp_path / "imgs"
+  images.mkdir()
+  for i in range(8):
+    Image.fromarray(_coordinate_image(40, 48) + i).save(images / f"{i}.png")
+  captions = _write_captions(tmp_path, [f"{i}.png" for i in range(8)])
+  data = base_config().data
+  data.update(source="folder", captions=str(captions), image_size=24)
+  data.augment.update(flip=True, colour_jitter=0.2)
+  assert pipeline.augmentation(base_config().data) is None  # The shapes scenes.
+  augment = pipeline.augmentation(data)
+  assert [type(op) for op in augment] == [transforms.RandomResizedCrop, transforms.RandomFlip, transforms.ColourJitter]
+
+  def loader(**kw):
+    return pipeline.Loader(pipeline.make_source(data), tokenizer=None, image_size=24, max_len=0,
+                           global_batch_size=4, seed=3, **kw)
+
+  plain = next(iter(loader()))["image"]
+  first, second = (b["image"] for b, _ in zip(loader(augment=augment), range(2)))
+  again = next(iter(loader(augment=augment)))["image"]
+  resumed = loader(augment=augment).make_iterator(start_batch=1)
+  np.testing.assert_array_equal(first, again)  # The same seed augments the same way,
+  np.testing.assert_array_equal(next(resumed)["image"], second)  # and a resumed run as the first did.
+  assert not np.array_equal(first, plain) and first.shape == plain.shape == (4, 24, 24, 3)
 
 
 def _bad_folder(tmp_path):

@@ -45,12 +45,16 @@ from mmjax.data.records import ArrayRecordSource, WebDatasetSource
 from mmjax.data.shapes import ShapesLabelSource, ShapesSource
 from mmjax.data.shapes_vqa import ShapesVQALabelSource, ShapesVQASource
 from mmjax.data.tokenizer import Tokenizer
-from mmjax.data.transforms import NormalizeImage, ResizeImage, Tokenize
+from mmjax.data.transforms import NormalizeImage, ResizeImage, Tokenize, augmentation_ops
 from mmjax.errors import BadImageError, ConfigError, DataError
 
 SKIPPED = "skipped"
 VALID = "valid"
 SKIPPED_FILE = "skipped.jsonl"
+_AUGMENT_STREAM = 1  # Keeps the augmentation's draws apart from `_Readable`'s, which share (seed, index).
+# Training augmentation (`data.augment`) applies to these: user data. The shapes scenes are never
+# augmented, since a flip or a crop changes what their captions say ("left of", "at the top").
+AUGMENTED_SOURCES = ("folder", "webdataset", "array_record")
 SOURCES = ("shapes", "shapes_vqa", "shapes_vqa_labels", "shapes_labels", "folder", "webdataset", "array_record",
            "shapes_classes", "image_folder")
 
@@ -95,7 +99,7 @@ class _Readable:
 
 
 class _ProcessSlice(grain.MapDataset):
-  """This process's elements of every global batch, as `(element, valid)`.
+  """This process's elements of every global batch, as `(element, valid, global position)`.
 
   Local index i is global position (start_batch + i // r) * R + process * r + i % r,
   with r = R / processes. Positions past the end of a finite parent pad the last
@@ -122,7 +126,7 @@ class _ProcessSlice(grain.MapDataset):
     batch, row = divmod(index, self._local)
     position = (self._start + batch) * self._global + self._offset + row
     valid = position < self._total
-    return self._parent[position if valid else position % self._total], valid
+    return self._parent[position if valid else position % self._total], valid, position
 
   def __str__(self) -> str:
     return f"ProcessSlice(records_per_batch={self._global}, offset={self._offset})"
@@ -130,16 +134,19 @@ class _ProcessSlice(grain.MapDataset):
 
 @dataclasses.dataclass
 class _Preprocess:
-  """((record or group of records, skipped), valid) -> (list of model-ready examples, skipped)."""
+  """((record or group of records, skipped), valid, position) -> (list of model-ready examples, skipped);
+  random ops draw from a generator of the seed and the record's global position."""
   ops: list
   with_valid: bool
+  seed: int
 
   def __call__(self, element):
-    (record, skipped), valid = element
+    (record, skipped), valid, position = element
+    rng = np.random.default_rng([self.seed, position, _AUGMENT_STREAM])
     examples = []
     for example in (record if isinstance(record, list) else [record]):
       for op in self.ops:
-        example = op.map(example)
+        example = op.random_map(example, rng) if isinstance(op, grain.transforms.RandomMap) else op.map(example)
       examples.append(example | {VALID: valid and skipped is None} if self.with_valid else example)
     return examples, skipped
 
@@ -165,7 +172,8 @@ class Loader:
   num_epochs: int | None = None
   worker_count: int = 0
   drop_remainder: bool = True
-  ops: list | None = None  # Per-example transforms; None: resize, normalise, tokenize captions.
+  ops: list | None = None  # Per-example transforms; None: resize (or `augment`), normalise, tokenize captions.
+  augment: list | None = None  # Image ops replacing the resize (`augmentation`), for the default ops.
 
   def __post_init__(self):
     processes = jax.process_count()
@@ -188,10 +196,10 @@ class Loader:
                        jax.process_count(), start_batch, pad)
     ops = self.ops
     if ops is None:
-      ops = [ResizeImage(self.image_size), NormalizeImage()]
+      ops = [*(self.augment or [ResizeImage(self.image_size)]), NormalizeImage()]
       if self.tokenizer is not None:
         ops.append(Tokenize(self.tokenizer, self.max_len))
-    ds = (ds.map(_Preprocess(ops, with_valid=pad))
+    ds = (ds.map(_Preprocess(ops, with_valid=pad, seed=self.seed))
           .to_iter_dataset(grain.ReadOptions(num_threads=0))
           .batch(self.local_batch_size // self.group_size, drop_remainder=self.drop_remainder,
                  batch_fn=_collate))
@@ -256,6 +264,13 @@ def _gather_text(text: str) -> list[str]:
   padded[:len(data)] = data
   rows = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(lengths), -1)
   return [bytes(row[:n]).decode("utf-8") for row, n in zip(rows, lengths)]
+
+
+def augmentation(data_config) -> list | None:
+  """The loader's `augment` ops for `data_config`: `data.augment` for user data, None otherwise."""
+  if data_config.get("source") not in AUGMENTED_SOURCES or "augment" not in data_config:
+    return None
+  return augmentation_ops(data_config.augment, data_config.image_size)
 
 
 def make_source(data_config):
