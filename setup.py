@@ -15,6 +15,7 @@ setup(
     name="mmjax",
     version="0.1.0",
     description="JAX/Flax library and trainer for multimodal foundation models (CLIP, SigLIP, VLMs).",
+    url="https://github.com/mmjax/mmjax",  # The notebooks' install cell defaults to it (MMJAX_SOURCE).
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",

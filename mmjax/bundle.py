@@ -11,17 +11,24 @@ alone, which `load(path, base=<export of the base model>)` puts back on its base
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
+from typing import Any, NamedTuple
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from PIL import Image
 
 from mmjax import models
 from mmjax.adapt import wrap as adapt
+from mmjax.data.folder import to_rgb
 from mmjax.data.tokenizer import load_saved_tokenizer
-from mmjax.errors import CheckpointError
+from mmjax.data.transforms import NormalizeImage, ResizeImage
+from mmjax.errors import CheckpointError, ConfigError
+from mmjax.evals import in_chunks
 
 MODEL_CONFIG = "model_config.json"
 TOKENIZER = "tokenizer.json"
@@ -65,9 +72,75 @@ def read(path: str):
   return json.loads((path / MODEL_CONFIG).read_text()), params, tokenizer
 
 
-def load(path: str, base: str | None = None):
-  """`(model, params, tokenizer)` from an export directory. An adapter-only export needs `base`,
-  the export of the model it adapts; its model config must match the adapter's."""
+class _Triple(NamedTuple):
+  model: Any
+  params: Any
+  tokenizer: Any
+
+
+class LoadedModel(_Triple):
+  """What `load` returns: `model, params, tokenizer = mmjax.load(path)`, and for a two-tower model
+  what a notebook needs besides, so that it needs nothing else (as open_clip's
+  `create_model_and_transforms`):
+
+    image_size, max_len       the model's input sizes
+    preprocess(images)        PIL images or uint8 [H, W, 3] arrays of any size (one or a list) -> the
+                              model's float32 [N, S, S, 3] input, exactly as training prepares files
+    encode_image(images)      unit-norm embeddings [N, D] of images (raw, or already preprocessed)
+    encode_text(texts)        unit-norm embeddings [N, D] of a string or a list of them
+  """
+
+  def __new__(cls, model, params, tokenizer, model_config: dict):
+    loaded = super().__new__(cls, model, params, tokenizer)
+    loaded.model_config = model_config
+    return loaded
+
+  @property
+  def image_size(self) -> int:
+    return int(self._two_tower()["image_size"])
+
+  @property
+  def max_len(self) -> int:
+    return int(self._two_tower()["text"]["max_len"])
+
+  def preprocess(self, images) -> np.ndarray:
+    single = isinstance(images, Image.Image) or (isinstance(images, np.ndarray) and images.ndim == 3)
+    resize, normalize = ResizeImage(self.image_size), NormalizeImage()
+    out = []
+    for i, image in enumerate([images] if single else images):
+      array = to_rgb(image) if isinstance(image, Image.Image) else np.asarray(image)
+      if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
+        raise ConfigError(f"preprocess: image {i} is {array.dtype} {array.shape}; expected a PIL image or "
+                          "uint8 [H, W, 3]")
+      out.append(normalize.map(resize.map({"image": array}))["image"])
+    return np.stack(out)
+
+  def encode_image(self, images, batch_size: int = 256) -> np.ndarray:
+    preprocessed = isinstance(images, np.ndarray) and images.ndim == 4 and images.dtype == np.float32
+    x = images if preprocessed else self.preprocess(images)
+    return in_chunks(functools.partial(self._encoders[0], self.params), (x,), batch_size)
+
+  def encode_text(self, texts, batch_size: int = 256) -> np.ndarray:
+    tokens = self.tokenizer.encode([texts] if isinstance(texts, str) else list(texts), self.max_len)
+    return in_chunks(functools.partial(self._encoders[1], self.params), (tokens,), batch_size)
+
+  @functools.cached_property
+  def _encoders(self):
+    self._two_tower()
+    return (jax.jit(lambda p, x: self.model.apply({"params": p}, image=x)[0]),
+            jax.jit(lambda p, t: self.model.apply({"params": p}, text=t)[1]))
+
+  def _two_tower(self) -> dict:
+    if "kind" in self.model_config or "image_size" not in self.model_config:
+      raise ConfigError(f"this export holds a {self.model_config.get('kind', 'model without image_size')!r}; "
+                        "image_size, preprocess and the encoders need a two-tower export")
+    return self.model_config
+
+
+def load(path: str, base: str | None = None) -> LoadedModel:
+  """`(model, params, tokenizer)`, with the preprocessing and encoders of `LoadedModel`, from an
+  export directory. An adapter-only export needs `base`, the export of the model it adapts; its
+  model config must match the adapter's."""
   model_config, params, tokenizer = read(path)
   adapt_config = model_config.pop("adapt", None)
   origin = epath.Path(path).absolute() / ORIGIN
@@ -80,4 +153,4 @@ def load(path: str, base: str | None = None):
       raise CheckpointError(f"the base export {base} has a different model config than {path} expects "
                             f"(keys {diff})")
     params = {adapt.BASE: base_params, adapt.ADAPTER: params}
-  return adapt.wrap(models.build(model_config), adapt_config), params, tokenizer
+  return LoadedModel(adapt.wrap(models.build(model_config), adapt_config), params, tokenizer, model_config)

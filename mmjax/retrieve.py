@@ -18,11 +18,11 @@ import time
 
 from absl import app, flags
 
-from mmjax import cli, runtime
+from mmjax import bundle, cli, runtime
 from mmjax.data import shapes
 from mmjax.data.folder import CaptionFolderSource, load_image
 from mmjax.errors import ConfigError
-from mmjax.index import MODALITIES, EmbeddingIndex, TwoTowerEncoder
+from mmjax.index import MODALITIES, EmbeddingIndex
 
 COMMANDS = ("build", "query")
 
@@ -34,7 +34,7 @@ def build(export: str, out: str, modality: str, captions: str | None = None, ima
     raise ConfigError(f"--modality={modality!r}: expected one of {MODALITIES}")
   if bool(captions) == bool(num_shapes):
     raise ConfigError("give exactly one of --captions FILE and --shapes N")
-  encoder = TwoTowerEncoder(export)
+  encoder = bundle.load(export)
   skipped = 0
   if num_shapes:
     data = shapes.retrieval_set(seed, encoder.image_size, num_shapes)
@@ -53,12 +53,12 @@ def build(export: str, out: str, modality: str, captions: str | None = None, ima
         images.append(record["image"])
         image_items.append(str(source.image_path(i)))
   if modality == "image":
-    index = EmbeddingIndex(encoder.images(images), image_items, "image")
+    index = EmbeddingIndex(encoder.encode_image(images), image_items, "image")
   else:
     owners: dict[str, list[int]] = {}
     for record, text in enumerate(texts):
       owners.setdefault(text, []).append(record)
-    index = EmbeddingIndex(encoder.texts(list(owners)), list(owners), "text", list(owners.values()))
+    index = EmbeddingIndex(encoder.encode_text(list(owners)), list(owners), "text", list(owners.values()))
   index.save(out)
   return index, skipped
 
@@ -69,12 +69,12 @@ def query(export: str, index_dir: str, texts=(), image_paths=(), k: int = 5) -> 
   if not texts and not image_paths:
     raise ConfigError("give at least one --text or --image query")
   index = EmbeddingIndex.load(index_dir)
-  encoder = TwoTowerEncoder(export)
+  encoder = bundle.load(export)
   hits = []
   if texts:
-    hits += zip(texts, index.search(encoder.texts(list(texts)), k))
+    hits += zip(texts, index.search(encoder.encode_text(list(texts)), k))
   if image_paths:
-    hits += zip(image_paths, index.search(encoder.images([load_image(p) for p in image_paths]), k))
+    hits += zip(image_paths, index.search(encoder.encode_image([load_image(p) for p in image_paths]), k))
   return [(q, [(score, item, index.owners_of(row)) for score, row, item in found]) for q, found in hits]
 
 

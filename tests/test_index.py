@@ -10,8 +10,9 @@ import pytest
 from flax import linen as nn
 from PIL import Image
 
+import mmjax
 from mmjax import models, parallel
-from mmjax.data import shapes, shapes_vqa
+from mmjax.data import folder, pipeline, shapes, shapes_vqa
 from mmjax.data.tokenizer import load_tokenizer
 from mmjax.errors import ConfigError, DataError
 from mmjax.bundle import write as write_export
@@ -80,6 +81,32 @@ def tiny_export(tmp_path_factory):
                                text=np.zeros((1, max_len), np.int32))["params"])
   return write_export(str(tmp_path_factory.mktemp("export") / "export"), model_config, params, tokenizer,
                       {"test": "untrained"})
+
+
+def test_load_gives_the_training_preprocessing_and_the_encoders(tiny_export, tmp_path):
+  loaded = mmjax.load(tiny_export)
+  model, params, tokenizer = loaded  # Still unpacks as before.
+  size = loaded.image_size
+  # A transparent, non-square image of another size, as a file, a PIL image and a uint8 array.
+  rgba = np.random.default_rng(0).integers(0, 256, (37, 50, 4)).astype(np.uint8)
+  Image.fromarray(rgba, "RGBA").save(tmp_path / "x.png")
+  (tmp_path / "c.jsonl").write_text(json.dumps({"image": "x.png", "caption": "a red circle"}) + "\n")
+  training = pipeline.Loader(folder.CaptionFolderSource(tmp_path / "c.jsonl"), tokenizer=None, image_size=size,
+                             max_len=0, global_batch_size=1, seed=0)
+  want = next(iter(training))["image"]
+  assert want.shape == (1, size, size, 3)
+  pil = Image.open(tmp_path / "x.png")
+  np.testing.assert_array_equal(loaded.preprocess(pil), want)
+  np.testing.assert_array_equal(loaded.preprocess([folder.load_image(tmp_path / "x.png")]), want)
+  zimg = model.apply({"params": params}, image=want)[0]
+  np.testing.assert_allclose(loaded.encode_image([pil]), zimg, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(loaded.encode_image(want), zimg, rtol=1e-5, atol=1e-6)
+  texts = ["a red circle", "two blue squares"]
+  ztxt = model.apply({"params": params}, text=tokenizer.encode(texts, loaded.max_len))[1]
+  np.testing.assert_allclose(loaded.encode_text(texts), ztxt, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.linalg.norm(loaded.encode_text("a red circle"), axis=-1), 1.0, rtol=1e-5)
+  with pytest.raises(ConfigError, match=r"image 0 is float64 \(4, 4\)"):
+    loaded.preprocess([np.zeros((4, 4))])
 
 
 def test_text_index_finds_each_caption_first(tiny_export, tmp_path):
@@ -189,8 +216,8 @@ def rag_retriever(tiny_export):
 def test_caption_retriever_returns_the_captions_nearest_each_image(tiny_export, rag_retriever):
   images = np.stack([r["image"] for r in shapes_vqa.eval_set(image_size=32, n=5)])
   got = rag_retriever(images, 3)
-  image_emb = rag_retriever.encoder.images(images).astype(np.float64)
-  text_emb = rag_retriever.encoder.texts(rag_retriever.index.items).astype(np.float64)
+  image_emb = rag_retriever.encoder.encode_image(images).astype(np.float64)
+  text_emb = rag_retriever.encoder.encode_text(rag_retriever.index.items).astype(np.float64)
   _, want = _numpy_top_k(_unit(image_emb), _unit(text_emb), 3)
   assert got == [[rag_retriever.index.items[j] for j in row] for row in want]
   # Another retriever of the same export and pool (the eval sets' after the training source's)

@@ -8,9 +8,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 
 import mmjax
 from mmjax import parallel, runs, tasks, train as train_lib
+from mmjax.data import shapes
 from mmjax.checkpoint import Checkpointer
 from mmjax.errors import CheckpointError, NonFiniteLossError
 from mmjax.evaluate import evaluate
@@ -192,20 +194,33 @@ def test_evaluate_and_export_load(finished_run, tmp_path):
     mmjax.load(str(tmp_path))
 
 
-def test_zero_shot_notebook_runs_on_an_export(finished_run, tmp_path):
+def test_zero_shot_notebook_runs_on_an_export_for_shapes_and_for_a_folder_of_your_classes(
+    finished_run, tmp_path, monkeypatch):
   import nbclient
   import nbformat
   out = export(finished_run[0], str(tmp_path / "export"))
-  notebook = nbformat.read(os.path.join(REPO, "notebooks", "zero_shot.ipynb"), as_version=4)
-  os.environ["MMJAX_EXPORT"] = out
-  try:
+  demo = shapes.zeroshot_set(seed=0, image_size=40, per_class=2)  # Another size than the model's.
+  for index, (image, label) in enumerate(zip(demo["images"], demo["labels"])):
+    if label < 3:  # Three classes, under other names.
+      os.makedirs(tmp_path / "mine" / f"class{label}", exist_ok=True)
+      Image.fromarray(image).save(tmp_path / "mine" / f"class{label}" / f"{index}.png")
+  monkeypatch.setenv("MMJAX_EXPORT", out)
+  monkeypatch.setenv("MMJAX_SKIP_INSTALL", "1")  # Installed already; the kernel runs outside the repository.
+
+  def run(**env):
+    for key, value in env.items():
+      monkeypatch.setenv(key, value)
+    notebook = nbformat.read(os.path.join(REPO, "notebooks", "zero_shot.ipynb"), as_version=4)
     nbclient.NotebookClient(notebook, timeout=300, kernel_name="python3",
                             resources={"metadata": {"path": str(tmp_path)}}).execute()
-  finally:
-    del os.environ["MMJAX_EXPORT"]
-  outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
-  assert any("accuracy" in o.get("text", "") for o in outputs)
-  assert sum("image/png" in o.get("data", {}) for o in outputs) == 2  # The grid and the heatmap.
+    outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
+    assert sum("image/png" in o.get("data", {}) for o in outputs) == 2  # The grid and the heatmap.
+    return "".join(o.get("text", "") for o in outputs)
+
+  text = run()
+  assert "on CPU" in text and "the shapes demo: 48" in text and "accuracy (chance 0.021)" in text
+  text = run(MMJAX_IMAGE_FOLDER=str(tmp_path / "mine"), MMJAX_CLASSES=",".join(demo["class_names"][:3]))
+  assert "your data: 6 images of 3 classes" in text and "accuracy (chance 0.333)" in text
 
 
 def test_trained_model_exports_to_hf_and_back(finished_run):

@@ -40,16 +40,21 @@ def load_image(path: str | os.PathLike | BinaryIO, name: str | None = None) -> n
         raise BadImageError(f"{label}: {w}x{h} image exceeds MAX_PIXELS={MAX_PIXELS}")
       if min(w, h) < MIN_SIDE:
         raise BadImageError(f"{label}: {w}x{h} image is smaller than MIN_SIDE={MIN_SIDE}")
-      if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-        image = image.convert("RGBA")
-        image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image)
-      return np.asarray(image.convert("RGB"))
+      return to_rgb(image)
   except BadImageError:
     raise
   except FileNotFoundError as e:
     raise BadImageError(f"{label}: file not found") from e
   except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
     raise BadImageError(f"{label}: cannot decode image ({type(e).__name__}: {e})") from e
+
+
+def to_rgb(image: Image.Image) -> np.ndarray:
+  """A PIL image as uint8 RGB [H, W, 3], transparency composited on white (as every loader reads files)."""
+  if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+    image = image.convert("RGBA")
+    image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image)
+  return np.asarray(image.convert("RGB"))
 
 
 def check_policy(on_bad_image: str) -> None:

@@ -5,7 +5,7 @@ An `EmbeddingIndex` holds L2-normalised embeddings [N, D] (float32), one item st
 returns the k highest cosine similarities found by `jax.lax.top_k`; with a mesh the rows are
 split over all its devices, each device keeps its own top k and the D·k candidates are merged,
 so a device holds N/D rows. An index is a directory: `embeddings.npy` and `index.json`.
-`TwoTowerEncoder` embeds images and texts with an export (`mmjax.load`).
+Images and texts are embedded with an export's encoders (`mmjax.load(...).encode_image` / `encode_text`).
 """
 from __future__ import annotations
 
@@ -21,9 +21,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from mmjax import bundle
-from mmjax.data.transforms import ResizeImage
 from mmjax.errors import ConfigError, DataError
-from mmjax.evals import in_chunks
 
 MODALITIES = ("image", "text")
 EMBEDDINGS, META = "embeddings.npy", "index.json"
@@ -113,40 +111,16 @@ class EmbeddingIndex:
     return cls(np.load(os.path.join(path, EMBEDDINGS)), meta["items"], meta["modality"], meta.get("owners"))
 
 
-class TwoTowerEncoder:
-  """Unit-norm image and text embeddings from a two-tower export, in fixed-size batches."""
-
-  def __init__(self, export_dir: str, batch_size: int = 256):
-    self.model, self.params, self.tokenizer = bundle.load(export_dir)
-    with open(os.path.join(export_dir, bundle.MODEL_CONFIG), encoding="utf-8") as f:
-      config = json.load(f)
-    if "kind" in config:
-      raise ConfigError(f"{export_dir} holds a {config['kind']!r} model; an index needs a two-tower export")
-    self.image_size, self.max_len, self.batch_size = config["image_size"], config["text"]["max_len"], batch_size
-    self._image = jax.jit(lambda p, x: self.model.apply({"params": p}, image=x)[0])
-    self._text = jax.jit(lambda p, t: self.model.apply({"params": p}, text=t)[1])
-
-  def images(self, images) -> np.ndarray:
-    """uint8 [H, W, 3] images of any size (resized and centre-cropped) -> [N, D]."""
-    resize = ResizeImage(self.image_size)
-    x = np.stack([resize.map({"image": np.asarray(im)})["image"] for im in images]).astype(np.float32) / 127.5 - 1.0
-    return in_chunks(functools.partial(self._image, self.params), (x,), self.batch_size)
-
-  def texts(self, texts: list[str]) -> np.ndarray:
-    return in_chunks(functools.partial(self._text, self.params), (self.tokenizer.encode(texts, self.max_len),),
-                     self.batch_size)
-
-
 def image_similarity_selector(export_dir: str):
   """`select(query_images, pool_images, k) -> [Q, k]` pool indices of the k most similar images by the
   cosine of the export's image embeddings, best first (RICES demonstrations)."""
-  encoder = TwoTowerEncoder(export_dir)
+  encoder = bundle.load(export_dir)
   embedded = {}  # Callers reuse one pool and one query set across shot counts: embed each once.
 
   def embed(images):
     key = hashlib.sha1(np.ascontiguousarray(images).tobytes()).hexdigest()
     if key not in embedded:
-      embedded[key] = encoder.images(images)
+      embedded[key] = encoder.encode_image(images)
     return embedded[key]
 
   def select(query_images, pool_images, k):

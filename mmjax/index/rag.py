@@ -20,10 +20,11 @@ import time
 import jax
 import numpy as np
 
+from mmjax import bundle
 from mmjax.data import shapes_vqa
 from mmjax.errors import ConfigError
 from mmjax.metrics import fmt_duration
-from mmjax.index import EmbeddingIndex, TwoTowerEncoder
+from mmjax.index import EmbeddingIndex
 
 SELECTIONS = ("retrieved", "random")
 # Images embedded per call while the training records' contexts are computed (bounds host memory).
@@ -48,16 +49,16 @@ class CaptionRetriever:
     if self.selection == "random":
       rows = [self._rng.choice(len(self.index.items), k, replace=False) for _ in range(len(images))]
       return [[self.index.items[i] for i in row] for row in rows]
-    hits = self.index.search(self.encoder.images(images), k)
+    hits = self.index.search(self.encoder.encode_image(images), k)
     return [[item for _, _, item in row] for row in hits]
 
 
 @functools.lru_cache(maxsize=1)
-def _embedded_pool(export_dir: str, captions: tuple[str, ...]) -> tuple[TwoTowerEncoder, EmbeddingIndex]:
+def _embedded_pool(export_dir: str, captions: tuple[str, ...]) -> tuple[bundle.LoadedModel, EmbeddingIndex]:
   """The export's encoder and an index of its caption embeddings, built once per process: a run's
   training source and its eval sets search the same pool."""
-  encoder = TwoTowerEncoder(export_dir)
-  return encoder, EmbeddingIndex(encoder.texts(list(captions)), list(captions), "text")
+  encoder = bundle.load(export_dir)
+  return encoder, EmbeddingIndex(encoder.encode_text(list(captions)), list(captions), "text")
 
 
 def retriever(data) -> CaptionRetriever:
