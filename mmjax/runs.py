@@ -17,9 +17,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 from mmjax import bundle, optim, parallel, tasks
+from mmjax.adapt.wrap import BASE as ADAPTED_BASE
 from mmjax.checkpoint import Checkpointer
 from mmjax.errors import CheckpointError, ConfigError, MeshError
 from mmjax.rules import path_str
@@ -117,27 +119,35 @@ def load_params(path: str) -> dict:
   return jax.device_get(restore_params(load_run_config(path), path)[2])
 
 
-def initial_params(params: dict, subtree: str, workdir: str, source_subtree: str | None = None) -> dict:
-  """`params` with `params[subtree]` replaced by the latest parameters of the run in `workdir`
-  (e.g. a pretrained language model under "lm"), or of an export directory (`mmjax.export`,
-  `mmjax.convert_checkpoint`), or by their `source_subtree` (LiT: "img" of a two-tower run), placed with
-  the shardings they replace."""
-  if subtree not in params:
+def initial_params(params: dict, subtree: str, workdir: str, source_subtree: str | None = None) -> tuple[dict, list]:
+  """`(params, new)`: `params` with `params[subtree]` replaced by the latest parameters of the run in
+  `workdir` (e.g. a pretrained language model under "lm"), or of an export directory (`mmjax.export`,
+  `mmjax.convert_checkpoint`), or by their `source_subtree` (LiT: "img" of a two-tower run), placed
+  with the shardings they replace. Subtree "" is the whole model, and "base" an adapted model's base
+  (fine-tuning an export): there the model may hold parameters the source lacks (a logit bias for
+  the sigmoid loss on a CLIP), which keep their initialisation and are listed in `new`; anywhere
+  else (a language model under "lm", a tower) the two must match exactly."""
+  if subtree and subtree not in params:
     raise ConfigError(f"init_from: the model has no parameters {subtree!r}; it has {sorted(params)}")
   loaded = load_params(workdir)
   if source_subtree is not None:
     if source_subtree not in loaded:
       raise ConfigError(f"init_from: {workdir} has no parameters {source_subtree!r}; it has {sorted(loaded)}")
     loaded = loaded[source_subtree]
-  target = params[subtree]
-  want = {path_str(p): x.shape for p, x in jax.tree_util.tree_leaves_with_path(target)}
-  got = {path_str(p): x.shape for p, x in jax.tree_util.tree_leaves_with_path(loaded)}
-  if want != got:
-    diff = sorted(f"{k}: model {want.get(k)}, {workdir} {got.get(k)}" for k in want.keys() | got.keys()
-                  if want.get(k) != got.get(k))
-    raise ConfigError(f"init_from ({subtree!r}, {workdir!r}): parameters differ:\n  " + "\n  ".join(diff[:20]))
-  placed = jax.tree.map(lambda new, old: jax.device_put(new.astype(old.dtype), old.sharding), loaded, target)
-  return {**params, subtree: placed}
+  target = params[subtree] if subtree else params
+  want = {path_str(p): x for p, x in jax.tree_util.tree_leaves_with_path(target)}
+  got = {path_str(p): x for p, x in jax.tree_util.tree_leaves_with_path(loaded)}
+  new = sorted(want.keys() - got.keys()) if subtree in ("", ADAPTED_BASE) else []
+  differ = sorted(f"{k}: model {getattr(want.get(k), 'shape', None)}, {workdir} {getattr(got.get(k), 'shape', None)}"
+                  for k in want.keys() | got.keys() if k not in new
+                  and getattr(want.get(k), "shape", None) != getattr(got.get(k), "shape", None))
+  if differ:
+    raise ConfigError(f"init_from ({subtree!r}, {workdir!r}): parameters differ:\n  " + "\n  ".join(differ[:20]))
+  placed = {k: jax.device_put(np.asarray(got[k]).astype(x.dtype), x.sharding) if k in got else x
+            for k, x in want.items()}
+  leaves = [placed[path_str(p)] for p, _ in jax.tree_util.tree_leaves_with_path(target)]
+  restored = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(target), leaves)
+  return ({**params, subtree: restored} if subtree else restored), new
 
 
 def make_train_step(task, tx, lr, shardings, mesh):

@@ -134,8 +134,10 @@ def _start_state(config, workdir, mesh, ckpt, loader, abstract, init):
   if start is None:
     state = init(jax.random.key(config.seed))
     for subtree, source, *source_subtree in config.get("init_from", ()):
-      state["params"] = runs.initial_params(state["params"], subtree, source, *source_subtree)
-      _log(f"params[{subtree!r}] from {source}{''.join(f' [{s!r}]' for s in source_subtree)}")
+      state["params"], new = runs.initial_params(state["params"], subtree, source, *source_subtree)
+      where = f"params[{subtree!r}]" if subtree else "all params"
+      _log(f"{where} from {source}{''.join(f' [{s!r}]' for s in source_subtree)}"
+           + (f"; new, not in {source}: {', '.join(new)}" if new else ""))
     _log(f"new run in {workdir}: {sum(x.size for x in jax.tree.leaves(state['params'])):,} parameters, "
          f"mesh {dict(mesh.shape)}")
     return state, 0, loader.make_iterator()

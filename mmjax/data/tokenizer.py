@@ -187,10 +187,17 @@ def default_shapes_tokenizer() -> Tokenizer:
   return Tokenizer.load(SHAPES_MODEL)
 
 
-def load_tokenizer(spec: str) -> Tokenizer:
-  """`data.tokenizer`: "shapes" or "shapes_vlm" for the shipped shapes models, otherwise a `.model` path."""
+def load_tokenizer(spec: str):
+  """`data.tokenizer`: "shapes" or "shapes_vlm" for the shipped shapes models, "clip_bpe" for CLIP's
+  BPE (the vocabulary open_clip ships), otherwise a SentencePiece `.model` path. ("from_init", the
+  tokenizer of the export a run starts from, is the task's to resolve: `tasks.contrastive`.)"""
   if spec == "shapes":
     return default_shapes_tokenizer()
+  if spec == "clip_bpe":
+    return ClipBpeTokenizer.from_open_clip()
+  if spec == "from_init":
+    raise ConfigError("data.tokenizer='from_init' needs init_from to start the whole model from an export: "
+                      "init_from=(('', EXPORT),) (or ('base', EXPORT) with adapt.method)")
   return Tokenizer.load(SHAPES_VLM_MODEL if spec == "shapes_vlm" else spec)
 
 

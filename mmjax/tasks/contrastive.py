@@ -1,17 +1,18 @@
 """Contrastive image-text training (CLIP softmax or SigLIP sigmoid loss) and its evaluators."""
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from mmjax import losses, models, parallel
+from mmjax import bundle, losses, models, parallel
 from mmjax.adapt import wrap as adapt
 from mmjax.config import as_dict
 from mmjax.data import packing, shapes
-from mmjax.data.tokenizer import load_tokenizer
+from mmjax.data.tokenizer import load_saved_tokenizer, load_tokenizer
 from mmjax.errors import ConfigError
 from mmjax.evals import binding, map_padded_chunks, recall, zeroshot
 from mmjax.models.text import TextTransformer
@@ -19,6 +20,20 @@ from mmjax.tasks.base import Task
 
 LOSSES = ("sigmoid", "softmax", "infonce", "triplet")
 TEMPLATE_SETS = {"shapes": shapes.CLASS_TEMPLATES, "plain": ("{}",)}
+
+
+def init_tokenizer(config):
+  """`data.tokenizer`, where "from_init" is the tokenizer saved with the export that `init_from`
+  starts the whole model ("") or the adapted model's base ("base") from: a converted CLIP's BPE or a
+  SigLIP's SentencePiece, with its padding and cleaning rules."""
+  if config.data.tokenizer != "from_init":
+    return load_tokenizer(config.data.tokenizer)
+  sources = [entry[1] for entry in config.get("init_from", ()) if entry[0] in ("", adapt.BASE)]
+  for source in sources:
+    if os.path.exists(os.path.join(source, bundle.TOKENIZER)):
+      return load_saved_tokenizer(source)
+  raise ConfigError(f"data.tokenizer='from_init': no export with a tokenizer among the whole-model init_from "
+                    f"sources {sources} (init_from=(('', EXPORT),), or ('base', EXPORT) with adapt.method)")
 
 
 def model_config_with_vocab(model_config, tokenizer) -> dict:
@@ -40,7 +55,7 @@ class ContrastiveTask(Task):
     self.config, self.mesh = config, mesh
     if config.loss.kind not in LOSSES:
       raise ConfigError(f"loss.kind={config.loss.kind!r}; use one of {LOSSES}")
-    self.tokenizer = load_tokenizer(config.data.tokenizer)
+    self.tokenizer = init_tokenizer(config)
     self.model_config = model_config_with_vocab(config.model, self.tokenizer)
     # Recorded for exports: learned position embeddings fix the input resolution.
     self.model_config["image_size"] = config.data.image_size
