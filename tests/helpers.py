@@ -40,6 +40,31 @@ def logged_losses(workdir):
 _trained_tiny_backbone = {}
 
 
+NOTEBOOKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "notebooks")
+
+
+def run_notebook(name: str, cwd, **env) -> tuple[str, int]:
+  """Executes notebooks/<name> in a fresh kernel started in `cwd` (outside the repository), with its
+  install cell skipped (mmjax is installed) and `env` set; returns its printed text and the number
+  of figures it drew."""
+  import nbclient
+  import nbformat
+  notebook = nbformat.read(os.path.join(NOTEBOOKS, name), as_version=4)
+  saved = {k: os.environ.get(k) for k in [*env, "MMJAX_SKIP_INSTALL"]}
+  os.environ.update({**env, "MMJAX_SKIP_INSTALL": "1"})
+  try:
+    nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
+                            resources={"metadata": {"path": str(cwd)}}).execute()
+  finally:
+    for key, value in saved.items():
+      if value is None:
+        os.environ.pop(key, None)
+      else:
+        os.environ[key] = value
+  outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
+  return "".join(o.get("text", "") for o in outputs), sum("image/png" in o.get("data", {}) for o in outputs)
+
+
 def trained_tiny_backbone(tmp_path_factory):
   """`(run dir, export dir)` of `tiny_config` trained for 600 steps (~35 s on 2 CPU cores), trained once per
   session for every module that needs a backbone that has learned: its loss sits at ~3.74 for the first

@@ -8,7 +8,7 @@ from PIL import Image
 
 from mmjax import bundle, config as mmjax_config, runs
 from mmjax import base_to_novel
-from tests.helpers import tiny_config, trained_tiny_backbone
+from tests.helpers import run_notebook, tiny_config, trained_tiny_backbone
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 235), "white": (240, 240, 240)}
@@ -70,21 +70,9 @@ def test_base_to_novel_runs_every_kind_of_method_on_an_image_folder(backbone, tm
 
 
 def test_adaptation_notebook_trains_coop_and_lora_and_plots(backbone, tmp_path):
-  import nbclient
-  import nbformat
-
   _, out = backbone
-  notebook = nbformat.read(os.path.join(REPO, "notebooks", "adaptation.ipynb"), as_version=4)
-  env = {"MMJAX_EXPORT": out, "MMJAX_WORKDIR": str(tmp_path / "adapt"), "MMJAX_STEPS": "3", "MMJAX_SHOTS": "2",
-         "MMJAX_TEST_PER_CLASS": "2"}
-  os.environ.update(env)
-  try:
-    nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
-                            resources={"metadata": {"path": os.path.join(REPO, "notebooks")}}).execute()
-  finally:
-    for k in env:
-      del os.environ[k]
-  printed = "".join(o.get("text", "") for c in notebook.cells if c.cell_type == "code" for o in c.get("outputs", []))
+  printed, images = run_notebook("adaptation.ipynb", tmp_path, MMJAX_EXPORT=out, MMJAX_WORKDIR=str(tmp_path / "adapt"),
+                                 MMJAX_STEPS="3", MMJAX_SHOTS="2", MMJAX_TEST_PER_CLASS="2")
   assert "24 base classes (2 shots each), 24 novel classes" in printed
   assert "coop {'base_acc'" in printed and "lora {'base_acc'" in printed
   # Both methods trained and checkpointed; the base model stayed as exported.
@@ -92,5 +80,4 @@ def test_adaptation_notebook_trains_coop_and_lora_and_plots(backbone, tmp_path):
   for method in ("coop", "lora"):
     params = runs.load_params(str(tmp_path / "adapt" / method))
     assert all((a == b).all() for a, b in zip(jax.tree.leaves(params["base"]), jax.tree.leaves(base)))
-  images = sum("image/png" in o.get("data", {}) for c in notebook.cells if c.cell_type == "code" for o in c.outputs)
   assert images == 1

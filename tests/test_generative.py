@@ -1,5 +1,4 @@
 """Generative training end to end: a text-only LM, then LLaVA starting its `lm` from that run."""
-import os
 
 import jax
 import numpy as np
@@ -12,9 +11,8 @@ from mmjax.data import shapes_vqa
 from mmjax.evals import vqa
 from mmjax.tasks import generative
 from mmjax.errors import ConfigError
-from tests.helpers import logged_losses, tiny_generative_recipe
+from tests.helpers import logged_losses, run_notebook, tiny_generative_recipe
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_LM = dict(width=32, depth=1, num_heads=2, mlp_dim=64)
 
 
@@ -73,8 +71,6 @@ def test_llava_starts_from_the_lm_run_and_trains_with_evals(lm_run, llava_run):
 
 
 def test_exported_vlm_answers_like_the_run_and_drives_the_notebook(llava_run, tmp_path):
-  import nbclient
-  import nbformat
   workdir, config, summary = llava_run
   out = export.export(workdir, str(tmp_path / "export"))
   model, params, tokenizer = mmjax.load(out)
@@ -83,16 +79,8 @@ def test_exported_vlm_answers_like_the_run_and_drives_the_notebook(llava_run, tm
   predictions = generative.answer(model, params, sequence, [shapes_vqa.episode([r]) for r in records],
                                   max_new_tokens=config.evals.vqa.max_new_tokens, batch_size=16)
   assert vqa.exact_match(predictions, [r["answer"] for r in records]) == pytest.approx(summary["vqa/accuracy"])
-  notebook = nbformat.read(os.path.join(REPO, "notebooks", "vlm_demo.ipynb"), as_version=4)
-  os.environ["MMJAX_EXPORT"] = out
-  try:
-    nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
-                            resources={"metadata": {"path": os.path.join(REPO, "notebooks")}}).execute()
-  finally:
-    del os.environ["MMJAX_EXPORT"]
-  printed = "".join(o.get("text", "") for c in notebook.cells if c.cell_type == "code" for o in c.get("outputs", []))
+  printed, images = run_notebook("vlm_demo.ipynb", tmp_path, MMJAX_EXPORT=out)
   assert "LLaVA: 32 px images" in printed and "exact match" in printed
-  images = sum("image/png" in o.get("data", {}) for c in notebook.cells if c.cell_type == "code" for o in c.outputs)
   assert images == 2  # The question grid and the captions.
 
 

@@ -2,6 +2,7 @@
 recipes ship with it, so `--config <name>` trains."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -52,3 +53,18 @@ def test_the_wheel_trains_a_recipe_by_name_from_any_directory(wheel_env, tmp_pat
     loaded = subprocess.run([wheel_env, "-c", f"from mmjax import config; print(config.load({spec!r}).task)"],
                             cwd=tmp_path, env=env, capture_output=True, text=True)
     assert loaded.returncode == 0 and loaded.stdout.strip() == "contrastive", loaded.stderr[-2000:]
+
+
+def test_every_notebook_installs_itself_prints_its_devices_and_is_run_by_a_test():
+  import glob
+  import nbformat
+  tests = "".join(open(path, encoding="utf-8").read() for path in glob.glob(os.path.join(REPO, "tests", "test_*.py")))
+  with open(os.path.join(REPO, "setup.py"), encoding="utf-8") as f:
+    url = re.search(r'url="([^"]+)"', f.read()).group(1)  # The project's repository, the install default.
+  notebooks = sorted(glob.glob(os.path.join(REPO, "notebooks", "*.ipynb")))
+  assert len(notebooks) >= 5
+  for path in notebooks:
+    code = [cell.source for cell in nbformat.read(path, as_version=4).cells if cell.cell_type == "code"]
+    assert f'"MMJAX_SOURCE", "git+{url}"' in code[0] and "pip" in code[0] and "MMJAX_SKIP_INSTALL" in code[0], path
+    assert "jax.devices()" in code[1] and "default_backend" in code[1], path
+    assert f'run_notebook("{os.path.basename(path)}"' in tests, f"no test executes {path}"

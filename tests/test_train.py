@@ -17,11 +17,8 @@ from mmjax.checkpoint import Checkpointer
 from mmjax.errors import CheckpointError, NonFiniteLossError
 from mmjax.evaluate import evaluate
 from mmjax.export import export
-from tests.helpers import logged_losses, tiny_config
+from tests.helpers import logged_losses, run_notebook, tiny_config
 from tests.test_losses import ref_infonce, ref_triplet
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def _config(**overrides):
   return tiny_config(**{"total_steps": 6, "checkpoint_every": 2, "log_every": 2, "eval_every": 6, **overrides})
@@ -194,33 +191,28 @@ def test_evaluate_and_export_load(finished_run, tmp_path):
     mmjax.load(str(tmp_path))
 
 
-def test_zero_shot_notebook_runs_on_an_export_for_shapes_and_for_a_folder_of_your_classes(
-    finished_run, tmp_path, monkeypatch):
-  import nbclient
-  import nbformat
+def test_zero_shot_notebook_runs_on_an_export_for_shapes_and_for_a_folder_of_your_classes(finished_run, tmp_path):
   out = export(finished_run[0], str(tmp_path / "export"))
   demo = shapes.zeroshot_set(seed=0, image_size=40, per_class=2)  # Another size than the model's.
   for index, (image, label) in enumerate(zip(demo["images"], demo["labels"])):
     if label < 3:  # Three classes, under other names.
       os.makedirs(tmp_path / "mine" / f"class{label}", exist_ok=True)
       Image.fromarray(image).save(tmp_path / "mine" / f"class{label}" / f"{index}.png")
-  monkeypatch.setenv("MMJAX_EXPORT", out)
-  monkeypatch.setenv("MMJAX_SKIP_INSTALL", "1")  # Installed already; the kernel runs outside the repository.
-
-  def run(**env):
-    for key, value in env.items():
-      monkeypatch.setenv(key, value)
-    notebook = nbformat.read(os.path.join(REPO, "notebooks", "zero_shot.ipynb"), as_version=4)
-    nbclient.NotebookClient(notebook, timeout=300, kernel_name="python3",
-                            resources={"metadata": {"path": str(tmp_path)}}).execute()
-    outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
-    assert sum("image/png" in o.get("data", {}) for o in outputs) == 2  # The grid and the heatmap.
-    return "".join(o.get("text", "") for o in outputs)
-
-  text = run()
+  text, images = run_notebook("zero_shot.ipynb", tmp_path, MMJAX_EXPORT=out)
   assert "on CPU" in text and "the shapes demo: 48" in text and "accuracy (chance 0.021)" in text
-  text = run(MMJAX_IMAGE_FOLDER=str(tmp_path / "mine"), MMJAX_CLASSES=",".join(demo["class_names"][:3]))
-  assert "your data: 6 images of 3 classes" in text and "accuracy (chance 0.333)" in text
+  assert images == 2  # The grid and the heatmap.
+  text, images = run_notebook("zero_shot.ipynb", tmp_path, MMJAX_EXPORT=out, MMJAX_IMAGE_FOLDER=str(tmp_path / "mine"),
+                              MMJAX_CLASSES=",".join(demo["class_names"][:3]))
+  assert "your data: 6 images of 3 classes" in text and "accuracy (chance 0.333)" in text and images == 2
+
+
+def test_finetune_notebook_trains_an_export_then_exports_and_evaluates_it(finished_run, tmp_path):
+  out = export(finished_run[0], str(tmp_path / "export"))
+  text, images = run_notebook("finetune.ipynb", tmp_path, MMJAX_EXPORT=out, MMJAX_WORKDIR=str(tmp_path / "nb"),
+                              MMJAX_STEPS="4", MMJAX_BATCH="16")
+  assert "fine-tuning" in text and "4 steps of 16 on 8 CPU device(s)" in text
+  assert "before: i2t R@1" in text and "after: i2t R@1" in text and "among 256" in text and images == 1
+  assert mmjax.load(str(tmp_path / "nb" / "export")).image_size == mmjax.load(out).image_size
 
 
 def test_trained_model_exports_to_hf_and_back(finished_run):
