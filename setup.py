@@ -46,6 +46,7 @@ setup(
             "ipykernel>=6.29",
             "matplotlib>=3.8",
             "nltk>=3.8",  # The reference BLEU of tests/test_vlm_metrics.py.
+            "scikit-learn>=1.3",  # The UCI digits of mmjax.data.digits (README walk-through, tests/test_digits.py).
         ],
         # Converters from open_clip / HF transformers checkpoints and their parity tests (CPU torch).
         "interop": [

@@ -5,6 +5,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from mmjax.data.folder import ImageFolderSource
+from mmjax.errors import ConfigError
+
 
 def class_embeddings(embed_texts: Callable[[list[str]], np.ndarray], class_names: Sequence[str],
                      templates: Sequence[str]) -> np.ndarray:
@@ -26,3 +29,37 @@ def evaluate(zimg: np.ndarray, zclass: np.ndarray, labels: np.ndarray,
     if rows.any():
       out[f"acc_{name}"] = float(correct[rows].mean())
   return out
+
+
+def classification_metrics(scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+  """CLIP_benchmark's zero-shot classification metrics from [N, C] scores: top-1 and top-5 accuracy
+  (top-C when C < 5) and the mean over classes of each class's recall (balanced accuracy)."""
+  labels = np.asarray(labels)
+  order = np.argsort(-np.asarray(scores), axis=1, kind="stable")
+  top1 = order[:, 0] == labels
+  top5 = (order[:, :5] == labels[:, None]).any(axis=1)
+  recall = [top1[labels == c].mean() for c in np.unique(labels)]
+  return {"acc1": float(top1.mean()), "acc5": float(top5.mean()), "mean_per_class_recall": float(np.mean(recall))}
+
+
+def classify_folder(encode_image: Callable, encode_text: Callable, root: str,
+                    class_names: Sequence[str] | None = None, templates: Sequence[str] = ("a photo of a {}.",),
+                    chunk: int = 1024) -> dict[str, float]:
+  """Zero-shot classification of an ImageFolder tree (`root/<class>/<image>`; class names are the
+  folder names unless given, in sorted folder order), its images embedded `chunk` at a time.
+  Unreadable images are skipped and counted (`skipped`)."""
+  source = ImageFolderSource(root)
+  names = list(class_names) if class_names else source.class_names
+  if len(names) != len(source.class_names):
+    raise ConfigError(f"{len(names)} class names for the {len(source.class_names)} class folders of {root}")
+  zclass = class_embeddings(encode_text, names, templates)
+  scores, labels, skipped = [], [], 0
+  for start in range(0, len(source), chunk):
+    records = [source[i] for i in range(start, min(start + chunk, len(source)))]
+    skipped += sum(r is None for r in records)
+    records = [r for r in records if r is not None]
+    if records:
+      scores.append(np.asarray(encode_image([r["image"] for r in records]), np.float64) @ zclass.T)
+      labels.extend(r["label"] for r in records)
+  return {**classification_metrics(np.concatenate(scores), np.array(labels)), "images": len(labels),
+          "classes": len(names), "skipped": skipped}
