@@ -1,8 +1,11 @@
-"""Small configs shared by the tests (tiny towers that compile and train in seconds), and float64 NumPy
-references of the layers many models share, with random parameters to run them on."""
+"""Small configs shared by the tests (tiny towers that compile and train in seconds), float64 NumPy
+references of the layers many models share, with random parameters to run them on, and runners of
+commands and notebooks as users run them."""
 import importlib
 import json
 import os
+import subprocess
+import sys
 
 import flax
 import jax
@@ -38,6 +41,15 @@ def logged_losses(workdir):
 
 
 _trained_tiny_backbone = {}
+
+
+def run_module(*args, cwd) -> str:
+  """`python -m <args>` in `cwd` as a user runs it (JAX on the CPU); its stdout and stderr, after
+  asserting that it succeeded."""
+  proc = subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True, timeout=600,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc.stdout + proc.stderr
 
 
 NOTEBOOKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "notebooks")

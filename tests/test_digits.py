@@ -4,8 +4,6 @@ tokenizer trained on its captions, the CLIP recipe trained briefly through the f
 export, and zero-shot classification of the held-out digits."""
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -13,28 +11,22 @@ import pytest
 pytest.importorskip("sklearn")
 
 from mmjax.evals import zeroshot  # noqa: E402
+from tests.helpers import run_module  # noqa: E402
 
 STEPS = 200
 
 
-def _run(*args, cwd):
-  proc = subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True, timeout=600,
-                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return proc.stdout
-
-
 def test_digits_walk_through_classifies_held_out_digits_zero_shot(tmp_path):
-  out = _run("mmjax.data.digits", "--out", "digits", cwd=tmp_path)
+  out = run_module("mmjax.data.digits", "--out", "digits", cwd=tmp_path)
   assert "1258 captioned training images and 539 test images in 10 class folders" in out
-  _run("mmjax.data.tokenizer", "train", "--source", "captions", "--captions", "digits/train/captions.jsonl",
+  run_module("mmjax.data.tokenizer", "train", "--source", "captions", "--captions", "digits/train/captions.jsonl",
        "--out", "digits/spm.model", "--vocab_size", "64", cwd=tmp_path)
-  _run("mmjax.train", "--config", "clip_shapes", "--workdir", "run", "--config.data.source=folder",
+  run_module("mmjax.train", "--config", "clip_shapes", "--workdir", "run", "--config.data.source=folder",
        "--config.data.captions=digits/train/captions.jsonl", "--config.data.tokenizer=digits/spm.model",
        "--config.data.image_size=32", "--config.data.batch_size=64", f"--config.total_steps={STEPS}",
        "--config.eval_every=0", cwd=tmp_path)
-  _run("mmjax.export", "--workdir", "run", "--out", "export", cwd=tmp_path)
-  printed = _run("mmjax.evaluate", "--export", "export", "--benchmark", "zeroshot_classification", "--data",
+  run_module("mmjax.export", "--workdir", "run", "--out", "export", cwd=tmp_path)
+  printed = run_module("mmjax.evaluate", "--export", "export", "--benchmark", "zeroshot_classification", "--data",
                  "digits/test", "--template", "a photo of the digit {}.", "--out", "zeroshot.json", cwd=tmp_path)
   assert "acc1" in printed and "mean_per_class_recall" in printed
   with open(tmp_path / "zeroshot.json") as f:

@@ -2,9 +2,6 @@
 open_clip model, fine-tune it on a folder of captions (softmax, sigmoid, LoRA) with the tokenizer
 that came with it, export, and retrieve with the loaded model's own preprocessing."""
 import json
-import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -16,17 +13,10 @@ open_clip = pytest.importorskip("open_clip")
 import mmjax  # noqa: E402
 from mmjax.data import shapes  # noqa: E402
 from PIL import Image  # noqa: E402
-from tests.helpers import logged_losses  # noqa: E402
+from tests.helpers import logged_losses, run_module  # noqa: E402
 from tests.test_interop import TINY_OC_TEXT, TINY_OC_VISION  # noqa: E402
 
 STEPS = 60
-
-
-def _run(*args, cwd):
-  proc = subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True, timeout=600,
-                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return proc.stdout + proc.stderr
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +28,7 @@ def converted(tmp_path_factory):
   torch.manual_seed(0)
   torch.save(open_clip.CLIP(**cfg).state_dict(), tmp / "oc.pt")
   (tmp / "oc.json").write_text(json.dumps(cfg))
-  _run("mmjax.convert_checkpoint", "--from", "open_clip", "--source", "oc.pt", "--model-config", "oc.json",
+  run_module("mmjax.convert_checkpoint", "--from", "open_clip", "--source", "oc.pt", "--model-config", "oc.json",
        "--tokenizer", "clip_bpe", "--out", "export", cwd=tmp)
   data = shapes.retrieval_set(0, 48, 32)
   (tmp / "data").mkdir()
@@ -51,7 +41,7 @@ def converted(tmp_path_factory):
 
 
 def _finetune(tmp, workdir, arg, steps=STEPS):
-  return _run("mmjax.train", "--config", f"finetune:export=export,{arg}", "--workdir", workdir,
+  return run_module("mmjax.train", "--config", f"finetune:export=export,{arg}", "--workdir", workdir,
               "--config.data.captions=data/caps.tsv", "--config.data.csv_image_key=path",
               "--config.data.csv_caption_key=text", "--config.data.batch_size=16", f"--config.total_steps={steps}",
               "--config.optim.lr=3e-3", cwd=tmp)
@@ -90,5 +80,5 @@ def test_lora_trains_only_the_adapter_and_sigmoid_adds_a_bias_to_a_clip(converte
 
 
 def _export(tmp, workdir):
-  _run("mmjax.export", "--workdir", workdir, "--out", f"{workdir}_export", cwd=tmp)
+  run_module("mmjax.export", "--workdir", workdir, "--out", f"{workdir}_export", cwd=tmp)
   return tmp / f"{workdir}_export"
