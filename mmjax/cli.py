@@ -10,6 +10,7 @@ import re
 import sys
 
 from absl import app, flags
+import jax
 import ml_collections
 
 from mmjax import config as mmjax_config
@@ -84,7 +85,10 @@ def user_errors(verbose: bool):
   except MMJaxError as e:
     if verbose:
       raise
-    fail(f"{type(e).__name__}: {one_line(e)}", RUN_ERROR)
+    # Every process of a multi-process run reports its own error, so say which one this is.
+    where = (f"process {jax.process_index()} of {jax.process_count()}: "
+             if jax.distributed.is_initialized() and jax.process_count() > 1 else "")
+    fail(f"{where}{type(e).__name__}: {one_line(e)}", RUN_ERROR)
 
 
 def one_line(error: BaseException) -> str:

@@ -24,7 +24,7 @@ from ml_collections import config_flags
 from mmjax import cli, parallel, runs, runtime
 from mmjax.checkpoint import Checkpointer
 from mmjax.data import pipeline
-from mmjax.errors import MMJaxError, NonFiniteLossError, PreemptedError
+from mmjax.errors import NonFiniteLossError, PreemptedError
 from mmjax.metrics import MetricWriter, Progress, summary_table
 
 SUMMARY_FILE = "summary.json"
@@ -207,10 +207,6 @@ def main(argv):
   except PreemptedError as e:
     logging.warning("process %d: %s", jax.process_index(), e)
     sys.exit(143)  # 128 + SIGTERM: what a scheduler expects from a job it asked to stop.
-  except MMJaxError as e:  # Every process reports its own error; process 0 is not the only one.
-    if jax.process_count() > 1:
-      raise type(e)(f"process {jax.process_index()} of {jax.process_count()}: {e}") from e
-    raise
 
 
 if __name__ == "__main__":
