@@ -1,5 +1,5 @@
 """A built wheel in a fresh virtual environment, used from a directory outside the repository: the
-recipes ship with it, so `--config <name>` trains."""
+recipes ship with it, so `--config <name>` trains, and the run exports and evaluates from there."""
 import json
 import os
 import re
@@ -9,6 +9,7 @@ import sys
 import venv
 
 import pytest
+from PIL import Image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -47,6 +48,22 @@ def test_the_wheel_trains_a_recipe_by_name_from_any_directory(wheel_env, tmp_pat
   assert "warming up over 0 steps" in proc.stderr  # The recipe's warmup of 100 fits a 4-step trial.
   with open(tmp_path / "run" / "summary.json") as f:
     assert json.load(f)["steps"] == 4
+  # The export evaluates from the wheel too: a benchmark on an image folder, and the loaded model's
+  # own preprocessing on an image of another size.
+  for label, colour in enumerate(((255, 0, 0), (0, 0, 255))):
+    os.makedirs(tmp_path / "folder" / f"class{label}")
+    for i in range(2):
+      Image.new("RGB", (40 + 8 * i, 30), colour).save(tmp_path / "folder" / f"class{label}" / f"{i}.png")
+  for command in (["mmjax.export", "--workdir", "run", "--out", "export"],
+                  ["mmjax.evaluate", "--export", "export", "--benchmark", "zeroshot_classification", "--data",
+                   "folder", "--out", "zs.json"]):
+    done = subprocess.run([wheel_env, "-m", *command], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+  assert json.load(open(tmp_path / "zs.json"))["metrics"]["images"] == 4
+  script = ("import mmjax; from PIL import Image; m = mmjax.load('export'); "
+            "x = m.preprocess(Image.open('folder/class0/1.png')); print(x.shape, m.encode_image(x).shape)")
+  shapes = subprocess.run([wheel_env, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
+  assert shapes.stdout.strip() == "(1, 64, 64, 3) (1, 96)", shapes.stderr[-2000:]
   # A recipe that imports another (`from configs import siglip_shapes`) loads from the wheel, by
   # name and by the path it has in the package.
   for spec in ("lit_shapes", "mmjax/configs/swin_shapes.py"):
