@@ -43,6 +43,24 @@ def logged_losses(workdir):
 _trained_tiny_backbone = {}
 
 
+def untrained_export(out: str) -> str:
+  """An export of an untrained tiny two-tower model (`tiny_config`'s), for what needs embeddings,
+  not good ones: indexes, benchmark readers and metrics."""
+  from flax import linen as nn
+  from mmjax import bundle, models
+  from mmjax.data.tokenizer import load_tokenizer
+  from mmjax.tasks.contrastive import model_config_with_vocab
+  config = tiny_config()
+  tokenizer = load_tokenizer(config.data.tokenizer)
+  model_config = model_config_with_vocab(config.model, tokenizer)
+  model_config["image_size"] = config.data.image_size
+  model = models.build(model_config)
+  size, max_len = config.data.image_size, model_config["text"]["max_len"]
+  params = nn.unbox(model.init(jax.random.key(0), image=np.zeros((1, size, size, 3), np.float32),
+                               text=np.zeros((1, max_len), np.int32))["params"])
+  return bundle.write(out, model_config, params, tokenizer, {"test": "untrained"})
+
+
 def run_module(*args, cwd) -> str:
   """`python -m <args>` in `cwd` as a user runs it (JAX on the CPU); its stdout and stderr, after
   asserting that it succeeded."""

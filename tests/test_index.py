@@ -7,19 +7,15 @@ import sys
 import jax
 import numpy as np
 import pytest
-from flax import linen as nn
 from PIL import Image
 
 import mmjax
-from mmjax import models, parallel
+from mmjax import parallel
 from mmjax.data import folder, pipeline, shapes, shapes_vqa
-from mmjax.data.tokenizer import load_tokenizer
 from mmjax.errors import ConfigError, DataError
-from mmjax.bundle import write as write_export
 from mmjax.index import EmbeddingIndex, rag, top_k
 from mmjax.retrieve import build
-from mmjax.tasks.contrastive import model_config_with_vocab
-from tests.helpers import tiny_config, tiny_generative_recipe
+from tests.helpers import tiny_generative_recipe, untrained_export
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -70,17 +66,7 @@ def test_index_saves_loads_and_rejects_bad_input(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_export(tmp_path_factory):
-  """An export of an untrained tiny two-tower model: retrieval needs embeddings, not good ones."""
-  config = tiny_config()
-  tokenizer = load_tokenizer(config.data.tokenizer)
-  model_config = model_config_with_vocab(config.model, tokenizer)
-  model_config["image_size"] = config.data.image_size
-  model = models.build(model_config)
-  size, max_len = config.data.image_size, model_config["text"]["max_len"]
-  params = nn.unbox(model.init(jax.random.key(0), image=np.zeros((1, size, size, 3), np.float32),
-                               text=np.zeros((1, max_len), np.int32))["params"])
-  return write_export(str(tmp_path_factory.mktemp("export") / "export"), model_config, params, tokenizer,
-                      {"test": "untrained"})
+  return untrained_export(str(tmp_path_factory.mktemp("export") / "export"))
 
 
 def test_load_gives_the_training_preprocessing_and_the_encoders(tiny_export, tmp_path):

@@ -7,6 +7,7 @@ import numpy as np
 
 from mmjax.data.folder import ImageFolderSource
 from mmjax.errors import ConfigError
+from mmjax.evals import embed_images
 
 
 def class_embeddings(embed_texts: Callable[[list[str]], np.ndarray], class_names: Sequence[str],
@@ -53,13 +54,7 @@ def classify_folder(encode_image: Callable, encode_text: Callable, root: str,
   if len(names) != len(source.class_names):
     raise ConfigError(f"{len(names)} class names for the {len(source.class_names)} class folders of {root}")
   zclass = class_embeddings(encode_text, names, templates)
-  scores, labels, skipped = [], [], 0
-  for start in range(0, len(source), chunk):
-    records = [source[i] for i in range(start, min(start + chunk, len(source)))]
-    skipped += sum(r is None for r in records)
-    records = [r for r in records if r is not None]
-    if records:
-      scores.append(np.asarray(encode_image([r["image"] for r in records]), np.float64) @ zclass.T)
-      labels.extend(r["label"] for r in records)
-  return {**classification_metrics(np.concatenate(scores), np.array(labels)), "images": len(labels),
-          "classes": len(names), "skipped": skipped}
+  zimg, kept = embed_images(encode_image, lambda i: (source[i] or {}).get("image"), len(source), chunk)
+  labels = np.array([source.labels[i] for i in kept])
+  return {**classification_metrics(zimg @ zclass.T, labels), "images": len(kept), "classes": len(names),
+          "skipped": len(source) - len(kept)}
