@@ -1,7 +1,8 @@
 """What every `python -m mmjax.<command>` shares: `--config` takes a shipped recipe's name or any
 recipe file from any directory, and a user's error (a bad flag, config key or file, or any
 `MMJaxError` the run raises) prints one line, `error: ...`, and exits non-zero: 2 for flags and
-config, 1 for the run's own errors. `--verbose` shows the traceback instead."""
+config, 1 for the run's own errors. `--verbose` shows the traceback instead. absl commands go
+through `run`; argparse ones wrap their work in `user_errors` and take `add_verbose_flag`."""
 from __future__ import annotations
 
 import contextlib
@@ -89,6 +90,12 @@ def user_errors(verbose: bool):
     where = (f"process {jax.process_index()} of {jax.process_count()}: "
              if jax.distributed.is_initialized() and jax.process_count() > 1 else "")
     fail(f"{where}{type(e).__name__}: {one_line(e)}", RUN_ERROR)
+
+
+def add_verbose_flag(parser) -> None:
+  """`--verbose` for the argparse commands (`mmjax.convert_checkpoint`, `mmjax.data.*`), which run
+  their work inside `user_errors(args.verbose)`."""
+  parser.add_argument("--verbose", action="store_true", help="on an error, print the full traceback")
 
 
 def one_line(error: BaseException) -> str:

@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from mmjax import bundle, interop
+from mmjax import bundle, cli, interop
 from mmjax.data.clip_bpe import ClipBpeTokenizer
 from mmjax.data.tokenizer import Tokenizer
 from mmjax.errors import ConversionError
@@ -137,8 +137,10 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--model-config", help="open_clip: model-config JSON file or model name (e.g. ViT-B-32)")
   parser.add_argument("--tokenizer", help=f"'{CLIP_BPE}' or a SentencePiece .model path (SigLIP)")
   parser.add_argument("--out", required=True, help="export directory to create")
+  cli.add_verbose_flag(parser)
   args = parser.parse_args(argv)
-  print(f"exported to {convert(args.source_kind, args.source, args.out, args.model_config, args.tokenizer)}")
+  with cli.user_errors(args.verbose):
+    print(f"exported to {convert(args.source_kind, args.source, args.out, args.model_config, args.tokenizer)}")
 
 
 if __name__ == "__main__":

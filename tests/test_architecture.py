@@ -13,7 +13,8 @@ ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 ENTRY_POINTS = {"mmjax.train", "mmjax.export", "mmjax.evaluate", "mmjax.retrieve", "mmjax.compile",
                 "mmjax.convert_checkpoint", "mmjax.base_to_novel"}
 # Rank of each layer; a module imports only modules of its own rank or lower.
-FOUNDATION = {"mmjax.ops", "mmjax.parallel", "mmjax.rules", "mmjax.errors", "mmjax.config", "mmjax.runtime"}
+FOUNDATION = {"mmjax.ops", "mmjax.parallel", "mmjax.rules", "mmjax.errors", "mmjax.config", "mmjax.runtime",
+              "mmjax.cli"}
 
 
 def _rank(module: str) -> int:

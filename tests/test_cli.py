@@ -41,6 +41,15 @@ CASES = {
     "not a workdir": ("mmjax.evaluate --workdir {tmp}", RUN, ["CheckpointError", "not an mmjax training workdir"], {}),
     "workdir without checkpoints": ("mmjax.evaluate --workdir {tmp}/empty_run", RUN,
                                     ["CheckpointError", "no checkpoint"], {}),
+    "benchmark without an export": ("mmjax.evaluate --benchmark retrieval --data {tmp}/coco.json", RUN,
+                                    ["ConfigError", "--export"], {}),
+    # The argparse commands report the same way.
+    "unreadable checkpoint to convert": ("mmjax.convert_checkpoint --from big_vision --source {tmp}/none.npz "
+                                         "--out {tmp}/e", RUN, ["ConversionError", "none.npz"], {}),
+    "tokenizer corpus missing": ("mmjax.data.tokenizer train --source captions --captions {tmp}/none.jsonl "
+                                 "--out {tmp}/t.model", RUN, ["DataError", "none.jsonl"], {}),
+    "records source missing": ("mmjax.data.write_records --from folder --source {tmp}/none.jsonl --out {tmp}/ar",
+                               RUN, ["DataError", "none.jsonl"], {}),
 }
 
 

@@ -18,6 +18,7 @@ import os
 import numpy as np
 from PIL import Image
 
+from mmjax import cli
 from mmjax.errors import ConfigError
 
 NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -59,8 +60,10 @@ def main(argv=None) -> None:
   parser.add_argument("--size", type=int, default=32)
   parser.add_argument("--test_fraction", type=float, default=0.3)
   parser.add_argument("--seed", type=int, default=0)
+  cli.add_verbose_flag(parser)
   args = parser.parse_args(argv)
-  counts = write_digits(args.out, args.size, args.test_fraction, args.seed)
+  with cli.user_errors(args.verbose):
+    counts = write_digits(args.out, args.size, args.test_fraction, args.seed)
   print(f"wrote {counts['train']} captioned training images and {counts['test']} test images in "
         f"{len(NAMES)} class folders under {args.out}")
 

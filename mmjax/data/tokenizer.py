@@ -17,6 +17,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import sentencepiece as spm
 
+from mmjax import cli
 from mmjax.data import shapes, shapes_vqa
 from mmjax.data.clip_bpe import ClipBpeTokenizer
 from mmjax.data.folder import CaptionFolderSource
@@ -238,7 +239,13 @@ def main(argv: Sequence[str] | None = None) -> None:
                      help="captions drawn from the shapes source")
   train.add_argument("--character_coverage", type=float, default=1.0,
                      help="fraction of characters the vocabulary covers (0.9995 for large alphabets)")
+  cli.add_verbose_flag(train)
   args = parser.parse_args(argv)
+  with cli.user_errors(args.verbose):
+    _train(parser, args)
+
+
+def _train(parser, args) -> None:
   special = ()
   if args.source == "shapes":
     texts = shapes_corpus(args.num_texts)

@@ -14,11 +14,11 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import sys
 from typing import Iterator
 
 from array_record.python.array_record_module import ArrayRecordWriter
 
+from mmjax import cli
 from mmjax.data.folder import CaptionFolderSource, load_image
 from mmjax.data.records import WebDatasetSource, pack_record
 from mmjax.errors import BadImageError, MMJaxError
@@ -78,7 +78,7 @@ def convert(kind: str, source: str, out: str, *, image_root: str | None = None,
   return {"written": written, "skipped": len(skipped), "shards": len(paths)}
 
 
-def main(argv=None) -> int:
+def main(argv=None) -> None:
   parser = argparse.ArgumentParser(prog="python -m mmjax.data.write_records", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--from", dest="kind", required=True, choices=FORMATS)
@@ -86,15 +86,12 @@ def main(argv=None) -> int:
   parser.add_argument("--out", required=True, help="Output directory for the array_record shards.")
   parser.add_argument("--image_root", default=None, help="Folder: base of relative image paths.")
   parser.add_argument("--records_per_shard", type=int, default=10_000)
+  cli.add_verbose_flag(parser)
   args = parser.parse_args(argv)
-  try:
+  with cli.user_errors(args.verbose):
     convert(args.kind, args.source, args.out, image_root=args.image_root,
             records_per_shard=args.records_per_shard)
-  except MMJaxError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
-  return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  main()
