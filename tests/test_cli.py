@@ -1,7 +1,6 @@
 """User errors at the command line: one line naming the culprit, a non-zero exit, no traceback
 (unless --verbose). The commands run as users run them, from a directory outside the repository,
 all at once."""
-import json
 import os
 import subprocess
 import sys
@@ -9,6 +8,7 @@ import sys
 import pytest
 
 import mmjax
+from mmjax import config as mmjax_config
 from mmjax.errors import CheckpointError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,18 +58,13 @@ def outcomes(tmp_path_factory):
   """Every case's `(returncode, stderr)`, the commands run concurrently from a temporary directory."""
   tmp = tmp_path_factory.mktemp("cli")
   (tmp / "empty_run").mkdir()
-  (tmp / "empty_run" / "config.json").write_text(json.dumps(json.loads(_recipe_json())))
+  (tmp / "empty_run" / "config.json").write_text(mmjax_config.load("siglip_shapes").to_json())
   procs = {}
   for name, (command, _, _, env) in CASES.items():
     procs[name] = subprocess.Popen([sys.executable, "-m", *command.format(tmp=tmp).split()], cwd=tmp,
                                    env={**os.environ, "JAX_PLATFORMS": "cpu", **env},
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   return {name: (p.communicate(timeout=300)[1], p.returncode)[::-1] for name, p in procs.items()}
-
-
-def _recipe_json() -> str:
-  from mmjax import config
-  return config.load("siglip_shapes").to_json()
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
