@@ -22,7 +22,7 @@ setup(
     # The recipes in configs/ ship as mmjax/configs, so `--config siglip_shapes` works from any directory.
     packages=[*find_packages(include=["mmjax", "mmjax.*"]), "mmjax.configs"],
     package_dir={"mmjax.configs": "configs"},
-    package_data={"mmjax": ["assets/*.model"]},
+    package_data={"mmjax": ["assets/*.model", "assets/*.txt"]},
     install_requires=[
         *(f"jax=={jax}; {marker}" for marker, jax, _ in JAX_PINS),
         "flax>=0.12",
@@ -45,7 +45,7 @@ setup(
             "nbformat>=5.10",
             "ipykernel>=6.29",
             "matplotlib>=3.8",
-            "nltk>=3.8",  # The reference BLEU of tests/test_vlm_metrics.py.
+            "pycocoevalcap>=1.2",  # reference BLEU/CIDEr/ROUGE-L of tests/test_vlm_metrics.py
             "scikit-learn>=1.3",  # The UCI digits of mmjax.data.digits (README walk-through, tests/test_digits.py).
         ],
         # Converters from open_clip / HF transformers checkpoints and their parity tests (CPU torch).

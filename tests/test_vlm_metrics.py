@@ -1,9 +1,13 @@
-"""Caption (BLEU, CIDEr-D) and VQA metrics against examples worked by hand; the arithmetic is spelled out inline."""
+"""Caption (BLEU, ROUGE-L, CIDEr-D, METEOR) and VQA metrics against examples worked by hand, with the arithmetic
+spelled out inline, and against pycocoevalcap and the official VQA evaluation's rules."""
+import itertools
 import math
 
 import numpy as np
 import pytest
-from nltk.translate import bleu_score as nltk_bleu
+from pycocoevalcap.bleu.bleu import Bleu
+from pycocoevalcap.cider.cider import Cider
+from pycocoevalcap.rouge.rouge import Rouge
 
 from mmjax.errors import ConfigError, DataError
 from mmjax.evals import captioning, vqa
@@ -63,15 +67,6 @@ def test_bleu_perfect_match_is_one_and_no_overlap_is_zero():
   assert captioning.bleu(["a brown dog", "people ride"], refs, max_n=2) > 0.0
 
 
-def test_bleu_agrees_with_nltk_corpus_bleu():
-  candidates = ["a cat sat on the mat", "there is a dog", "two men play tennis on a court today"]
-  references = [["the cat sat on the mat", "a cat is on a mat"],
-                ["there is a big dog here", "a dog is sitting in the garden"],
-                ["two men are playing tennis", "men play tennis on a clay court"]]
-  want = nltk_bleu.corpus_bleu([[r.split() for r in rs] for rs in references], [c.split() for c in candidates])
-  assert captioning.bleu(candidates, references) == pytest.approx(want, rel=1e-9)
-
-
 def test_caption_metrics_name_the_bad_argument():
   with pytest.raises(ConfigError, match="2 candidates but 1 reference lists"):
     captioning.bleu(["a", "b"], [["a"]])
@@ -83,6 +78,8 @@ def test_caption_metrics_name_the_bad_argument():
     captioning.bleu(["a"], [["a"]], max_n=0)
   with pytest.raises(ConfigError, match="sigma=0"):
     captioning.cider(["a"], [["a"]], sigma=0)
+  with pytest.raises(ConfigError, match="caption_metrics: 1 candidates but 2 reference lists"):
+    captioning.caption_metrics(["a"], [["a"], ["b"]])
 
 
 # --- CIDEr-D -------------------------------------------------------------------------------------------------------
@@ -154,15 +151,113 @@ def test_cider_length_penalty_and_sigma():
   assert ratio == pytest.approx(_penalty(3, 5, 2.0) / _penalty(3, 5, 6.0), rel=1e-12)
 
 
+# --- ROUGE-L, and every metric against pycocoevalcap ----------------------------------------------------------------
+
+
+def test_rouge_l_takes_precision_and_recall_maxima_separately():
+  # Candidate "a dog runs on grass" (5 words).
+  #   ref "a dog runs fast on the green grass" (8): LCS "a dog runs on grass" = 5 -> P 5/5, R 5/8.
+  #   ref "dog on grass" (3): LCS "dog on grass" = 3 -> P 3/5, R 3/3.
+  # P = max(1, 3/5) = 1 (first reference), R = max(5/8, 1) = 1 (second): F = (1 + 1.44) * 1 * 1 / (1 + 1.44) = 1.
+  refs = [["a dog runs fast on the green grass", "dog on grass"]]
+  assert captioning.rouge_l(["a dog runs on grass"], refs) == pytest.approx(1.0, rel=1e-12)
+  # With only the first reference: P = 1, R = 5/8, F = 2.44 * 5/8 / (5/8 + 1.44).
+  assert captioning.rouge_l(["a dog runs on grass"], [refs[0][:1]]) == pytest.approx(
+      2.44 * 0.625 / (0.625 + 1.44), rel=1e-12)
+  # LCS is a subsequence, not a substring: "cat the mat" vs "the cat sat on the mat" -> "cat the mat" = 3,
+  # P = 3/3, R = 3/6, F = 2.44 * 0.5 / (0.5 + 1.44); a caption with no word in common scores 0; corpus = mean.
+  f = 2.44 * 0.5 / (0.5 + 1.44)
+  assert captioning.rouge_l(["cat the mat", "blue sky"], [["the cat sat on the mat"], ["green grass"]]) == (
+      pytest.approx(f / 2, rel=1e-12))
+
+
+_CANDIDATES = ["A dog runs on the grass, the dog is brown.", "Two men play tennis on a court.",
+               "a cat sitting on a red sofa", "people walking down a busy street in the city", "a bird"]
+# Several references per image, of different lengths; repeated words and bigrams ("the dog", "the grass").
+_REFERENCES = [["A brown dog runs on the green grass.", "the dog is running on grass",
+                "a brown dog playing outside on the grass in the sun"],
+               ["Two men are playing tennis.", "men play tennis on a clay court", "two tennis players on a court"],
+               ["A cat sits on a red couch.", "the cat is sitting on the sofa", "a black cat on a red sofa"],
+               ["a busy city street with people walking", "people walk down the street",
+                "many people walking down a big city street"],
+               ["a small bird on a branch", "a bird sitting in a tree"]]
+
+
+def _coco_inputs(candidates, references):
+  """pycocoevalcap's gts and res dicts of the captions as `tokenize` splits them."""
+  gts = {i: [" ".join(captioning.tokenize(r)) for r in rs] for i, rs in enumerate(references)}
+  res = {i: [" ".join(captioning.tokenize(c))] for i, c in enumerate(candidates)}
+  return gts, res
+
+
+def test_caption_metrics_agree_with_pycocoevalcap():
+  gts, res = _coco_inputs(_CANDIDATES, _REFERENCES)
+  got = captioning.caption_metrics(_CANDIDATES, _REFERENCES, meteor=False)
+  assert set(got) == {"bleu1", "bleu2", "bleu3", "bleu4", "rouge_l", "cider"}
+  # Every order has corpus matches, where pycocoevalcap's (matches + 1e-15) / (n-grams + 1e-9) differs from ours
+  # by a relative 1e-10 or so.
+  want_bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+  for k in range(1, 5):
+    assert got[f"bleu{k}"] == pytest.approx(want_bleu[k - 1], rel=1e-9)
+    assert captioning.bleu(_CANDIDATES, _REFERENCES, max_n=k) == got[f"bleu{k}"]
+  assert got["bleu4"] < got["bleu1"] < 1.0  # Neither 0 nor perfect: the comparison means something.
+  want_rouge, _ = Rouge().compute_score(gts, res)
+  assert got["rouge_l"] == pytest.approx(want_rouge, rel=1e-12) == captioning.rouge_l(_CANDIDATES, _REFERENCES)
+  want_cider, want_per_image = Cider().compute_score(gts, res)  # df over these 5 images, as ours.
+  score, per_image = captioning.cider(_CANDIDATES, _REFERENCES, per_image=True)
+  np.testing.assert_allclose(per_image, want_per_image, rtol=1e-9)
+  assert got["cider"] == score == pytest.approx(want_cider, rel=1e-9)
+
+
+def test_caption_metrics_leave_meteor_out_without_java(monkeypatch):
+  monkeypatch.setattr(captioning.shutil, "which", lambda name: None)
+  assert not captioning.meteor_available()
+  assert "meteor" not in captioning.caption_metrics(_CANDIDATES, _REFERENCES)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not captioning.meteor_available(), reason="METEOR needs pycocoevalcap and java")
+def test_caption_metrics_meteor_is_pycocoevalcaps_on_the_tokenized_captions():
+  from pycocoevalcap.meteor.meteor import Meteor
+  want, _ = Meteor().compute_score(*_coco_inputs(_CANDIDATES, _REFERENCES))
+  got = captioning.caption_metrics(_CANDIDATES, _REFERENCES)["meteor"]
+  assert got == want and 0.0 < got < 1.0
+
+
 # --- VQA ---------------------------------------------------------------------------------------------------------
 
 
+# Expected values derived by hand from the official VQA evaluation's rules (vqaEval.py, GT-Vision-Lab VQA API):
+# punctuation (; / [ ] " { } ( ) = + \ _ - > < @ ` , ? !) is deleted when next to a space or when the answer has a
+# digit,digit comma, else spaced; periods not before a digit are deleted; then lowercase, number words up to ten,
+# articles dropped, apostrophes restored in contractions.
 @pytest.mark.parametrize("raw, want", [
-    ("Two.", "2"), ("the red circle", "red circle"), ("yes!", "yes"), ("2.5", "2.5"), ("An apple", "apple"),
-    ("  Red   and  BLUE ", "red and blue"), ("1,000", "1000"), ("t-shirt", "t shirt"), ("don't", "do not"),
-    ("Dont", "do not"), ("What's that?", "what is that"), ("ten", "10"), ("3.", "3"),
+    ("Two dogs.", "2 dogs"),                # "." before no digit is deleted; "two" -> "2".
+    ("ten", "10"), ("None", "0"),
+    ("eleven", "eleven"),                   # The number words stop at ten.
+    ("3.5", "3.5"), ("3.", "3"), (".5", ".5"),  # Only a period followed by a digit stays.
+    ("e.g.", "eg"),
+    ("1,000", "1000"),                      # A digit,digit comma: every mark is deleted, not spaced.
+    ("1,000-2", "10002"),                   # ... including the "-", which alone would become a space.
+    ("yes!", "yes"),                        # "!" touches no space: a space, then split away.
+    ("t-shirt", "t shirt"),
+    ("red, white", "red white"),            # ", " occurs: the comma is deleted, the space after it stays.
+    ("red,white", "red white"),             # No space next to it and no digit,digit: the comma becomes a space.
+    ("red - white", "red white"),           # " -" occurs: deleted, leaving two spaces, which the split collapses.
+    ("(one) dog", "1 dog"),                 # "(" touches no space -> " "; ") " occurs -> ")" deleted.
+    ("a man's hat", "man's hat"),           # The apostrophe is not a listed mark; "a" is an article.
+    ("What's that?", "what's that"),
+    ("isnt it", "isn't it"), ("Dont", "don't"), ("youre", "you're"),  # Apostrophes restored ...
+    ("don't", "don't"),                     # ... and kept (mmjax used to expand this to "do not").
+    ("couldnt've", "couldn't've"),          # Keys miss exactly one apostrophe ...
+    ("couldntve", "couldntve"),             # ... so this one, missing both, is not in the table.
+    ("im", "im"),                           # The official key is "Im", never matched after lowercasing.
+    ("  Red   and  BLUE ", "red and blue"), ("the\tcat\n", "cat"),
+    ("a -b", "b"),                          # " -" occurs, so "-" is deleted: "a b" -> "b".
+    ("a-\tb", "b"),                         # The tab becomes a space first, so "- " occurs and "-" is deleted.
+    ("." * 33 + "x", ".x"),                 # The official removes at most 32 periods (re.UNICODE passed as count).
 ])
-def test_normalize_answer(raw, want):
+def test_normalize_answer_follows_the_official_vqa_rules(raw, want):
   assert vqa.normalize_answer(raw) == want
 
 
@@ -173,20 +268,44 @@ def test_exact_match_accepts_a_string_or_a_list_of_answers():
 
 
 def test_vqa_accuracy_averages_over_leave_one_out_subsets():
-  humans = ["2", "2", "two", "3", "3", "3", "3", "4", "4", "red"]  # Normalised: "2" x3, "3" x4, "4" x2, "red" x1.
+  humans = ["2", "2", "2", "3", "3", "3", "3", "4", "4", "red"]  # Already normalised, as VQAv2's answers are.
   # Prediction matched by m of the 10 humans. Leaving out one of the m matching humans leaves m - 1 matches,
   # leaving out one of the other 10 - m leaves m; each subset scores min(1, matches / 3):
-  #   "3",   m = 4: (6 * min(1, 4/3) + 4 * min(1, 3/3)) / 10 = (6 + 4) / 10          = 1.0
-  #   "Two", m = 3: (7 * min(1, 3/3) + 3 * min(1, 2/3)) / 10 = (7 + 2) / 10          = 0.9
-  #   "4",   m = 2: (8 * 2/3 + 2 * 1/3) / 10 = (16/3 + 2/3) / 10 = 6 / 10            = 0.6
-  #   "red", m = 1: (9 * 1/3 + 1 * 0) / 10 = 3 / 10                                   = 0.3
-  #   "5",   m = 0: 0
-  cases = {"3": 1.0, "Two": 0.9, "4": 0.6, "red": 0.3, "5": 0.0}
+  #   "3",    m = 4: (6 * min(1, 4/3) + 4 * min(1, 3/3)) / 10 = (6 + 4) / 10          = 1.0
+  #   "Two",  m = 3: (7 * min(1, 3/3) + 3 * min(1, 2/3)) / 10 = (7 + 2) / 10          = 0.9
+  #   "4",    m = 2: (8 * 2/3 + 2 * 1/3) / 10 = (16/3 + 2/3) / 10 = 6 / 10            = 0.6
+  #   "Red.", m = 1: (9 * 1/3 + 1 * 0) / 10 = 3 / 10                                   = 0.3
+  #   "5",    m = 0: 0
+  cases = {"3": 1.0, "Two": 0.9, "4": 0.6, "Red.": 0.3, "5": 0.0}
   for pred, want in cases.items():
     assert vqa.vqa_accuracy([pred], [humans]) == pytest.approx(want, abs=1e-12)
   assert vqa.vqa_accuracy(list(cases), [humans] * 5) == pytest.approx((1.0 + 0.9 + 0.6 + 0.3 + 0.0) / 5)
   with pytest.raises(DataError, match=r"references_lists\[0\] has 1 answers"):
     vqa.vqa_accuracy(["yes"], [["yes"]])
+
+
+def test_vqa_accuracy_matches_an_explicit_enumeration_of_the_9_of_10_subsets():
+  rng = np.random.default_rng(0)
+  vocab = ["yes", "no", "2", "3", "red", "blue"]  # Normalised answers: the official rules leave them as they are.
+  humans = [rng.choice(vocab[:k], size=10).tolist() for k in rng.integers(1, len(vocab) + 1, size=60)]
+  predictions = rng.choice(vocab, size=60).tolist()
+  subsets = list(itertools.combinations(range(10), 9))
+  assert len(subsets) == 10 and all(len(set(range(10)) - set(s)) == 1 for s in subsets)
+  per_question = [np.mean([min(1.0, sum(answers[j] == pred for j in subset) / 3) for subset in subsets])
+                  for pred, answers in zip(predictions, humans)]
+  assert vqa.vqa_accuracy(predictions, humans) == pytest.approx(np.mean(per_question), rel=1e-12)
+  assert any(len(set(a)) == 1 for a in humans) and 0.0 < np.mean(per_question) < 1.0  # Both branches, mixed scores.
+
+
+def test_vqa_accuracy_normalises_human_answers_as_the_official_script_does():
+  # Humans' answers only lose punctuation, and only when they differ: 9 x "t-shirt" + "shirt" -> 9 x "t shirt",
+  # which the prediction "T-shirt!" (normalised: "t shirt") matches, m = 9 -> 1.0.
+  assert vqa.vqa_accuracy(["T-shirt!"], [["t-shirt"] * 9 + ["shirt"]]) == 1.0
+  # Ten identical answers are left as they are: "t-shirt" never equals the prediction's "t shirt" -> 0.
+  assert vqa.vqa_accuracy(["t-shirt"], [["t-shirt"] * 10]) == 0.0
+  # Human answers are not lowercased nor their numbers mapped: the prediction "two" -> "2" matches no "Two".
+  assert vqa.vqa_accuracy(["two"], [["Two"] * 4 + ["yes"] * 6]) == 0.0
+  assert vqa.vqa_accuracy(["two"], [[vqa.normalize_answer(a) for a in ["Two"] * 4 + ["yes"] * 6]]) == 1.0
 
 
 def test_majority_baseline_picks_the_most_frequent_normalised_answer():
