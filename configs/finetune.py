@@ -12,8 +12,11 @@ Arguments: `export` (required), `loss` (`softmax` or `sigmoid`; default the expo
 when it has a logit bias, as SigLIP, else softmax; sigmoid on a CLIP adds a bias starting at -10),
 `lora` (rank-`rank` LoRA on both towers' attention with the export frozen, instead of training
 every weight). The learning rate (1e-5 full, 1e-4 LoRA) suits pretrained ViT-B towers; images get
-the user-data augmentation (`data.augment`). The shapes evals mean nothing on your data, so none
-run: evaluate the export with `notebooks/zero_shot.ipynb` or `python -m mmjax.retrieve`.
+the user-data augmentation (`data.augment`). The shapes evals mean nothing on your data; every
+`eval_every` steps the run benchmarks itself on the files you name instead (each skipped until set):
+
+  --config.evals.imagenet.data=IMAGENET/val      # ImageFolder of synset folders: zero-shot top-1/5
+  --config.evals.retrieval.data=dataset_coco.json --config.evals.retrieval.image_root=COCO_DIR
 """
 import json
 import os
@@ -53,5 +56,10 @@ def get_config(arg=None):
                    alpha=2.0 * a.rank, dropout=0.0, act="gelu")
     c.optim.update(frozen=(r"^base/",), lr=1e-4, weight_decay=0.0)
   c.total_steps = 500
-  c.checkpoint_every, c.eval_every, c.log_every = 100, 0, 10
+  c.checkpoint_every, c.eval_every, c.log_every = 100, 100, 10
+  # Benchmarks on your files (mmjax.evals.benchmarks), skipped while their `data` is "".
+  c.evals = dict(batch_size=256,
+                 imagenet=dict(benchmark="zeroshot_classification", data="", classes="imagenet1k",
+                               templates="clip_imagenet"),
+                 retrieval=dict(benchmark="retrieval", data="", image_root="", split="test"))
   return c

@@ -22,13 +22,13 @@ import orbax.checkpoint as ocp
 from etils import epath
 from PIL import Image
 
-from mmjax import models
+from mmjax import models, parallel
 from mmjax.adapt import wrap as adapt
 from mmjax.data.folder import to_rgb
 from mmjax.data.tokenizer import load_saved_tokenizer
-from mmjax.data.transforms import NormalizeImage, ResizeImage
+from mmjax.data.transforms import prepare_image
 from mmjax.errors import CheckpointError, ConfigError
-from mmjax.evals import in_chunks
+from mmjax.evals import benchmarks, in_chunks
 
 MODEL_CONFIG = "model_config.json"
 TOKENIZER = "tokenizer.json"
@@ -88,11 +88,12 @@ class LoadedModel(_Triple):
                               model's float32 [N, S, S, 3] input, exactly as training prepares files
     encode_image(images)      unit-norm embeddings [N, D] of images (raw, or already preprocessed)
     encode_text(texts)        unit-norm embeddings [N, D] of a string or a list of them
+    embedder(mesh)            the same encoders for `mmjax.evals.benchmarks`, over every device and process
   """
 
-  def __new__(cls, model, params, tokenizer, model_config: dict):
+  def __new__(cls, model, params, tokenizer, model_config: dict, path: str = ""):
     loaded = super().__new__(cls, model, params, tokenizer)
-    loaded.model_config = model_config
+    loaded.model_config, loaded.path = model_config, path
     return loaded
 
   @property
@@ -105,14 +106,13 @@ class LoadedModel(_Triple):
 
   def preprocess(self, images) -> np.ndarray:
     single = isinstance(images, Image.Image) or (isinstance(images, np.ndarray) and images.ndim == 3)
-    resize, normalize = ResizeImage(self.image_size), NormalizeImage()
     out = []
     for i, image in enumerate([images] if single else images):
       array = to_rgb(image) if isinstance(image, Image.Image) else np.asarray(image)
       if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
         raise ConfigError(f"preprocess: image {i} is {array.dtype} {array.shape}; expected a PIL image or "
                           "uint8 [H, W, 3]")
-      out.append(normalize.map(resize.map({"image": array}))["image"])
+      out.append(prepare_image(array, self.image_size))
     return np.stack(out)
 
   def encode_image(self, images, batch_size: int = 256) -> np.ndarray:
@@ -123,6 +123,18 @@ class LoadedModel(_Triple):
   def encode_text(self, texts, batch_size: int = 256) -> np.ndarray:
     tokens = self.tokenizer.encode([texts] if isinstance(texts, str) else list(texts), self.max_len)
     return in_chunks(functools.partial(self._encoders[1], self.params), (tokens,), batch_size)
+
+  def embedder(self, mesh=None, batch_size: int = 256, cache_dir: str | None = None) -> benchmarks.Embedder:
+    """This model as a benchmark embeds with (`mmjax.evals.benchmarks`): `batch_size` rows at a time
+    over `mesh` (default: every device, of every process), parameters replicated."""
+    mesh = mesh if mesh is not None else parallel.make_mesh((("data", -1),))
+    params = jax.device_put(self.params, parallel.replicated(mesh))
+    replicated = dict(out_shardings=parallel.replicated(mesh))
+    encode_image = jax.jit(lambda p, x: self.model.apply({"params": p}, image=x)[0], **replicated)
+    encode_text = jax.jit(lambda p, t: self.model.apply({"params": p}, text=t)[1], **replicated)
+    return benchmarks.Embedder(functools.partial(encode_image, params), functools.partial(encode_text, params),
+                               lambda texts: self.tokenizer.encode(texts, self.max_len), self.image_size, mesh,
+                               batch_size, cache_dir, self.path)
 
   @functools.cached_property
   def _encoders(self):
@@ -153,4 +165,5 @@ def load(path: str, base: str | None = None) -> LoadedModel:
       raise CheckpointError(f"the base export {base} has a different model config than {path} expects "
                             f"(keys {diff})")
     params = {adapt.BASE: base_params, adapt.ADAPTER: params}
-  return LoadedModel(adapt.wrap(models.build(model_config), adapt_config), params, tokenizer, model_config)
+  return LoadedModel(adapt.wrap(models.build(model_config), adapt_config), params, tokenizer, model_config,
+                     str(epath.Path(path).absolute()))

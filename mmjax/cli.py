@@ -14,7 +14,7 @@ from absl import app, flags
 import jax
 import ml_collections
 
-from mmjax import config as mmjax_config
+from mmjax import config as mmjax_config, parallel
 from mmjax.errors import ConfigError, MMJaxError
 
 USAGE_ERROR, RUN_ERROR = 2, 1
@@ -90,6 +90,21 @@ def user_errors(verbose: bool):
     where = (f"process {jax.process_index()} of {jax.process_count()}: "
              if jax.distributed.is_initialized() and jax.process_count() > 1 else "")
     fail(f"{where}{type(e).__name__}: {one_line(e)}", RUN_ERROR)
+
+
+def define_process_flags() -> None:
+  """`--coordinator_address`, `--num_processes` and `--process_id`: joining a multi-process run
+  outside SLURM or TPU pods, which `join_processes` does."""
+  flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-process runs "
+                      "outside SLURM or TPU pods (see mmjax.parallel.initialize).")
+  flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-process run.")
+  flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
+
+
+def join_processes() -> bool:
+  """`parallel.initialize` with the flags of `define_process_flags` (or the cluster's environment)."""
+  f = flags.FLAGS
+  return parallel.initialize(f.coordinator_address, f.num_processes, f.process_id)
 
 
 def add_verbose_flag(parser) -> None:

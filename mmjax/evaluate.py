@@ -1,28 +1,34 @@
-"""Evals of a checkpoint, or a benchmark on your data with an export.
+"""Evals of a checkpoint, or a benchmark on your data with an export or a training run.
 
   python -m mmjax.evaluate --workdir DIR [--config RECIPE] [--step N]    # the recipe's evals
-  python -m mmjax.evaluate --export DIR --benchmark zeroshot_classification --data IMAGE_FOLDER \
-      [--classes names.txt] [--template "a photo of a {}."] [--out results.json]
+  python -m mmjax.evaluate --export DIR --benchmark zeroshot_classification --data IMAGENET/val \
+      --classes imagenet1k --template clip_imagenet [--out results.json] [--cache DIR]
   python -m mmjax.evaluate --export DIR --benchmark retrieval --data dataset_coco.json --image_root COCO_DIR
   python -m mmjax.evaluate --export DIR --benchmark linear_probe --data TRAIN_FOLDER --test_data TEST_FOLDER
+  python -m mmjax.evaluate --export VLM_DIR --benchmark vqav2 --data v2_OpenEnded_mscoco_val2014_questions.json \
+      --annotations v2_mscoco_val2014_annotations.json --image_root COCO/val2014 [--predictions answers.json]
+  python -m mmjax.evaluate --export VLM_DIR --benchmark coco_captions --data captions_val2014.json --image_root COCO/val2014
+  python -m mmjax.evaluate --export VLM_DIR --benchmark multiple_choice --data questions.jsonl
 
-Without --config the run's own `config.json` is used.
+`--workdir DIR` instead of `--export` benchmarks a run's latest checkpoint. Without --config the run's
+own `config.json` is used. Benchmarks embed `--batch_size` rows at a time over every device; with
+`--coordinator_address/--num_processes/--process_id` (or on a pod or SLURM) over every process, each
+reading its slice. `--cache DIR` keeps the embeddings, so a killed run resumes.
 """
 from __future__ import annotations
 
 import json
 import os
 
-import numpy as np
+import jax
 from absl import flags
 from ml_collections import config_flags
 
 from mmjax import bundle, cli, runs, runtime
-from mmjax.adapt import probe
-from mmjax.data import folder, karpathy
-from mmjax.data.folder import load_image
-from mmjax.errors import ConfigError, DataError
-from mmjax.evals import embed_images, recall, zeroshot
+from mmjax.data import vlm_benchmarks as vlm_data
+from mmjax.errors import ConfigError
+from mmjax.evals import benchmarks
+from mmjax.tasks import vlm_benchmarks
 from mmjax.metrics import summary_table
 
 
@@ -34,68 +40,87 @@ def evaluate(config, workdir: str, step: int | None = None) -> dict:
   return results
 
 
-BENCHMARKS = ("zeroshot_classification", "retrieval", "linear_probe")
+VLM_BENCHMARKS = ("vqav2", "coco_captions", "multiple_choice")
+BENCHMARKS = benchmarks.BENCHMARKS + VLM_BENCHMARKS
 
 
-def benchmark(export: str, name: str, data: str, classes: str | None = None, templates=None,
-              test_data: str | None = None, image_root: str | None = None, split: str = "test") -> dict:
-  """`name` on `data` with an export, as CLIP_benchmark lays out its results: {dataset, model, task, metrics}.
-
-  zeroshot_classification: `data` an ImageFolder tree, `classes` a file of class names (one a line,
-    in sorted folder order; the folder names by default), `templates` the prompts ("{}" for the name).
-  retrieval: `data` a Karpathy split file (COCO, Flickr30k), its `split` images under `image_root`;
-    every caption of an image counts as correct.
-  linear_probe: logistic regression (L-BFGS, `mmjax.adapt.probe`) on the frozen image embeddings of
-    the ImageFolder `data`, accuracy on the ImageFolder `test_data` (the same class folders)."""
+def benchmark(name: str, data: str, export: str | None = None, workdir: str | None = None, config=None,
+              batch_size: int = 256, cache_dir: str | None = None, **options) -> dict:
+  """Benchmark `name` (`BENCHMARKS`) on `data` with an export, or with a training run's latest
+  checkpoint (`workdir`, its recipe `config` by default), in CLIP_benchmark's layout: {dataset, model,
+  task, metrics}, plus `predictions` for the vision-language benchmarks (the official results format).
+  `options` go to the benchmark (two-tower: `mmjax.evals.benchmarks`; vision-language: `vlm_options`)."""
   if name not in BENCHMARKS:
     raise ConfigError(f"--benchmark={name!r}: expected one of {BENCHMARKS}")
-  loaded = bundle.load(export)
-  if name == "zeroshot_classification":
-    names = None
-    if classes:
-      with open(classes, encoding="utf-8") as f:
-        names = [line.strip() for line in f if line.strip()]
-    metrics = zeroshot.classify_folder(loaded.encode_image, loaded.encode_text, data, names,
-                                       tuple(templates or ("a photo of a {}.",)))
-  elif name == "retrieval":
-    pairs = karpathy.read(data, image_root, split)
-    # Every caption needs its image, so an unreadable one stops the benchmark naming the file.
-    zimg, kept = embed_images(loaded.encode_image, lambda i: load_image(pairs.image_paths[i]), len(pairs.image_paths))
-    metrics = {**recall.evaluate_captions(zimg, loaded.encode_text(pairs.captions), pairs.caption_image),
-               "images": len(kept), "captions": len(pairs.captions)}
+  if bool(export) == bool(workdir):
+    raise ConfigError("--benchmark needs one model: --export (an export directory) or --workdir (a training run)")
+  if workdir:
+    config = config or runs.load_run_config(workdir)
+    task, _, params, step = runs.restore_params(config, workdir)
+    model_name = f"{os.path.abspath(workdir)}@{step}"
   else:
-    if not test_data:
-      raise ConfigError("--benchmark=linear_probe needs --test_data, an ImageFolder with the same class folders")
-    train, test = (folder.ImageFolderSource(d) for d in (data, test_data))
-    if train.class_names != test.class_names:
-      raise DataError(f"{data} and {test_data} hold different class folders")
-    features = {}
-    for split_name, source in (("train", train), ("test", test)):
-      z, kept = embed_images(loaded.encode_image, lambda i: (source[i] or {}).get("image"), len(source))
-      features[split_name] = z, np.array([source.labels[i] for i in kept])
-    w, b = probe.logistic(*features["train"], len(train.class_names))
-    x, y = features["test"]
-    metrics = {**zeroshot.classification_metrics(np.asarray(probe.predict(w, b, x)), y),
-               "train_images": len(features["train"][1]), "test_images": len(y)}
-  return {"dataset": os.path.abspath(data), "model": os.path.abspath(export), "task": name, "metrics": metrics}
+    loaded = bundle.load(export)
+    model_name = loaded.path
+  if name in VLM_BENCHMARKS:
+    if workdir:
+      loaded = bundle.LoadedModel(task.model, jax.device_get(params), task.tokenizer, task.model_config, model_name)
+    result = _vlm_benchmark(loaded, name, data, batch_size, **options)
+    return {"dataset": os.path.abspath(data), "model": model_name, "task": name, "metrics": result.metrics,
+            "predictions": result.predictions}
+  if workdir:
+    if not hasattr(task, "embedder"):
+      raise ConfigError(f"--benchmark={name} needs a two-tower model; {workdir} trains task {config.task!r}")
+    embedder = task.embedder(params, cache_dir)
+    embedder.batch_size, embedder.model = batch_size, model_name
+  else:
+    embedder = loaded.embedder(batch_size=batch_size, cache_dir=cache_dir)
+  return benchmarks.run(embedder, name, data, **options)
+
+
+def _vlm_benchmark(loaded, name: str, data: str, batch_size: int, annotations: str | None = None,
+                   image_root: str | None = None, image_pattern: str | None = None, meteor: bool = True):
+  """vqav2: `data` the questions JSON, `annotations` the annotations JSON, images under `image_root`
+  named by `image_pattern`; coco_captions: `data` the captions JSON, images under `image_root`
+  (default: its directory); multiple_choice: `data` the JSONL."""
+  if name == "vqav2":
+    if not (annotations and image_root):
+      raise ConfigError("--benchmark=vqav2 needs --annotations (the annotations JSON) and --image_root")
+    questions = vlm_data.read_vqav2(data, annotations, image_root, image_pattern)
+    return vlm_benchmarks.vqav2(loaded, questions, batch_size=batch_size)
+  if name == "coco_captions":
+    images = vlm_data.read_coco_captions(data, image_root)
+    return vlm_benchmarks.coco_captions(loaded, images, batch_size=batch_size, meteor=meteor)
+  return vlm_benchmarks.multiple_choice(loaded, vlm_data.read_multiple_choice(data), batch_size=batch_size)
 
 
 def main(argv):
   del argv
   runtime.quiet_logs()
   runtime.tune_cpu_runtime()
+  cli.join_processes()
   f = flags.FLAGS
   if f.benchmark:
-    if not (f.export and f.data):
-      raise ConfigError("--benchmark needs --export (an export directory) and --data")
-    result = benchmark(f.export, f.benchmark, f.data, f.classes, f.template, f.test_data, f.image_root, f.split)
-    print(summary_table(result["metrics"]))
-    if f.out:
-      with open(f.out, "w", encoding="utf-8") as out:
-        json.dump(result, out, indent=2)
+    templates = f.template[0] if f.template and len(f.template) == 1 else f.template
+    options = {"zeroshot_classification": dict(classes=f.classes, templates=templates, per_class=f.per_class),
+               "retrieval": dict(image_root=f.image_root, split=f.split),
+               "linear_probe": dict(test_data=f.test_data),
+               "vqav2": dict(annotations=f.annotations, image_root=f.image_root, image_pattern=f.image_pattern),
+               "coco_captions": dict(image_root=f.image_root, meteor=f.meteor),
+               "multiple_choice": {}}[f.benchmark]
+    if not f.data:
+      raise ConfigError("--benchmark needs --data")
+    result = benchmark(f.benchmark, f.data, f.export, f.workdir, f.config, f.batch_size, f.cache, **options)
+    print(summary_table({k: v for k, v in result["metrics"].items() if not isinstance(v, dict)}))
+    if jax.process_index() == 0:
+      if f.predictions and "predictions" in result:
+        with open(f.predictions, "w", encoding="utf-8") as out:
+          json.dump(result["predictions"], out)
+      if f.out:
+        with open(f.out, "w", encoding="utf-8") as out:
+          json.dump({k: v for k, v in result.items() if k != "predictions"}, out, indent=2)
     return
   if not f.workdir:
-    raise ConfigError("give --workdir (a training run's own evals) or --export with --benchmark and --data")
+    raise ConfigError("give --workdir (a training run's own evals) or --benchmark with --data and a model")
   config = f.config or runs.load_run_config(f.workdir)
   print(summary_table(evaluate(config, f.workdir, f.step)))
 
@@ -103,15 +128,28 @@ def main(argv):
 if __name__ == "__main__":
   config_flags.DEFINE_config_file("config", None, "Recipe; defaults to the workdir's config.json.",
                                   lock_config=True)
-  flags.DEFINE_string("workdir", None, "The training run to evaluate (its recipe's evals).")
+  flags.DEFINE_string("workdir", None, "The training run to evaluate (its recipe's evals, or --benchmark).")
   flags.DEFINE_integer("step", None, "Checkpoint step; the latest by default.")
   flags.DEFINE_string("export", None, "--benchmark: the export directory to evaluate.")
   flags.DEFINE_enum("benchmark", None, BENCHMARKS, "A benchmark on --data instead of the recipe's evals.")
-  flags.DEFINE_string("data", None, "--benchmark: the dataset (an ImageFolder tree; retrieval: a Karpathy JSON).")
-  flags.DEFINE_string("classes", None, "zeroshot_classification: a file of class names, one a line.")
-  flags.DEFINE_multi_string("template", None, "zeroshot_classification: a prompt template with {} (repeatable).")
+  flags.DEFINE_string("data", None, "--benchmark: the dataset (an ImageFolder tree or a CSV/JSONL of image,label; "
+                      "retrieval: a Karpathy JSON).")
+  flags.DEFINE_string("classes", None, "zeroshot_classification: class names, one a line, or imagenet1k.")
+  flags.DEFINE_multi_string("template", None, "zeroshot_classification: a prompt with {} (repeatable), a file "
+                            "of them, or clip_imagenet (CLIP's 80).")
+  flags.DEFINE_bool("per_class", False, "zeroshot_classification: also each class's recall.")
   flags.DEFINE_string("test_data", None, "linear_probe: the ImageFolder to test on (--data is the training one).")
-  flags.DEFINE_string("image_root", None, "retrieval: the images' root (default: the Karpathy file's directory).")
+  flags.DEFINE_string("image_root", None, "retrieval, vqav2, coco_captions: the images' root (default: the data "
+                      "file's directory; vqav2 needs it).")
+  flags.DEFINE_string("annotations", None, "vqav2: the annotations JSON (--data is the questions JSON).")
+  flags.DEFINE_string("image_pattern", None, "vqav2: image file names under --image_root "
+                      "(default COCO_{split}_{image_id:012d}.jpg, split from the questions file).")
+  flags.DEFINE_bool("meteor", True, "coco_captions: also METEOR (pycocoevalcap's, when it and java are installed).")
+  flags.DEFINE_string("predictions", None, "vqav2, coco_captions, multiple_choice: write the model's answers here, "
+                      "in the official results format.")
   flags.DEFINE_string("split", "test", "retrieval: the Karpathy split to evaluate.")
+  flags.DEFINE_integer("batch_size", 256, "--benchmark: global rows per batch, split over every device and process.")
+  flags.DEFINE_string("cache", None, "--benchmark: keep embeddings here as they are made; a rerun resumes from them.")
   flags.DEFINE_string("out", None, "--benchmark: also write the result as JSON here.")
+  cli.define_process_flags()
   cli.run(main)

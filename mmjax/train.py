@@ -189,8 +189,9 @@ def _loop(config, workdir, task, mesh, train_step, state, start, data_iter, ckpt
                            f"{ckpt.path(step)} is saved. Run the same command to resume.")
     if config.eval_every and (step % config.eval_every == 0 or last):
       evals = task.evaluate(state["params"])
-      writer.write(step, {f"eval/{k}": v for k, v in evals.items()})
-      _log(f"eval @ {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in evals.items()))
+      if evals:
+        writer.write(step, {f"eval/{k}": v for k, v in evals.items()})
+        _log(f"eval @ {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in evals.items()))
   writer.close()
   return state, evals, len(skipped.files)
 
@@ -200,10 +201,9 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   runtime.quiet_logs()
   runtime.tune_cpu_runtime()
-  f = flags.FLAGS
-  parallel.initialize(f.coordinator_address, f.num_processes, f.process_id)
+  cli.join_processes()
   try:
-    train(f.config, f.workdir)
+    train(flags.FLAGS.config, flags.FLAGS.workdir)
   except PreemptedError as e:
     logging.warning("process %d: %s", jax.process_index(), e)
     sys.exit(143)  # 128 + SIGTERM: what a scheduler expects from a job it asked to stop.
@@ -213,9 +213,6 @@ if __name__ == "__main__":
   # Flags are defined here, not at import, so other entry points can import this module.
   config_flags.DEFINE_config_file("config", None, "Recipe: a shipped recipe's name (siglip_shapes) or a file, path/to/recipe.py[:arg].", lock_config=True)
   flags.DEFINE_string("workdir", None, "Checkpoints, metrics and the summary go here.")
-  flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-process runs "
-                      "outside SLURM or TPU pods (see mmjax.parallel.initialize).")
-  flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-process run.")
-  flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
+  cli.define_process_flags()
   flags.mark_flags_as_required(["config", "workdir"])
   cli.run(main)

@@ -61,6 +61,33 @@ def untrained_export(out: str) -> str:
   return bundle.write(out, model_config, params, tokenizer, {"test": "untrained"})
 
 
+def untrained_vlm_export(out: str, kind: str = "llava", image_size: int = 16, seed: int = 0) -> str:
+  """An export of a tiny vision-language model (`configs/<kind>_shapes.py` with widths of 32, one block
+  per stack, 8-pixel patches of `image_size` images) with `random_params`: untrained but with every
+  parameter away from its initial value, for benchmark readers and metrics."""
+  from mmjax import bundle, models
+  from mmjax.data.tokenizer import load_tokenizer
+  from mmjax.tasks.generative import model_config_with_tokens
+  small = dict(width=32, depth=1, num_heads=2, mlp_dim=64)
+  overrides = {**{f"model.vision.{k}": v for k, v in small.items()}, **{f"model.lm.{k}": v for k, v in small.items()}}
+  if kind == "llava":
+    overrides["model.image_size"] = image_size
+  elif kind == "flamingo":
+    overrides.update({"model.perceiver": dict(depth=1, num_latents=4, num_heads=2, mlp_dim=64, max_media=2),
+                      "model.xattn": dict(num_heads=2, mlp_dim=64)})
+  elif kind == "blip2":
+    overrides["model.qformer"] = dict(depth=1, num_queries=4, width=32, num_heads=2, mlp_dim=64,
+                                      cross_attention_every=1)
+  config = tiny_generative_recipe(f"{kind}_shapes", **overrides)
+  tokenizer = load_tokenizer(config.data.tokenizer)
+  model_config = model_config_with_tokens(config.model, tokenizer)
+  model = models.build(model_config)
+  tokens = np.full((1, 8), model_config["image_token_id"], np.int32)
+  tokens[0, model.num_image_tokens:] = tokenizer.eos_id
+  params = random_params(model, np.zeros((1, 1, image_size, image_size, 3), np.float32), tokens, seed=seed)
+  return bundle.write(out, model_config, params, tokenizer, {"test": "untrained"})
+
+
 def run_module(*args, cwd) -> str:
   """`python -m <args>` in `cwd` as a user runs it (JAX on the CPU); its stdout and stderr, after
   asserting that it succeeded."""

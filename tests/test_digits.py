@@ -1,7 +1,7 @@
 """The README's digits walk-through, command for command, from a directory outside the repository:
 a real dataset nobody here made (scikit-learn's UCI handwritten digits) as captioned files, a
 tokenizer trained on its captions, the CLIP recipe trained briefly through the folder source, an
-export, and zero-shot classification of the held-out digits."""
+export, zero-shot classification of the held-out digits, and a linear probe on the run's checkpoint."""
 import json
 import os
 
@@ -36,6 +36,14 @@ def test_digits_walk_through_classifies_held_out_digits_zero_shot(tmp_path):
   assert metrics["images"] == 539 and metrics["classes"] == 10 and metrics["skipped"] == 0
   # Chance is 0.1; 300 steps measured 0.957 (seed 0).
   assert metrics["acc1"] >= 0.6 and metrics["mean_per_class_recall"] >= 0.6, metrics
+  # A linear probe on the run's own checkpoint: both splits are class folders. 300 steps measured 0.948.
+  run_module("mmjax.evaluate", "--workdir", "run", "--benchmark", "linear_probe", "--data", "digits/train",
+             "--test_data", "digits/test", "--out", "probe.json", cwd=tmp_path)
+  with open(tmp_path / "probe.json") as f:
+    probe = json.load(f)
+  assert probe["model"].startswith(str(tmp_path / "run")) and probe["model"].endswith(f"@{STEPS}")
+  assert probe["metrics"]["train_images"] == 1258 and probe["metrics"]["test_images"] == 539
+  assert probe["metrics"]["acc1"] >= 0.6, probe["metrics"]
 
 
 def test_classification_metrics_match_their_definitions():

@@ -15,7 +15,7 @@ from mmjax import parallel, runs, tasks, train as train_lib
 from mmjax.data import shapes
 from mmjax.checkpoint import Checkpointer
 from mmjax.errors import CheckpointError, NonFiniteLossError
-from mmjax.evaluate import evaluate
+from mmjax.evaluate import benchmark, evaluate
 from mmjax.export import export
 from tests.helpers import logged_losses, run_notebook, tiny_config
 from tests.test_losses import ref_infonce, ref_triplet
@@ -204,6 +204,19 @@ def test_zero_shot_notebook_runs_on_an_export_for_shapes_and_for_a_folder_of_you
   text, images = run_notebook("zero_shot.ipynb", tmp_path, MMJAX_EXPORT=out, MMJAX_IMAGE_FOLDER=str(tmp_path / "mine"),
                               MMJAX_CLASSES=",".join(demo["class_names"][:3]))
   assert "your data: 6 images of 3 classes" in text and "accuracy (chance 0.333)" in text and images == 2
+
+
+def test_benchmark_notebook_scores_folder_and_karpathy_files_as_the_command_does(finished_run, tmp_path):
+  out = export(finished_run[0], str(tmp_path / "export"))
+  text, images = run_notebook("benchmark.ipynb", tmp_path, MMJAX_EXPORT=out)
+  assert "zero-shot top-1" in text and "wrote benchmark_results.json" in text and images == 2  # Bars, grid.
+  zeroshot, retrieval = json.load(open(tmp_path / "benchmark_results.json"))
+  batch = 8 * jax.device_count()  # The notebook's, so the same programs embed.
+  want = benchmark("zeroshot_classification", str(tmp_path / "shapes_folder"), export=out, batch_size=batch,
+                   templates="a photo of a {}.")
+  assert zeroshot["metrics"] == want["metrics"] and zeroshot["metrics"]["images"] == 192
+  want = benchmark("retrieval", str(tmp_path / "shapes_karpathy" / "dataset_shapes.json"), export=out, batch_size=batch)
+  assert retrieval["metrics"] == want["metrics"] and retrieval["task"] == "retrieval"
 
 
 def test_finetune_notebook_trains_an_export_then_exports_and_evaluates_it(finished_run, tmp_path):

@@ -3,9 +3,9 @@ ships (1,797 8x8 greyscale images, offline), written in the formats users bring 
 
   python -m mmjax.data.digits --out data/digits
 
-writes `train/<i>.png` with `train/captions.jsonl` ({"image", "caption"} a line, "a photo of the
-digit seven.") and `test/<name>/<i>.png`, an ImageFolder of the held-out images whose folder names
-are the class names. Images are upscaled (nearest) to `--size`
+writes `train/<name>/<i>.png` with `train/captions.jsonl` ({"image", "caption"} a line, "a photo of
+the digit seven.") and `test/<name>/<i>.png`: both are ImageFolders whose folder names are the
+class names (a linear probe's train and test sets), and the captions are the training set. Images are upscaled (nearest) to `--size`
 pixels, white digits on black as in the original; `--test_fraction` of each digit is held out,
 chosen by `--seed`. Needs scikit-learn (the `dev` extra).
 """
@@ -44,13 +44,12 @@ def write_digits(out: str, size: int = 32, test_fraction: float = 0.3, seed: int
   with open(os.path.join(out, "train", "captions.jsonl"), "w", encoding="utf-8") as captions:
     for i, (image, label) in enumerate(zip(images, digits.target)):
       picture = Image.fromarray(image).resize((size, size), Image.NEAREST).convert("RGB")
-      if test[i]:
-        folder = os.path.join(out, "test", NAMES[label])
-        os.makedirs(folder, exist_ok=True)
-        picture.save(os.path.join(folder, f"{i}.png"))
-      else:
-        picture.save(os.path.join(out, "train", f"{i}.png"))
-        captions.write(json.dumps({"image": f"{i}.png", "caption": TEMPLATE.format(NAMES[label])}) + "\n")
+      folder = os.path.join(out, "test" if test[i] else "train", NAMES[label])
+      os.makedirs(folder, exist_ok=True)
+      picture.save(os.path.join(folder, f"{i}.png"))
+      if not test[i]:
+        captions.write(json.dumps({"image": f"{NAMES[label]}/{i}.png", "caption": TEMPLATE.format(NAMES[label])})
+                       + "\n")
   return {"train": int((~test).sum()), "test": int(test.sum())}
 
 

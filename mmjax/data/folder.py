@@ -134,7 +134,8 @@ class CaptionFolderSource(_ImageFiles):
     return f"CaptionFolderSource({str(self.captions_path)!r}, records={len(self)})"
 
 
-def _read_jsonl(path: Path):
+def _read_jsonl(path: Path, key: str = "caption", types: tuple[type, ...] = (str,)):
+  """(image, record[key]) of each line's object; `key` must hold one of `types`."""
   with path.open(encoding="utf-8") as f:
     for lineno, line in enumerate(f, 1):
       if not line.strip():
@@ -144,10 +145,11 @@ def _read_jsonl(path: Path):
       except json.JSONDecodeError as e:
         raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from e
       if not (isinstance(record, dict) and isinstance(record.get("image"), str)
-              and isinstance(record.get("caption"), str)):
+              and isinstance(record.get(key), types) and not isinstance(record.get(key), bool)):
         raise DataError(
-            f'{path}:{lineno}: expected an object with string "image" and "caption", got {line[:80]!r}')
-      yield record["image"], check_text(record["caption"], f"{path}:{lineno}: caption")
+            f'{path}:{lineno}: expected an object with string "image" and {key!r}, got {line[:80]!r}')
+      value = record[key]
+      yield record["image"], (check_text(value, f"{path}:{lineno}: {key}") if key == "caption" else value)
 
 
 def _read_csv(path: Path, accepted: tuple[tuple[str, str], ...], separator: str):
@@ -166,7 +168,19 @@ def _read_csv(path: Path, accepted: tuple[tuple[str, str], ...], separator: str)
       yield image, caption
 
 
-class ImageFolderSource(_ImageFiles):
+class _LabelledFiles(_ImageFiles):
+  """Image files `self._paths` with their class indices `self._labels`."""
+  _labels: list[int]
+
+  @property
+  def labels(self) -> list[int]:
+    return self._labels
+
+  def read(self, index: int) -> dict:
+    return dict(image=load_image(self._paths[index]), label=self._labels[index])
+
+
+class ImageFolderSource(_LabelledFiles):
   """Grain random-access source of dict(image, label=int) or None, from root/<class>/<file>.
 
   Classes are the sorted subdirectory names (`class_names`); files with an
@@ -188,12 +202,39 @@ class ImageFolderSource(_ImageFiles):
     if not self._paths:
       raise DataError(f"{self.root}: expected class subdirectories holding {IMAGE_EXTENSIONS} files")
 
-  @property
-  def labels(self) -> list[int]:
-    return self._labels
-
-  def read(self, index: int) -> dict:
-    return dict(image=load_image(self._paths[index]), label=self._labels[index])
-
   def __repr__(self) -> str:
     return f"ImageFolderSource({str(self.root)!r}, records={len(self)})"
+
+
+class LabelledImageSource(_LabelledFiles):
+  """Source of dict(image, label=int) or None from a JSONL ({"image": path, "label": ...} per line) or
+  CSV / TSV (columns image,label) file; relative paths are resolved against its directory.
+
+  A label is a class name or an index into `class_names`. Without `class_names` the classes are the
+  sorted distinct labels, which must then be names."""
+
+  def __init__(self, path: str | os.PathLike, class_names: list[str] | None = None, on_bad_image: str = "skip"):
+    check_policy(on_bad_image)
+    self.path, self.on_bad_image = Path(path), on_bad_image
+    if self.path.suffix.lower() in (".csv", ".tsv"):
+      rows = list(_read_csv(self.path, (("image", "label"),), "\t" if self.path.suffix.lower() == ".tsv" else ","))
+    else:
+      rows = list(_read_jsonl(self.path, "label", (str, int)))
+    if not rows:
+      raise DataError(f"{self.path}: no labelled images")
+    as_index = [int(label) if isinstance(label, int) or label.strip().isdigit() else None for _, label in rows]
+    if class_names is None and any(i is not None for i in as_index):
+      raise DataError(f"{self.path}: labels are class indices; give the class names (--classes)")
+    self.class_names = list(class_names) if class_names is not None else sorted({label for _, label in rows})
+    lookup = {name: i for i, name in enumerate(self.class_names)}
+    self._paths, self._labels = [], []
+    for n, ((image, label), index) in enumerate(zip(rows, as_index)):
+      index = lookup.get(label) if index is None else index
+      if index is None or not 0 <= index < len(self.class_names):
+        raise DataError(f"{self.path}: record {n + 1} has label {label!r}, not one of the "
+                        f"{len(self.class_names)} classes (a name or an index)")
+      self._paths.append(self.path.parent / image)
+      self._labels.append(index)
+
+  def __repr__(self) -> str:
+    return f"LabelledImageSource({str(self.path)!r}, records={len(self)})"

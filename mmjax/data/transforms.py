@@ -102,6 +102,11 @@ class NormalizeImage(grain.transforms.Map):
     return element | dict(image=element["image"].astype(np.float32) / 127.5 - 1.0)
 
 
+def prepare_image(image: np.ndarray, size: int) -> np.ndarray:
+  """uint8 [H, W, 3] of any size -> the model's float32 [size, size, 3] input, as training prepares files."""
+  return NormalizeImage().map(ResizeImage(size).map({"image": image}))["image"]
+
+
 @dataclasses.dataclass
 class Tokenize(grain.transforms.Map):
   """Replaces `caption` (str) by `text` (int32 [max_len])."""

@@ -5,10 +5,6 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from mmjax.data.folder import ImageFolderSource
-from mmjax.errors import ConfigError
-from mmjax.evals import embed_images
-
 
 def class_embeddings(embed_texts: Callable[[list[str]], np.ndarray], class_names: Sequence[str],
                      templates: Sequence[str]) -> np.ndarray:
@@ -42,19 +38,3 @@ def classification_metrics(scores: np.ndarray, labels: np.ndarray) -> dict[str, 
   recall = [top1[labels == c].mean() for c in np.unique(labels)]
   return {"acc1": float(top1.mean()), "acc5": float(top5.mean()), "mean_per_class_recall": float(np.mean(recall))}
 
-
-def classify_folder(encode_image: Callable, encode_text: Callable, root: str,
-                    class_names: Sequence[str] | None = None, templates: Sequence[str] = ("a photo of a {}.",),
-                    chunk: int = 1024) -> dict[str, float]:
-  """Zero-shot classification of an ImageFolder tree (`root/<class>/<image>`; class names are the
-  folder names unless given, in sorted folder order), its images embedded `chunk` at a time.
-  Unreadable images are skipped and counted (`skipped`)."""
-  source = ImageFolderSource(root)
-  names = list(class_names) if class_names else source.class_names
-  if len(names) != len(source.class_names):
-    raise ConfigError(f"{len(names)} class names for the {len(source.class_names)} class folders of {root}")
-  zclass = class_embeddings(encode_text, names, templates)
-  zimg, kept = embed_images(encode_image, lambda i: (source[i] or {}).get("image"), len(source), chunk)
-  labels = np.array([source.labels[i] for i in kept])
-  return {**classification_metrics(zimg @ zclass.T, labels), "images": len(kept), "classes": len(names),
-          "skipped": len(source) - len(kept)}

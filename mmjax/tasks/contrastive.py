@@ -5,6 +5,7 @@ import os
 from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
@@ -14,12 +15,13 @@ from mmjax.config import as_dict
 from mmjax.data import packing, shapes
 from mmjax.data.tokenizer import load_saved_tokenizer, load_tokenizer
 from mmjax.errors import ConfigError
-from mmjax.evals import binding, map_padded_chunks, recall, zeroshot
+from mmjax.evals import benchmarks, binding, recall, zeroshot
 from mmjax.models.text import TextTransformer
 from mmjax.tasks.base import Task
 
 LOSSES = ("sigmoid", "softmax", "infonce", "triplet")
 TEMPLATE_SETS = {"shapes": shapes.CLASS_TEMPLATES, "plain": ("{}",)}
+SHAPES_EVALS = ("zeroshot", "retrieval", "binding")
 
 
 def init_tokenizer(config):
@@ -124,48 +126,41 @@ class ContrastiveTask(Task):
 
   # Evaluation -------------------------------------------------------------------------
 
+  def embedder(self, params, cache_dir: str | None = None) -> benchmarks.Embedder:
+    """The model with `params` as a benchmark embeds with: evals.batch_size rows at a time over every
+    device and process (`mmjax.evals.embed_rows`)."""
+    return benchmarks.Embedder(
+        encode_image=lambda x: self._embed(params, x, None)[0], encode_text=lambda t: self._embed(params, None, t)[1],
+        tokenize=lambda texts: self.tokenizer.encode(texts, self.max_len), image_size=self.config.data.image_size,
+        mesh=self.mesh, batch_size=self.config.evals.batch_size, cache_dir=cache_dir, model=self.config.get("name", ""))
+
   def embed_images(self, params, images: np.ndarray) -> np.ndarray:
-    return self._embed_chunks(params, "image", np.asarray(images, np.float32) / 127.5 - 1.0)
+    """Embeddings of uint8 images [N, S, S, 3] at the model's input size."""
+    return self.embedder(params).images(lambda i: images[i], len(images), "images")[0]
 
   def embed_texts(self, params, texts: list[str]) -> np.ndarray:
-    return self._embed_chunks(params, "text", self.tokenizer.encode(texts, self.max_len))
-
-  def _embed_chunks(self, params, side: str, inputs: np.ndarray) -> np.ndarray:
-    """Embeds in chunks of evals.batch_size rows (`map_padded_chunks`). Each process feeds its
-    slice of every chunk; all get every embedding."""
-    chunk = self.config.evals.batch_size
-    divisor = parallel.batch_size_divisor(self.mesh)
-    if chunk % divisor:
-      raise ConfigError(f"evals.batch_size={chunk} must be divisible by the {divisor} batch-sharded devices")
-    rows = chunk // jax.process_count()
-    local = slice(jax.process_index() * rows, (jax.process_index() + 1) * rows)
-
-    def embed(padded):
-      batch = parallel.global_batch({side: padded[local]}, self.mesh)
-      zimg, ztxt = self._embed(params, **{"image": None, "text": None, **batch})
-      return np.asarray(jax.device_get(zimg if side == "image" else ztxt))
-
-    with jax.set_mesh(self.mesh):
-      return np.concatenate(map_padded_chunks(embed, (inputs,), chunk))
+    return self.embedder(params).texts(texts, "texts")
 
   def _eval_sets(self) -> dict[str, Any]:
     if self._eval_data is None:
-      if self.config.data.source != "shapes":
-        raise ConfigError("evals for data.source != 'shapes' are not configured; set config.evals to {} "
-                          "or use the shapes source")
       d, e = self.config.data, self.config.evals
+      shapes_evals = [name for name in SHAPES_EVALS if name in e and "benchmark" not in e[name]]
+      if shapes_evals and d.source != "shapes":
+        raise ConfigError(f"evals {shapes_evals} need data.source='shapes'; remove them from config.evals, or "
+                          "evaluate on your data with benchmark entries (evals.<name>.benchmark, README)")
       kw = dict(seed=d.seed, image_size=d.image_size, held_out_fraction=d.held_out_fraction)
       self._eval_data = {}
-      if "zeroshot" in e:
+      if "zeroshot" in shapes_evals:
         self._eval_data["zeroshot"] = shapes.zeroshot_set(per_class=e.zeroshot.per_class, **kw)
-      if "retrieval" in e:
+      if "retrieval" in shapes_evals:
         self._eval_data["retrieval"] = shapes.retrieval_set(n=e.retrieval.n, **kw)
-      if "binding" in e:
+      if "binding" in shapes_evals:
         self._eval_data["binding"] = shapes.binding_set(n=e.binding.n, **kw)
     return self._eval_data
 
   def evaluate(self, params) -> dict[str, float]:
-    """Every configured evaluator, as `{"zeroshot/acc_seen": ..., "retrieval/i2t_r@1": ...}`."""
+    """Every configured evaluator, as `{"zeroshot/acc_seen": ..., "retrieval/i2t_r@1": ...}`: the shapes
+    evals and the benchmark entries (`evals.<name>.benchmark`)."""
     results = {}
     sets = self._eval_sets()
     if "zeroshot" in sets:
@@ -184,4 +179,9 @@ class ContrastiveTask(Task):
       r = binding.evaluate(self.embed_images(params, bs["images"]), self.embed_texts(params, bs["true_captions"]),
                            self.embed_texts(params, bs["swapped_captions"]))
       results.update({f"binding/{k}": v for k, v in r.items()})
+    for name, entry in self.config.evals.items():  # Benchmarks on files (mmjax.evals.benchmarks).
+      if isinstance(entry, ml_collections.ConfigDict) and "benchmark" in entry and entry.get("data"):
+        options = {k: v for k, v in as_dict(entry).items() if k not in ("benchmark", "data")}
+        metrics = benchmarks.run(self.embedder(params), entry["benchmark"], entry["data"], **options)["metrics"]
+        results.update({f"{name}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
     return results

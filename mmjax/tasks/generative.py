@@ -11,6 +11,7 @@ images).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -83,6 +84,29 @@ def answer(model, params, sequence: sequences.BuildSequence, episodes: list[dict
 
   return [tokenizer.decode([i for i in row if i not in stop and i != tokenizer.pad_id]).strip()
           for ids in map_padded_chunks(generated_ids, (episodes,), batch_size) for row in ids.tolist()]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _weighted_log_likelihood(model, params, images, tokens, mask, targets, weights):
+  args = (tokens,) if images is None else (images, tokens)
+  logits, _ = model.apply({"params": params}, *args, mask=mask)
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  return jnp.sum(jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0] * weights, axis=-1)
+
+
+def answer_log_likelihoods(model, params, sequence: sequences.BuildSequence, episodes: list[dict], *,
+                           batch_size: int = 64) -> np.ndarray:
+  """float32 [N]: for each episode (dict(image uint8 [M, S, S, 3], prompts, answers)), the summed
+  log-probability of the tokens `sequence` weights (with `loss_on="answer"`, each answer's tokens and
+  its terminator), each given everything before it: one forward pass per sequence, `batch_size` at a time."""
+  def scores(chunk: list[dict]) -> np.ndarray:
+    rows = [sequence.map(dict(ep, image=np.asarray(ep["image"], np.float32) / 127.5 - 1.0)
+                         if sequence.image_token_id is not None else ep) for ep in chunk]
+    batch = {k: jnp.asarray(np.stack([r[k] for r in rows])) for k in rows[0]}
+    return np.asarray(jax.device_get(_weighted_log_likelihood(
+        model, params, batch.get("image"), batch["tokens"], batch["mask"], batch["targets"], batch["weights"])))
+
+  return np.concatenate(map_padded_chunks(scores, (episodes,), batch_size))
 
 
 class GenerativeTask(Task):
