@@ -20,7 +20,7 @@ from mmjax.adapt import icv  # noqa: E402
 from mmjax.adapt.wrap import ADAPTER, BASE  # noqa: E402
 from mmjax.data import shapes_vqa  # noqa: E402
 from mmjax.evals import vqa  # noqa: E402
-from mmjax.tasks import generative  # noqa: E402
+from mmjax.generate import answer, make_sequence  # noqa: E402
 from mmjax.runs import load_run_config, restore_params  # noqa: E402
 
 
@@ -38,12 +38,12 @@ def main():
   task, _, params, _ = restore_params(config, args.workdir)
   d = config.data
   kw = dict(seed=d.seed, image_size=d.image_size, held_out_fraction=d.held_out_fraction)
-  sequence = generative.make_sequence(task.model, task.tokenizer, config.evals.few_shot.max_len)
+  sequence = make_sequence(task.model, task.tokenizer, config.evals.few_shot.max_len)
 
   def score(model, model_params, episodes):
     episodes = [shapes_vqa.episode(ep) for ep in episodes]
     start = time.time()
-    predictions = generative.answer(model, model_params, icv.fitted(sequence, episodes), episodes,
+    predictions = answer(model, model_params, icv.fitted(sequence, episodes), episodes,
                                     max_new_tokens=4, batch_size=config.evals.batch_size)
     return dict(accuracy=vqa.exact_match(predictions, [ep["answers"][-1] for ep in episodes]),
                 prompt_tokens=icv.prompt_tokens(sequence, episodes), seconds=time.time() - start)

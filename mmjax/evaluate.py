@@ -25,10 +25,8 @@ from absl import flags
 from ml_collections import config_flags
 
 from mmjax import bundle, cli, runs, runtime
-from mmjax.data import vlm_benchmarks as vlm_data
 from mmjax.errors import ConfigError
-from mmjax.evals import benchmarks
-from mmjax.tasks import vlm_benchmarks
+from mmjax.evals import benchmarks, vlm_benchmarks
 from mmjax.metrics import summary_table
 
 
@@ -40,8 +38,7 @@ def evaluate(config, workdir: str, step: int | None = None) -> dict:
   return results
 
 
-VLM_BENCHMARKS = ("vqav2", "coco_captions", "multiple_choice")
-BENCHMARKS = benchmarks.BENCHMARKS + VLM_BENCHMARKS
+BENCHMARKS = benchmarks.BENCHMARKS + vlm_benchmarks.BENCHMARKS
 
 
 def benchmark(name: str, data: str, export: str | None = None, workdir: str | None = None, config=None,
@@ -49,7 +46,7 @@ def benchmark(name: str, data: str, export: str | None = None, workdir: str | No
   """Benchmark `name` (`BENCHMARKS`) on `data` with an export, or with a training run's latest
   checkpoint (`workdir`, its recipe `config` by default), in CLIP_benchmark's layout: {dataset, model,
   task, metrics}, plus `predictions` for the vision-language benchmarks (the official results format).
-  `options` go to the benchmark (two-tower: `mmjax.evals.benchmarks`; vision-language: `vlm_options`)."""
+  `options` go to the benchmark (`mmjax.evals.benchmarks.run`, `mmjax.evals.vlm_benchmarks.run`)."""
   if name not in BENCHMARKS:
     raise ConfigError(f"--benchmark={name!r}: expected one of {BENCHMARKS}")
   if bool(export) == bool(workdir):
@@ -61,10 +58,10 @@ def benchmark(name: str, data: str, export: str | None = None, workdir: str | No
   else:
     loaded = bundle.load(export)
     model_name = loaded.path
-  if name in VLM_BENCHMARKS:
+  if name in vlm_benchmarks.BENCHMARKS:
     if workdir:
       loaded = bundle.LoadedModel(task.model, jax.device_get(params), task.tokenizer, task.model_config, model_name)
-    result = _vlm_benchmark(loaded, name, data, batch_size, **options)
+    result = vlm_benchmarks.run(loaded, name, data, batch_size=batch_size, **options)
     return {"dataset": os.path.abspath(data), "model": model_name, "task": name, "metrics": result.metrics,
             "predictions": result.predictions}
   if workdir:
@@ -75,22 +72,6 @@ def benchmark(name: str, data: str, export: str | None = None, workdir: str | No
   else:
     embedder = loaded.embedder(batch_size=batch_size, cache_dir=cache_dir)
   return benchmarks.run(embedder, name, data, **options)
-
-
-def _vlm_benchmark(loaded, name: str, data: str, batch_size: int, annotations: str | None = None,
-                   image_root: str | None = None, image_pattern: str | None = None, meteor: bool = True):
-  """vqav2: `data` the questions JSON, `annotations` the annotations JSON, images under `image_root`
-  named by `image_pattern`; coco_captions: `data` the captions JSON, images under `image_root`
-  (default: its directory); multiple_choice: `data` the JSONL."""
-  if name == "vqav2":
-    if not (annotations and image_root):
-      raise ConfigError("--benchmark=vqav2 needs --annotations (the annotations JSON) and --image_root")
-    questions = vlm_data.read_vqav2(data, annotations, image_root, image_pattern)
-    return vlm_benchmarks.vqav2(loaded, questions, batch_size=batch_size)
-  if name == "coco_captions":
-    images = vlm_data.read_coco_captions(data, image_root)
-    return vlm_benchmarks.coco_captions(loaded, images, batch_size=batch_size, meteor=meteor)
-  return vlm_benchmarks.multiple_choice(loaded, vlm_data.read_multiple_choice(data), batch_size=batch_size)
 
 
 def main(argv):

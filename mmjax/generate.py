@@ -1,4 +1,6 @@
-"""Batched generation with a `mmjax.models.decoder.Decoder`: greedy decoding and beam search.
+"""Batched generation with a `mmjax.models.decoder.Decoder`: greedy decoding and beam search; and
+for episodes (images, prompts, answers; `mmjax.data.sequences`), greedy answers (`answer`) and the
+log-likelihood of given answers (`answer_log_likelihoods`).
 
 Prompts are LEFT-padded: each row's real tokens end in the last column and a boolean mask (or
 the row lengths) marks them. Then every row writes each new token to the same cache slot,
@@ -21,7 +23,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mmjax.data import sequences
 from mmjax.errors import ConfigError
+from mmjax.evals import map_padded_chunks
+from mmjax.models.decoder import Decoder
 
 METHODS = ("greedy", "beam")
 _NEG = -1.0e9  # HF's "impossible" score; added (not assigned) so orderings match HF's.
@@ -165,3 +170,57 @@ def _beam_search(step, logits, cache, batch, beams, n, stop, length_penalty, pad
            jnp.zeros((batch, beams), bool), jnp.ones((batch,), bool))
   state = jax.lax.while_loop(lambda s: (s[0] < n) & jnp.any(s[8]), body, state)
   return state[5][:, 0], state[6][:, 0]
+
+
+def make_sequence(model, tokenizer, max_len: int, loss_on: str | None = None) -> sequences.BuildSequence:
+  """How `model` reads episodes: image tokens per image, and the token ending each answer
+  (Flamingo's `<|endofchunk|>`, as in its interleaved documents; EOS otherwise)."""
+  if isinstance(model, Decoder):
+    return sequences.BuildSequence(tokenizer, max_len, None, 0, tokenizer.eos_id, loss_on or "all")
+  terminator = getattr(model, "end_of_chunk_id", None)
+  return sequences.BuildSequence(tokenizer, max_len, model.image_token_id, model.num_image_tokens,
+                                 tokenizer.eos_id if terminator is None else terminator, loss_on or "answer")
+
+
+def answer(model, params, sequence: sequences.BuildSequence, episodes: list[dict], *, max_new_tokens: int,
+           batch_size: int = 64) -> list[str]:
+  """Greedy answers to the last prompt of each episode (dict(image uint8 [M, S, S, 3], prompts,
+  answers); the answers before the last are solved demonstrations), `batch_size` at a time."""
+  tokenizer = sequence.tokenizer
+  stop = sorted({tokenizer.eos_id, sequence.terminator})
+
+  def generated_ids(chunk: list[dict]) -> np.ndarray:
+    prompts = [sequence.prompt(ep) for ep in chunk]
+    tokens, mask = np.stack([p[0] for p in prompts]), np.stack([p[1] for p in prompts])
+    images = None
+    if sequence.image_token_id is not None:
+      images = jnp.asarray(np.stack([ep["image"] for ep in chunk]).astype(np.float32) / 127.5 - 1.0)
+    ids, _ = generate(model, params, jnp.asarray(tokens), jnp.asarray(mask), max_new_tokens=max_new_tokens,
+                      stop_tokens=stop, pad_id=tokenizer.pad_id, images=images)
+    return np.asarray(jax.device_get(ids))
+
+  return [tokenizer.decode([i for i in row if i not in stop and i != tokenizer.pad_id]).strip()
+          for ids in map_padded_chunks(generated_ids, (episodes,), batch_size) for row in ids.tolist()]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _weighted_log_likelihood(model, params, images, tokens, mask, targets, weights):
+  args = (tokens,) if images is None else (images, tokens)
+  logits, _ = model.apply({"params": params}, *args, mask=mask)
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  return jnp.sum(jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0] * weights, axis=-1)
+
+
+def answer_log_likelihoods(model, params, sequence: sequences.BuildSequence, episodes: list[dict], *,
+                           batch_size: int = 64) -> np.ndarray:
+  """float32 [N]: for each episode (dict(image uint8 [M, S, S, 3], prompts, answers)), the summed
+  log-probability of the tokens `sequence` weights (with `loss_on="answer"`, each answer's tokens and
+  its terminator), each given everything before it: one forward pass per sequence, `batch_size` at a time."""
+  def scores(chunk: list[dict]) -> np.ndarray:
+    rows = [sequence.map(dict(ep, image=np.asarray(ep["image"], np.float32) / 127.5 - 1.0)
+                         if sequence.image_token_id is not None else ep) for ep in chunk]
+    batch = {k: jnp.asarray(np.stack([r[k] for r in rows])) for k in rows[0]}
+    return np.asarray(jax.device_get(_weighted_log_likelihood(
+        model, params, batch.get("image"), batch["tokens"], batch["mask"], batch["targets"], batch["weights"])))
+
+  return np.concatenate(map_padded_chunks(scores, (episodes,), batch_size))

@@ -1,16 +1,20 @@
 """Generative training end to end: a text-only LM, then LLaVA starting its `lm` from that run."""
 
+import json
+
 import jax
 import numpy as np
 import pytest
+from PIL import Image
 
 import mmjax
 from mmjax import export, losses, runs
 from mmjax import train as train_lib
 from mmjax.data import shapes_vqa
 from mmjax.evals import vqa
-from mmjax.tasks import generative
+from mmjax.generate import answer, make_sequence
 from mmjax.errors import ConfigError
+from mmjax.evaluate import benchmark
 from tests.helpers import logged_losses, run_notebook, tiny_generative_recipe
 
 TINY_LM = dict(width=32, depth=1, num_heads=2, mlp_dim=64)
@@ -55,9 +59,33 @@ def llava_run(lm_run, tmp_path_factory):
   overrides = {f"model.lm.{k}": v for k, v in TINY_LM.items()}
   overrides.update({"model.vision.width": 32, "model.vision.depth": 1, "model.vision.mlp_dim": 64,
                     "model.vision.num_heads": 2, "evals.captioning.n": 16, "init_from": (("lm", lm_dir),),
-                    "optim.frozen": (r"^lm/",)})
+                    "optim.frozen": (r"^lm/",), "evals.scenes": dict(benchmark="multiple_choice", data=_scene_questions(
+                        tmp_path_factory.mktemp("mc"))), "evals.unset": dict(benchmark="vqav2", data="")})
   config = tiny_generative_recipe("llava_shapes", **overrides)
   return workdir, config, train_lib.train(config, workdir)
+
+
+def _scene_questions(directory) -> str:
+  """An MMMU-style JSONL of 8 shapes scenes, each asked its colour or shape among four options."""
+  records, lines = shapes_vqa.eval_set(seed=3, image_size=40, n=64), []
+  for record in records:
+    if record["kind"] not in ("colour", "shape") or len(lines) == 8:
+      continue
+    options = sorted({r["answer"] for r in records if r["kind"] == record["kind"]})[:3]
+    options = sorted(set(options) | {record["answer"]})
+    Image.fromarray(record["image"]).save(directory / f"{len(lines)}.png")
+    lines.append(json.dumps({"image": f"{len(lines)}.png", "question": record["prompt"].split("question: ")[-1]
+                             .removesuffix(" answer:"), "options": options, "answer": options.index(record["answer"])}))
+  (directory / "scenes.jsonl").write_text("\n".join(lines) + "\n")
+  return str(directory / "scenes.jsonl")
+
+
+def test_a_recipes_multiple_choice_entry_runs_in_training_as_the_command_scores_it(llava_run):
+  workdir, config, summary = llava_run
+  result = benchmark("multiple_choice", config.evals.scenes.data, workdir=workdir, batch_size=16)
+  assert result["model"].endswith("@4") and result["metrics"]["questions"] == summary["scenes/questions"] == 8
+  assert summary["scenes/accuracy"] == result["metrics"]["accuracy"]
+  assert not any(k.startswith("unset/") for k in summary)
 
 
 def test_llava_starts_from_the_lm_run_and_trains_with_evals(lm_run, llava_run):
@@ -75,8 +103,8 @@ def test_exported_vlm_answers_like_the_run_and_drives_the_notebook(llava_run, tm
   out = export.export(workdir, str(tmp_path / "export"))
   model, params, tokenizer = mmjax.load(out)
   records = shapes_vqa.eval_set(seed=0, image_size=config.data.image_size, n=config.evals.vqa.n)
-  sequence = generative.make_sequence(model, tokenizer, config.data.max_len)
-  predictions = generative.answer(model, params, sequence, [shapes_vqa.episode([r]) for r in records],
+  sequence = make_sequence(model, tokenizer, config.data.max_len)
+  predictions = answer(model, params, sequence, [shapes_vqa.episode([r]) for r in records],
                                   max_new_tokens=config.evals.vqa.max_new_tokens, batch_size=16)
   assert vqa.exact_match(predictions, [r["answer"] for r in records]) == pytest.approx(summary["vqa/accuracy"])
   printed, images = run_notebook("vlm_demo.ipynb", tmp_path, MMJAX_EXPORT=out)

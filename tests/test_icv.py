@@ -11,7 +11,7 @@ from mmjax.config import decoder
 from mmjax.data import shapes_vqa
 from mmjax.data.tokenizer import load_tokenizer
 from mmjax.models.decoder import build_decoder
-from mmjax.tasks.generative import make_sequence
+from mmjax.generate import make_sequence
 from tests.helpers import random_params
 
 

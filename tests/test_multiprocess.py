@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmjax import train as train_lib
 from mmjax.runs import load_run_config, restore_params
 from mmjax.rules import path_str
 

@@ -16,8 +16,8 @@ from mmjax.data import vlm_benchmarks as readers
 from mmjax.data.transforms import ResizeImage
 from mmjax.errors import ConfigError, DataError
 from mmjax.evals import captioning, vqa
-from mmjax.tasks import generative
-from mmjax.tasks import vlm_benchmarks as bench
+from mmjax.evals import vlm_benchmarks as bench
+from mmjax.generate import answer, make_sequence
 from tests.helpers import run_module, untrained_vlm_export
 
 SIZE = 16  # The tiny VLMs' input side; the files below are of other sizes, some not square.
@@ -48,17 +48,17 @@ def loaded(tmp_path_factory):
 
 
 def _greedy(loaded, paths, prompts, max_new_tokens):
-  """Greedy outputs of `generative.answer` on episodes made here (prompts padded to 64 tokens, 4 a batch)."""
-  sequence = generative.make_sequence(loaded.model, loaded.tokenizer, 64)
+  """Greedy outputs of `mmjax.generate.answer` on episodes made here (prompts padded to 64 tokens, 4 a batch)."""
+  sequence = make_sequence(loaded.model, loaded.tokenizer, 64)
   episodes = [dict(image=_model_input(p), prompts=[t], answers=[]) for p, t in zip(paths, prompts)]
-  return generative.answer(loaded.model, loaded.params, sequence, episodes, max_new_tokens=max_new_tokens,
+  return answer(loaded.model, loaded.params, sequence, episodes, max_new_tokens=max_new_tokens,
                            batch_size=4)
 
 
 @pytest.fixture(scope="module")
 def vqa_files(loaded, tmp_path_factory):
   """An official-format VQAv2 pair over three COCO-named images; each question's 10 human answers hold the
-  (normalised) answer the model gives as often as VQA_QUESTIONS says, found here by `generative.answer`."""
+  (normalised) answer the model gives as often as VQA_QUESTIONS says, found here by `mmjax.generate.answer`."""
   tmp = tmp_path_factory.mktemp("vqav2")
   os.makedirs(tmp / "val2014")
   for n, image_id in enumerate(sorted({q[0] for q in VQA_QUESTIONS})):

@@ -7,12 +7,29 @@ that subclasses `Task` overrides only what it needs.
 """
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, Iterator, Protocol
 
 import jax
+import ml_collections
 import numpy as np
 
+from mmjax.config import as_dict
 from mmjax.data import pipeline
+
+
+def benchmark_entries(evals) -> Iterator[tuple[str, str, str, dict]]:
+  """`(name, benchmark, data, options)` of each `evals.<name>` entry that names a benchmark on files
+  (`benchmark=...`, `data=...`, the benchmark's options beside them); entries whose `data` is "" are
+  slots left for the user to fill, and skipped."""
+  for name, entry in evals.items():
+    if isinstance(entry, ml_collections.ConfigDict) and "benchmark" in entry and entry.get("data"):
+      options = {k: v for k, v in as_dict(entry).items() if k not in ("benchmark", "data")}
+      yield name, entry.benchmark, entry.data, options
+
+
+def shapes_evals(evals, names: tuple[str, ...]) -> list[str]:
+  """The entries among `names` in `evals` that are the synthetic data's own evals (not benchmarks)."""
+  return [name for name in names if name in evals and "benchmark" not in evals[name]]
 
 
 class Task(Protocol):

@@ -5,7 +5,6 @@ import os
 from typing import Any
 
 import jax
-import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
@@ -17,7 +16,7 @@ from mmjax.data.tokenizer import load_saved_tokenizer, load_tokenizer
 from mmjax.errors import ConfigError
 from mmjax.evals import benchmarks, binding, recall, zeroshot
 from mmjax.models.text import TextTransformer
-from mmjax.tasks.base import Task
+from mmjax.tasks.base import Task, benchmark_entries, shapes_evals
 
 LOSSES = ("sigmoid", "softmax", "infonce", "triplet")
 TEMPLATE_SETS = {"shapes": shapes.CLASS_TEMPLATES, "plain": ("{}",)}
@@ -144,17 +143,17 @@ class ContrastiveTask(Task):
   def _eval_sets(self) -> dict[str, Any]:
     if self._eval_data is None:
       d, e = self.config.data, self.config.evals
-      shapes_evals = [name for name in SHAPES_EVALS if name in e and "benchmark" not in e[name]]
-      if shapes_evals and d.source != "shapes":
-        raise ConfigError(f"evals {shapes_evals} need data.source='shapes'; remove them from config.evals, or "
+      synthetic = shapes_evals(e, SHAPES_EVALS)
+      if synthetic and d.source != "shapes":
+        raise ConfigError(f"evals {synthetic} need data.source='shapes'; remove them from config.evals, or "
                           "evaluate on your data with benchmark entries (evals.<name>.benchmark, README)")
       kw = dict(seed=d.seed, image_size=d.image_size, held_out_fraction=d.held_out_fraction)
       self._eval_data = {}
-      if "zeroshot" in shapes_evals:
+      if "zeroshot" in synthetic:
         self._eval_data["zeroshot"] = shapes.zeroshot_set(per_class=e.zeroshot.per_class, **kw)
-      if "retrieval" in shapes_evals:
+      if "retrieval" in synthetic:
         self._eval_data["retrieval"] = shapes.retrieval_set(n=e.retrieval.n, **kw)
-      if "binding" in shapes_evals:
+      if "binding" in synthetic:
         self._eval_data["binding"] = shapes.binding_set(n=e.binding.n, **kw)
     return self._eval_data
 
@@ -179,9 +178,7 @@ class ContrastiveTask(Task):
       r = binding.evaluate(self.embed_images(params, bs["images"]), self.embed_texts(params, bs["true_captions"]),
                            self.embed_texts(params, bs["swapped_captions"]))
       results.update({f"binding/{k}": v for k, v in r.items()})
-    for name, entry in self.config.evals.items():  # Benchmarks on files (mmjax.evals.benchmarks).
-      if isinstance(entry, ml_collections.ConfigDict) and "benchmark" in entry and entry.get("data"):
-        options = {k: v for k, v in as_dict(entry).items() if k not in ("benchmark", "data")}
-        metrics = benchmarks.run(self.embedder(params), entry["benchmark"], entry["data"], **options)["metrics"]
-        results.update({f"{name}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+    for name, benchmark, data, options in benchmark_entries(self.config.evals):
+      metrics = benchmarks.run(self.embedder(params), benchmark, data, **options)["metrics"]
+      results.update({f"{name}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
     return results

@@ -11,27 +11,26 @@ images).
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from mmjax import losses, models, parallel
+from mmjax import bundle, losses, models, parallel
 from mmjax.adapt import wrap as adapt
 from mmjax.config import as_dict
-from mmjax.data import sequences, shapes_vqa
+from mmjax.data import shapes_vqa
 from mmjax.data.tokenizer import END_OF_CHUNK, IMAGE_TOKEN, load_tokenizer
 from mmjax.data.transforms import NormalizeImage
 from mmjax.errors import ConfigError
-from mmjax.evals import captioning, map_padded_chunks, vqa
-from mmjax.generate import generate
+from mmjax.evals import captioning, vlm_benchmarks, vqa
+from mmjax.generate import answer, make_sequence
 from mmjax.models.decoder import Decoder, expand_variant
 from mmjax.index import image_similarity_selector, rag
-from mmjax.tasks.base import Task
+from mmjax.tasks.base import Task, benchmark_entries, shapes_evals
 
 KINDS = ("lm", "llava", "flamingo", "blip2")
+SHAPES_EVALS = ("vqa", "described_vqa", "captioning", "few_shot")
 # Training answers drawn to find the majority answer the VQA eval reports as its baseline.
 _BASELINE_RECORDS = 2000
 
@@ -53,60 +52,6 @@ def model_config_with_tokens(model_config, tokenizer) -> dict:
     cfg["end_of_chunk_id"] = tokenizer.piece_id(END_OF_CHUNK)
   lm.setdefault("vocab_size", tokenizer.vocab_size)
   return cfg
-
-
-def make_sequence(model, tokenizer, max_len: int, loss_on: str | None = None) -> sequences.BuildSequence:
-  """How `model` reads episodes: image tokens per image, and the token ending each answer
-  (Flamingo's `<|endofchunk|>`, as in its interleaved documents; EOS otherwise)."""
-  if isinstance(model, Decoder):
-    return sequences.BuildSequence(tokenizer, max_len, None, 0, tokenizer.eos_id, loss_on or "all")
-  terminator = getattr(model, "end_of_chunk_id", None)
-  return sequences.BuildSequence(tokenizer, max_len, model.image_token_id, model.num_image_tokens,
-                                 tokenizer.eos_id if terminator is None else terminator, loss_on or "answer")
-
-
-def answer(model, params, sequence: sequences.BuildSequence, episodes: list[dict], *, max_new_tokens: int,
-           batch_size: int = 64) -> list[str]:
-  """Greedy answers to the last prompt of each episode (dict(image uint8 [M, S, S, 3], prompts,
-  answers); the answers before the last are solved demonstrations), `batch_size` at a time."""
-  tokenizer = sequence.tokenizer
-  stop = sorted({tokenizer.eos_id, sequence.terminator})
-
-  def generated_ids(chunk: list[dict]) -> np.ndarray:
-    prompts = [sequence.prompt(ep) for ep in chunk]
-    tokens, mask = np.stack([p[0] for p in prompts]), np.stack([p[1] for p in prompts])
-    images = None
-    if sequence.image_token_id is not None:
-      images = jnp.asarray(np.stack([ep["image"] for ep in chunk]).astype(np.float32) / 127.5 - 1.0)
-    ids, _ = generate(model, params, jnp.asarray(tokens), jnp.asarray(mask), max_new_tokens=max_new_tokens,
-                      stop_tokens=stop, pad_id=tokenizer.pad_id, images=images)
-    return np.asarray(jax.device_get(ids))
-
-  return [tokenizer.decode([i for i in row if i not in stop and i != tokenizer.pad_id]).strip()
-          for ids in map_padded_chunks(generated_ids, (episodes,), batch_size) for row in ids.tolist()]
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _weighted_log_likelihood(model, params, images, tokens, mask, targets, weights):
-  args = (tokens,) if images is None else (images, tokens)
-  logits, _ = model.apply({"params": params}, *args, mask=mask)
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  return jnp.sum(jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0] * weights, axis=-1)
-
-
-def answer_log_likelihoods(model, params, sequence: sequences.BuildSequence, episodes: list[dict], *,
-                           batch_size: int = 64) -> np.ndarray:
-  """float32 [N]: for each episode (dict(image uint8 [M, S, S, 3], prompts, answers)), the summed
-  log-probability of the tokens `sequence` weights (with `loss_on="answer"`, each answer's tokens and
-  its terminator), each given everything before it: one forward pass per sequence, `batch_size` at a time."""
-  def scores(chunk: list[dict]) -> np.ndarray:
-    rows = [sequence.map(dict(ep, image=np.asarray(ep["image"], np.float32) / 127.5 - 1.0)
-                         if sequence.image_token_id is not None else ep) for ep in chunk]
-    batch = {k: jnp.asarray(np.stack([r[k] for r in rows])) for k in rows[0]}
-    return np.asarray(jax.device_get(_weighted_log_likelihood(
-        model, params, batch.get("image"), batch["tokens"], batch["mask"], batch["targets"], batch["weights"])))
-
-  return np.concatenate(map_padded_chunks(scores, (episodes,), batch_size))
 
 
 class GenerativeTask(Task):
@@ -164,19 +109,21 @@ class GenerativeTask(Task):
   def _eval_sets(self) -> dict[str, Any]:
     if self._eval_data is None:
       d, e = self.config.data, self.config.evals
-      if d.source != "shapes_vqa":
-        raise ConfigError("evals need data.source='shapes_vqa'; set config.evals to {} for other data")
+      synthetic = shapes_evals(e, SHAPES_EVALS)
+      if synthetic and d.source != "shapes_vqa":
+        raise ConfigError(f"evals {synthetic} need data.source='shapes_vqa'; remove them from config.evals, or "
+                          "evaluate on your data with benchmark entries (evals.<name>.benchmark, README)")
       kw = dict(seed=d.seed, image_size=d.image_size, held_out_fraction=d.held_out_fraction)
       self._eval_data = {}
-      if "vqa" in e:
+      if "vqa" in synthetic:
         train = shapes_vqa.ShapesVQASource(caption_fraction=0.0, **kw)
         self._eval_data["vqa"] = shapes_vqa.eval_set(n=e.vqa.n, **kw)
         self._eval_data["vqa_train_answers"] = [train.record(i)["answer"] for i in range(_BASELINE_RECORDS)]
-      if "described_vqa" in e:  # Each question after its scene's caption: does the model read the context?
+      if "described_vqa" in synthetic:  # Each question after its scene's caption: does the model read the context?
         self._eval_data["described_vqa"] = shapes_vqa.eval_set(n=e.described_vqa.n, described_fraction=1.0, **kw)
-      if "captioning" in e:
+      if "captioning" in synthetic:
         self._eval_data["captioning"] = shapes_vqa.eval_set(n=e.captioning.n, caption_fraction=1.0, **kw)
-      if "few_shot" in e:
+      if "few_shot" in synthetic:
         self._eval_data["few_shot"] = {k: self._few_shot_set(e.few_shot, k, kw) for k in e.few_shot.shots}
       if d.get("rag") and d.rag.get("k", 0):
         self._with_retrieved_captions()
@@ -218,7 +165,9 @@ class GenerativeTask(Task):
       return answer(self.model, params, sequence, episodes, max_new_tokens=max_new_tokens, batch_size=chunk)
 
   def evaluate(self, params) -> dict[str, float]:
-    """`{"vqa/accuracy": ..., "vqa/majority_baseline": ..., "captioning/cider": ..., "few_shot/4": ...}`."""
+    """`{"vqa/accuracy": ..., "vqa/majority_baseline": ..., "captioning/cider": ..., "few_shot/4": ...}`: the
+    shapes evals, and the benchmark entries on files (`evals.<name>.benchmark`: vqav2, coco_captions,
+    multiple_choice; `mmjax.evals.vlm_benchmarks.run`)."""
     sets, e, results = self._eval_sets(), self.config.evals, {}
     for name in ("vqa", "described_vqa"):
       if name not in sets:
@@ -241,4 +190,10 @@ class GenerativeTask(Task):
       predictions = self.answer(params, [shapes_vqa.episode(ep) for ep in episodes], e.few_shot.max_new_tokens,
                                 e.few_shot.max_len)
       results[f"few_shot/{shots}"] = vqa.exact_match(predictions, [ep[-1]["answer"] for ep in episodes])
+    for name, benchmark, data, options in benchmark_entries(e):
+      loaded = bundle.LoadedModel(self.model, params, self.tokenizer, self.model_config)
+      with jax.set_mesh(self.mesh):
+        result = vlm_benchmarks.run(loaded, benchmark, data, batch_size=e.batch_size,
+                                    image_size=self.config.data.image_size, **options)
+      results.update({f"{name}/{k}": v for k, v in result.metrics.items()})
     return results

@@ -34,12 +34,14 @@ import numpy as np
 from mmjax.data import sequences, shapes_vqa
 from mmjax.data.folder import load_image
 from mmjax.data.transforms import ResizeImage
+from mmjax.data import vlm_benchmarks as readers
 from mmjax.data.vlm_benchmarks import LETTERS, CaptionedImage, ChoiceQuestion, VQAQuestion
 from mmjax.errors import ConfigError, DataError
 from mmjax.evals import captioning, vqa
-from mmjax.tasks import generative
+from mmjax.generate import answer, answer_log_likelihoods, make_sequence
 
 VLM_KINDS = ("llava", "flamingo", "blip2")
+BENCHMARKS = ("vqav2", "coco_captions", "multiple_choice")
 QUESTION_PROMPT = shapes_vqa.QUESTION_PROMPT.format("{question}")
 CAPTION_PROMPT = shapes_vqa.CAPTION_PROMPT
 _CHUNK_BATCHES = 16  # Items read (images decoded) at a time: this many batches.
@@ -91,7 +93,7 @@ def _setup(loaded, image_size: int | None, batch_size: int) -> _Setup:
   if batch_size < 1:
     raise ConfigError(f"batch_size={batch_size} must be at least 1")
   size = image_size or vision_input_size(loaded.model_config, loaded.params)
-  sequence = generative.make_sequence(loaded.model, loaded.tokenizer, max_len=0)
+  sequence = make_sequence(loaded.model, loaded.tokenizer, max_len=0)
   return _Setup(loaded.model, jax.device_put(loaded.params), sequence, size, batch_size)
 
 
@@ -127,7 +129,7 @@ def _generate(setup: _Setup, paths: list[str], prompts: list[str], names: list[s
   out = []
   for start, images in _chunks(setup, paths):
     episodes = [dict(image=image, prompts=[prompts[start + i]], answers=[]) for i, image in enumerate(images)]
-    out += generative.answer(setup.model, setup.params, setup.sequence, episodes, max_new_tokens=max_new_tokens,
+    out += answer(setup.model, setup.params, setup.sequence, episodes, max_new_tokens=max_new_tokens,
                              batch_size=setup.batch_size)
   return out
 
@@ -183,7 +185,7 @@ def multiple_choice(loaded, questions: list[ChoiceQuestion], *, prompt: str = QU
   for start, images in _chunks(setup, [questions[i].image_path for i in owner]):
     episodes = [dict(image=image, prompts=[prompts[owner[start + k]]], answers=[options[start + k]])
                 for k, image in enumerate(images)]
-    scores.append(generative.answer_log_likelihoods(setup.model, setup.params, setup.sequence, episodes,
+    scores.append(answer_log_likelihoods(setup.model, setup.params, setup.sequence, episodes,
                                                     batch_size=setup.batch_size))
   scores = np.concatenate(scores)
   predictions, first = [], 0
@@ -195,3 +197,24 @@ def multiple_choice(loaded, questions: list[ChoiceQuestion], *, prompt: str = QU
                         "log_likelihoods": [float(s) for s in option_scores]})
   correct = sum(p["prediction"] == p["answer"] for p in predictions)
   return Result({"accuracy": correct / len(questions), "questions": len(questions)}, predictions)
+
+
+def run(loaded, name: str, data: str, *, batch_size: int = 64, image_size: int | None = None,
+        annotations: str | None = None, image_root: str | None = None, image_pattern: str | None = None,
+        meteor: bool = True) -> Result:
+  """Benchmark `name` (`BENCHMARKS`) on its files. vqav2: `data` the questions JSON, `annotations` the
+  annotations JSON, images under `image_root` named by `image_pattern` (`read_vqav2`); coco_captions:
+  `data` the captions JSON, images under `image_root` (default: its directory); multiple_choice: `data`
+  the JSONL. Empty strings count as unset (a recipe's entries)."""
+  image_root, image_pattern = image_root or None, image_pattern or None
+  if name == "vqav2":
+    if not (annotations and image_root):
+      raise ConfigError("benchmark vqav2 needs annotations (the annotations JSON) and image_root")
+    questions = readers.read_vqav2(data, annotations, image_root, image_pattern)
+    return vqav2(loaded, questions, batch_size=batch_size, image_size=image_size)
+  if name == "coco_captions":
+    images = readers.read_coco_captions(data, image_root)
+    return coco_captions(loaded, images, batch_size=batch_size, image_size=image_size, meteor=meteor)
+  if name == "multiple_choice":
+    return multiple_choice(loaded, readers.read_multiple_choice(data), batch_size=batch_size, image_size=image_size)
+  raise ConfigError(f"benchmark={name!r}: expected one of {BENCHMARKS}")
