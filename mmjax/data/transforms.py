@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image
 
 from mmjax.data.tokenizer import Tokenizer
+from mmjax.errors import ConfigError
 
 
 @dataclasses.dataclass
@@ -105,6 +106,45 @@ class NormalizeImage(grain.transforms.Map):
 def prepare_image(image: np.ndarray, size: int) -> np.ndarray:
   """uint8 [H, W, 3] of any size -> the model's float32 [size, size, 3] input, as training prepares files."""
   return NormalizeImage().map(ResizeImage(size).map({"image": image}))["image"]
+
+
+def naflex_grid(height: int, width: int, patch_size: int, max_patches: int, max_scale: float = 100.0) -> tuple[int, int]:
+  """(h, w) patches of an image resized NaFlex-style: both sides scaled by the largest s <= `max_scale`
+  for which the patch grid, each side rounded up to whole patches (at least one), holds at most
+  `max_patches`. The grid only changes where a side's patch count does, at s = k * patch / side, so
+  those candidates are tried exactly (big_vision and HF Siglip2 bisect on s for the same answer)."""
+  if max_patches < 1 or patch_size < 1 or min(height, width) < 1:
+    raise ConfigError(f"NaFlex needs max_patches >= 1 and a non-empty image; got max_patches={max_patches}, "
+                      f"patch_size={patch_size}, image {height}x{width}")
+  best = (0.0, 1, 1)
+  for side in (height, width):
+    for k in range(1, max_patches + 1):
+      if k * patch_size / side > max_scale:
+        h, w, scale = -(-height * max_scale // patch_size), -(-width * max_scale // patch_size), max_scale
+      else:  # Integer ceilings: at this scale one side is exactly k patches.
+        h, w, scale = -(-height * k // side), -(-width * k // side), k * patch_size / side
+      if h * w <= max_patches and scale > best[0]:
+        best = (scale, int(h), int(w))
+  return best[1], best[2]
+
+
+@dataclasses.dataclass
+class NaFlexPatches(grain.transforms.Map):
+  """uint8 `image` [H, W, 3] -> dict(patches=float32 [max_patches, p * p * 3], grid=int32 [2]): the image
+  resized at its own aspect ratio to the `naflex_grid` (PIL bilinear), scaled to [-1, 1], cut into
+  patches row by row (each flattened row by row, channels last) and zero-padded to `max_patches`: the
+  input of a NaFlex tower (`mmjax.models.vit.ViT(naflex=True)`), whatever the image's shape."""
+  patch_size: int
+  max_patches: int
+
+  def map(self, element: dict) -> dict:
+    image, p = element["image"], self.patch_size
+    h, w = naflex_grid(image.shape[0], image.shape[1], p, self.max_patches)
+    resized = np.asarray(Image.fromarray(image).resize((w * p, h * p), Image.BILINEAR), np.float32) / 127.5 - 1.0
+    patches = resized.reshape(h, p, w, p, 3).transpose(0, 2, 1, 3, 4).reshape(h * w, p * p * 3)
+    padded = np.zeros((self.max_patches, p * p * 3), np.float32)
+    padded[:h * w] = patches
+    return element | dict(image=dict(patches=padded, grid=np.array([h, w], np.int32)))
 
 
 @dataclasses.dataclass

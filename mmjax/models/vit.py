@@ -78,12 +78,20 @@ class PatchEmbed(nn.Module):
 
   @nn.compact
   def __call__(self, image):
+    """NHWC images -> [batch, h, w, width]; or patches already cut ([batch, n, p * p * channels],
+    each flattened row by row, channels last: NaFlex) -> [batch, n, width]."""
     p = self.patch_size
-    batch, height, width, channels = image.shape
+    channels = image.shape[-1] // (p * p) if image.ndim == 3 else image.shape[-1]
     kernel = self.param("kernel", nn.with_logical_partitioning(nn.initializers.lecun_normal(),
                                                                (None, None, None, "embed")),
                         (p, p, channels, self.width))
     bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)), (self.width,))
+    if image.ndim == 3:
+      if image.shape[-1] != p * p * channels:
+        raise ConfigError(f"NaFlex patches have {image.shape[-1]} values each; patch_size={p} needs a multiple "
+                          f"of {p * p}")
+      return image @ kernel.reshape(-1, self.width).astype(self.dtype) + bias.astype(self.dtype)
+    batch, height, width, _ = image.shape
     h, w = height // p, width // p  # VALID: a remainder narrower than a patch is dropped.
     patches = image[:, :h * p, :w * p].reshape(batch, h, p, w, p, channels)
     x = jnp.einsum("bhpwqc,pqcd->bhwd", patches, kernel.astype(self.dtype))
@@ -237,13 +245,16 @@ class MAPHead(nn.Module):
   norm_eps: float = 1e-6
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, valid=None):
+    """`valid` ([batch, seq] bool): the probe attends to those tokens only (NaFlex padding)."""
     batch, _, width = x.shape
     probe = self.param("probe", nn.with_logical_partitioning(nn.initializers.xavier_uniform(),
                                                              (None, None, "embed")), (1, 1, width))
     probe = jnp.tile(probe, (batch, 1, 1)).astype(x.dtype)
+    segments = {} if valid is None else dict(q_segment_ids=jnp.ones((batch, 1), jnp.int32),
+                                             kv_segment_ids=valid.astype(jnp.int32))
     x = MultiHeadDotProductAttention(self.num_heads, self.dtype, self.attention_impl,
-                                     name="MultiHeadDotProductAttention_0")(probe, x)
+                                     name="MultiHeadDotProductAttention_0")(probe, x, **segments)
     y = layer_norm("LayerNorm_0", self.dtype, self.norm_eps)(x)
     x = x + MlpBlock(self.mlp_dim, self.act, dtype=self.dtype, name="MlpBlock_0")(y)
     return x[:, 0]
@@ -259,6 +270,29 @@ def posemb_sincos_2d(h, w, width, temperature=10_000.0):
   x = x.reshape(-1)[:, None] * omega[None]
   emb = np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1)
   return jnp.asarray(emb[None], jnp.float32)
+
+
+def resize_posemb(grid_embedding, grid, length: int):
+  """[batch, length, width]: a learned [G, G, width] position grid resized to each example's patch grid
+  (`grid` [batch, 2]: h, w patches; traced, so images of any shape share one program), its h * w
+  positions flattened row by row into the first h * w tokens; padding tokens take position (0, 0).
+
+  Bilinear with antialiasing, as PIL and torch's `interpolate(antialias=True)` resize: along each
+  axis, output i reads the inputs under a triangle filter centred on (i + 0.5) * G / n - 0.5 and
+  widened by the downscaling factor G / n when it exceeds 1, the weights normalised to sum to 1."""
+  g = grid_embedding.shape[0]
+  sizes = grid.astype(jnp.float32)[:, None, :]  # [batch, 1, 2]
+  token = jnp.arange(length, dtype=jnp.float32)[None, :]
+  row = jnp.floor(token / sizes[..., 1])
+  position = jnp.stack([row, token - row * sizes[..., 1]], axis=-1)  # [batch, length, 2]
+  position = position * (token < sizes[..., 0] * sizes[..., 1])[..., None]
+  scale = g / sizes
+  support = jnp.maximum(scale, 1.0)
+  centre = (position + 0.5) * scale - 0.5
+  weights = jnp.maximum(0.0, 1.0 - jnp.abs(jnp.arange(g, dtype=jnp.float32) - centre[..., None]) / support[..., None])
+  weights = weights / weights.sum(axis=-1, keepdims=True)  # [batch, length, 2, G]
+  return jnp.einsum("bni,bnj,ijd->bnd", weights[..., 0, :], weights[..., 1, :],
+                    grid_embedding.astype(jnp.float32))
 
 
 # Pools that read one token; a tower asked for its pooled output only computes that token last.
@@ -284,6 +318,10 @@ class ViT(nn.Module):
   dtype: Any = jnp.float32
   attention_impl: str = "xla"
   norm_eps: float = 1e-6
+  # NaFlex (SigLIP 2): images at their own aspect ratio, as padded sequences of patches (`__call__`),
+  # with learned positions on a `posemb_grid` x `posemb_grid` grid resized to each image's patches.
+  naflex: bool = False
+  posemb_grid: int = 16
 
   @property
   def features_width(self) -> int:
@@ -291,23 +329,17 @@ class ViT(nn.Module):
 
   @nn.compact
   def __call__(self, image, train=False, pooled_only=False):
-    """`pooled_only`: the caller reads only the pooled output and `aux["pre_logits"]`, so a
-    tower pooled at one token computes its last block for that token alone."""
-    image = jnp.asarray(image, self.dtype)
-    p = self.patch_size
-    x = PatchEmbed(self.width, p, self.dtype, name="embedding")(image)
-    batch, h, w, _ = x.shape
-    x = x.reshape(batch, h * w, self.width)
-
-    if self.posemb == "learn":
-      pos = self.param("pos_embedding",
-                       nn.with_logical_partitioning(nn.initializers.normal(stddev=self.width ** -0.5),
-                                                    (None, None, "embed")), (1, h * w, self.width))
-    elif self.posemb == "sincos2d":
-      pos = posemb_sincos_2d(h, w, self.width)
+    """`image`: NHWC images; with `naflex`, dict(patches=[batch, n, p * p * 3] (each image's patches
+    row by row, then padding), grid=int [batch, 2] (its h, w patches; h * w <= n)).
+    `pooled_only`: the caller reads only the pooled output and `aux["pre_logits"]`, so a tower
+    pooled at one token computes its last block for that token alone."""
+    if self.naflex:
+      x, valid = self._naflex_tokens(image)
+      if self.pool not in ("map", "gap"):
+        raise ConfigError(f"model.image.naflex pools with 'map' or 'gap'; got pool={self.pool!r}")
     else:
-      raise ConfigError(f"model.image.posemb={self.posemb!r}; use 'learn' or 'sincos2d'")
-    x = x + pos.astype(x.dtype)
+      x, valid = self._grid_tokens(jnp.asarray(image, self.dtype)), None
+    batch = x.shape[0]
 
     if self.pool == "tok":
       cls = self.param("cls", nn.with_logical_partitioning(nn.initializers.zeros, (None, None, "embed")),
@@ -319,29 +351,69 @@ class ViT(nn.Module):
     x = nn.Dropout(self.dropout)(x, not train)
     # An index per example, as nn.remat traces every argument it is not told is static.
     keep = jnp.zeros(batch, jnp.int32) if pooled_only and self.pool in SINGLE_TOKEN_POOLS else None
+    # NaFlex padding is a segment of its own (0), which no image token attends to.
+    segments = None if valid is None else valid.astype(jnp.int32)
     x, aux = Encoder(self.depth, self.mlp_dim, self.num_heads, act=self.act, dropout=self.dropout,
                      scan=self.scan, remat_policy=self.remat_policy, dtype=self.dtype,
                      attention_impl=self.attention_impl, norm_eps=self.norm_eps,
-                     name="Transformer")(x, not train, keep)
+                     name="Transformer")(x, not train, keep, segments)
     if keep is None:
       aux["encoded"] = x
-    x = pool_tokens(self, x, self.pool, token_index=0)
+    if valid is not None:
+      aux["valid"] = valid
+    x = pool_tokens(self, x, self.pool, token_index=0, valid=valid)
     aux["pre_logits"] = x
     x = tower_head(self, x)
     return x, aux
 
+  def _grid_tokens(self, image):
+    """[batch, h * w, width]: the patches of fixed-size images with their position embeddings."""
+    x = PatchEmbed(self.width, self.patch_size, self.dtype, name="embedding")(image)
+    batch, h, w, _ = x.shape
+    x = x.reshape(batch, h * w, self.width)
+    if self.posemb == "learn":
+      pos = self.param("pos_embedding",
+                       nn.with_logical_partitioning(nn.initializers.normal(stddev=self.width ** -0.5),
+                                                    (None, None, "embed")), (1, h * w, self.width))
+    elif self.posemb == "sincos2d":
+      pos = posemb_sincos_2d(h, w, self.width)
+    else:
+      raise ConfigError(f"model.image.posemb={self.posemb!r}; use 'learn' or 'sincos2d'")
+    return x + pos.astype(x.dtype)
 
-def pool_tokens(module: nn.Module, x, pool: str, token_index):
+  def _naflex_tokens(self, image):
+    """`(tokens [batch, n, width], valid [batch, n])` of NaFlex patch sequences."""
+    if not isinstance(image, dict) or set(image) != {"patches", "grid"}:
+      raise ConfigError("model.image.naflex takes dict(patches=[batch, n, p * p * 3], grid=[batch, 2]) "
+                        "(mmjax.data.transforms.NaFlexPatches makes them)")
+    if self.posemb != "learn":
+      raise ConfigError(f"model.image.naflex resizes learned position embeddings; got posemb={self.posemb!r}")
+    patches, grid = jnp.asarray(image["patches"], self.dtype), jnp.asarray(image["grid"], jnp.int32)
+    x = PatchEmbed(self.width, self.patch_size, self.dtype, name="embedding")(patches)
+    g = self.posemb_grid
+    pos = self.param("pos_embedding",
+                     nn.with_logical_partitioning(nn.initializers.normal(stddev=self.width ** -0.5),
+                                                  (None, None, "embed")), (1, g * g, self.width))
+    x = x + resize_posemb(pos.reshape(g, g, self.width), grid, x.shape[1]).astype(x.dtype)
+    valid = jnp.arange(x.shape[1])[None, :] < (grid[:, 0] * grid[:, 1])[:, None]
+    return x, valid
+
+
+def pool_tokens(module: nn.Module, x, pool: str, token_index, valid=None):
   """Pools [batch, seq, width] tokens; `token_index` is an int, a per-example index [batch], or
-  several per example [batch, k] (then [batch, k, width] comes back: packed sequences).
+  several per example [batch, k] (then [batch, k, width] comes back: packed sequences). `valid`
+  ([batch, seq] bool) restricts `map` and `gap` to those tokens.
 
   Called from inside a compact module so `map` creates `MAPHead_0` under it.
   """
   if pool == "map":
     return MAPHead(module.mlp_dim, module.num_heads, module.act, module.dtype, module.attention_impl,
-                   module.norm_eps, name="MAPHead_0")(x)
+                   module.norm_eps, name="MAPHead_0")(x, valid)
   if pool == "gap":
-    return jnp.mean(x, axis=1)
+    if valid is None:
+      return jnp.mean(x, axis=1)
+    weights = valid.astype(x.dtype)[..., None]
+    return (x * weights).sum(axis=1) / weights.sum(axis=1)
   if pool == "none":
     return x
   if pool in SINGLE_TOKEN_POOLS:
