@@ -7,14 +7,21 @@ CPU. The image tower has a dense projection after its MAP head (big_vision's `im
 without it the image embeddings learn shape far more slowly (README "Results"), so this
 recipe exports to big_vision's layout but not to HF `SiglipModel`, whose image tower has none.
 See README "Results" for the measured time and accuracies on a 2-core CPU.
+
+Argument `max_patches=N` (`--config siglip_shapes:max_patches=64`) makes the image tower NaFlex
+(SigLIP 2): images at their own aspect ratio, up to N patches each, positions on an 8 x 8 grid.
 """
-from mmjax.config import base_config, tower
+from mmjax.config import base_config, parse_arg, tower
 
 
 def get_config(arg=None):
-  c = base_config(arg)
+  max_patches = parse_arg(arg, max_patches=0).max_patches
+  c = base_config()
   c.model.image = tower(width=96, depth=2, mlp_dim=192, num_heads=4, patch_size=8, posemb="learn", pool="map",
                         head="dense")
+  if max_patches:
+    c.model.image.update(naflex=True, posemb_grid=8)
+    c.data.max_patches = max_patches
   c.model.text = tower(vocab_size=None, max_len=32, width=96, depth=1, mlp_dim=192, num_heads=4,
                        pool="last", causal=False, eos_id=2)
   c.model.embed_dim = 96

@@ -26,7 +26,6 @@ from mmjax import models, parallel
 from mmjax.adapt import wrap as adapt
 from mmjax.data.folder import to_rgb
 from mmjax.data.tokenizer import load_saved_tokenizer
-from mmjax.data.transforms import prepare_image
 from mmjax.errors import CheckpointError, ConfigError
 from mmjax.evals import benchmarks, in_chunks
 
@@ -86,6 +85,7 @@ class LoadedModel(_Triple):
     image_size, max_len       the model's input sizes
     preprocess(images)        PIL images or uint8 [H, W, 3] arrays of any size (one or a list) -> the
                               model's float32 [N, S, S, 3] input, exactly as training prepares files
+                              (a NaFlex tower's: dict(patches, grid) at the recorded patch budget)
     encode_image(images)      unit-norm embeddings [N, D] of images (raw, or already preprocessed)
     encode_text(texts)        unit-norm embeddings [N, D] of a string or a list of them
     embedder(mesh)            the same encoders for `mmjax.evals.benchmarks`, over every device and process
@@ -104,20 +104,25 @@ class LoadedModel(_Triple):
   def max_len(self) -> int:
     return int(self._two_tower()["text"]["max_len"])
 
-  def preprocess(self, images) -> np.ndarray:
+  def preprocess(self, images):
     single = isinstance(images, Image.Image) or (isinstance(images, np.ndarray) and images.ndim == 3)
+    prepare, _ = benchmarks.image_input(self._two_tower())
     out = []
     for i, image in enumerate([images] if single else images):
       array = to_rgb(image) if isinstance(image, Image.Image) else np.asarray(image)
       if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
         raise ConfigError(f"preprocess: image {i} is {array.dtype} {array.shape}; expected a PIL image or "
                           "uint8 [H, W, 3]")
-      out.append(prepare_image(array, self.image_size))
-    return np.stack(out)
+      out.append(prepare(array))
+    return jax.tree.map(lambda *rows: np.stack(rows), *out)
 
   def encode_image(self, images, batch_size: int = 256) -> np.ndarray:
-    preprocessed = isinstance(images, np.ndarray) and images.ndim == 4 and images.dtype == np.float32
+    preprocessed = isinstance(images, dict) or (isinstance(images, np.ndarray) and images.ndim == 4
+                                                and images.dtype == np.float32)
     x = images if preprocessed else self.preprocess(images)
+    if isinstance(x, dict):  # NaFlex: chunked column by column.
+      encode = lambda patches, grid: self._encoders[0](self.params, {"patches": patches, "grid": grid})
+      return in_chunks(encode, (x["patches"], x["grid"]), batch_size)
     return in_chunks(functools.partial(self._encoders[0], self.params), (x,), batch_size)
 
   def encode_text(self, texts, batch_size: int = 256) -> np.ndarray:
@@ -132,8 +137,9 @@ class LoadedModel(_Triple):
     replicated = dict(out_shardings=parallel.replicated(mesh))
     encode_image = jax.jit(lambda p, x: self.model.apply({"params": p}, image=x)[0], **replicated)
     encode_text = jax.jit(lambda p, t: self.model.apply({"params": p}, text=t)[1], **replicated)
+    prepare, blank = benchmarks.image_input(self._two_tower())
     return benchmarks.Embedder(functools.partial(encode_image, params), functools.partial(encode_text, params),
-                               lambda texts: self.tokenizer.encode(texts, self.max_len), self.image_size, mesh,
+                               lambda texts: self.tokenizer.encode(texts, self.max_len), prepare, blank, mesh,
                                batch_size, cache_dir, self.path)
 
   @functools.cached_property

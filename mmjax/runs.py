@@ -178,7 +178,7 @@ def lower_train_step(config, mesh=None, platform=None, device_kind=None):
     abstract, shardings, tx, lr, _ = sharded_state(task, config, mesh, rules)
     step = make_train_step(task, tx, lr, shardings, mesh)
     batch_sharding = parallel.batch_sharding(mesh)
-    batch = {k: jax.ShapeDtypeStruct((config.data.batch_size,) + v.shape[1:], v.dtype, sharding=batch_sharding)
-             for k, v in task.dummy_batch(1).items()}
+    batch = jax.tree.map(lambda v: jax.ShapeDtypeStruct((config.data.batch_size,) + v.shape[1:], v.dtype,
+                                                        sharding=batch_sharding), task.dummy_batch(1))
     traced = step.trace(abstract, batch, jax.eval_shape(jax.random.key, 0))
     return traced.lower(lowering_platforms=None if platform is None else (platform,)), abstract

@@ -167,7 +167,8 @@ def _loop(config, workdir, task, mesh, train_step, state, start, data_iter, ckpt
     skipped.add(local.pop(pipeline.SKIPPED))
     local = task.prepare_batch(local)
     if step == start + 1:
-      _log("first batch (this process's rows): " + ", ".join(f"{k} {tuple(np.shape(v))}" for k, v in local.items()))
+      shapes = {k: jax.tree.map(lambda x: tuple(np.shape(x)), v) for k, v in local.items()}
+      _log("first batch (this process's rows): " + ", ".join(f"{k} {v}" for k, v in shapes.items()))
     state, metrics = train_step(state, parallel.global_batch(local, mesh), rng)
     # Check the previous step's loss while this one runs, so dispatch stays asynchronous.
     if pending is not None:

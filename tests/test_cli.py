@@ -24,7 +24,7 @@ CASES = {
                             USAGE, ["nowhere.py does not exist", "siglip_shapes"], {}),
     "misspelt recipe name": ("mmjax.evaluate --config siglip_shape --workdir {tmp}/w",
                              USAGE, ["siglip_shape does not exist", "did you mean siglip_shapes?"], {}),
-    "unknown recipe argument": ("mmjax.train --config siglip_shapes:stage=1 --workdir {tmp}/w",
+    "unknown recipe argument": ("mmjax.train --config clip_shapes:stage=1 --workdir {tmp}/w",
                                 USAGE, ["'stage'", "takes no arguments"], {}),
     "value of the wrong type": ("mmjax.train --config siglip_shapes --workdir {tmp}/w --config.total_steps=many",
                                 USAGE, ["--config.total_steps=many", "int"], {}),

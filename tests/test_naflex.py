@@ -13,9 +13,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import mmjax
+from configs import siglip_shapes
+from mmjax import export, runs, train
 from mmjax.data.transforms import NaFlexPatches, naflex_grid
 from mmjax.errors import ConfigError
 from mmjax.models.vit import ViT, resize_posemb
+from tests.helpers import logged_losses, tiny_config
 
 G, P, WIDTH = 4, 4, 32  # A 4x4 learned grid; 4-pixel patches.
 TOWER = dict(width=WIDTH, depth=2, mlp_dim=64, num_heads=2, patch_size=P, head="none")
@@ -127,3 +131,38 @@ def test_patches_match_hf_siglip2_image_processor():
     # HF resizes with torchvision, whose 8-bit bilinear rounds differently from PIL's when shrinking.
     np.testing.assert_allclose(ours["patches"], hf["pixel_values"][0], atol=1 / 127.5 + 1e-6)
     assert np.abs(ours["patches"] - hf["pixel_values"][0]).mean() < 0.3 / 127.5  # At most 30% of values differ.
+
+
+def test_naflex_training_on_square_images_is_fixed_resolution_training(tmp_path):
+  """With the budget and the position grid of the square images' patch grid, NaFlex's data, model
+  and step compute what the fixed-resolution recipe does: the same losses, step by step. Its export
+  then embeds images of any shape."""
+  fixed = tiny_config(total_steps=4, log_every=1)
+  naflex = tiny_config(total_steps=4, log_every=1)
+  side = naflex.data.image_size // naflex.model.image.patch_size
+  naflex.model.image.update(naflex=True, posemb_grid=side)
+  naflex.data.max_patches = side * side
+  for config, name in ((fixed, "fixed"), (naflex, "naflex")):
+    train.train(config, str(tmp_path / name))
+  np.testing.assert_allclose(logged_losses(tmp_path / "naflex"), logged_losses(tmp_path / "fixed"), rtol=2e-5)
+  loaded = mmjax.load(export.export(str(tmp_path / "naflex"), str(tmp_path / "export")))
+  rng = np.random.default_rng(0)
+  images = [rng.integers(0, 256, shape, dtype=np.uint8) for shape in ((20, 70, 3), (64, 9, 3), (32, 32, 3))]
+  batch = loaded.preprocess(images)
+  assert batch["grid"].tolist() == [list(_bisected_grid(*image.shape[:2], 8, side * side)) for image in images]
+  assert batch["grid"].tolist()[2] == [4, 4] and batch["patches"].shape == (3, side * side, 8 * 8 * 3)
+  z = loaded.encode_image(images)
+  np.testing.assert_allclose(np.linalg.norm(z, axis=1), 1.0, rtol=1e-5)
+  alone = [loaded.encode_image([image])[0] for image in images]  # Each image's embedding, whatever its batch.
+  np.testing.assert_allclose(z, np.stack(alone), atol=1e-5)
+
+
+def test_the_default_recipe_takes_a_patch_budget():
+  config = siglip_shapes.get_config("max_patches=64")
+  task = runs.setup(config).task
+  batch = task.dummy_batch(2)["image"]
+  assert batch["patches"].shape == (2, 64, 8 * 8 * 3) and batch["grid"].shape == (2, 2)
+  assert task.model_config["max_patches"] == 64 and not siglip_shapes.get_config().model.image.get("naflex")
+  with pytest.raises(ConfigError, match="model.image.naflex needs data.max_patches"):
+    config.data.max_patches = 0
+    runs.setup(config)

@@ -154,7 +154,8 @@ class _Preprocess:
 def _collate(elements: list[tuple[list[dict], tuple | None]]) -> dict:
   """Stacks a batch (groups flattened in order) with the (file, reason) of its stand-ins as SKIPPED."""
   examples = [example for group, _ in elements for example in group]
-  batch = {key: np.stack([e[key] for e in examples]) for key in examples[0]}
+  # A key may hold a dict of arrays (a NaFlex image's patches and grid).
+  batch = {key: jax.tree.map(lambda *rows: np.stack(rows), *[e[key] for e in examples]) for key in examples[0]}
   batch[SKIPPED] = np.array([skipped for _, skipped in elements if skipped is not None], str).reshape(-1, 2)
   return batch
 

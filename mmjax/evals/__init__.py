@@ -42,8 +42,8 @@ def embed_rows(encode, read, n: int, mesh, batch_size: int, blank: np.ndarray, c
   """`(embeddings [K, D] float64, the K indices kept)` of rows `read(0..n-1)`, on every process.
 
   The rows go in fixed batches of `batch_size` over every batch-sharded device of `mesh`: each process
-  reads only its own contiguous slice of each batch (`read(i)`: an array of `blank`'s shape, or None
-  for an unreadable row, which is skipped), the slices become one global array and `encode` (a jitted
+  reads only its own contiguous slice of each batch (`read(i)`: an array, or a dict of them, shaped
+  as `blank`; or None for an unreadable row, which is skipped), the slices become one global array and `encode` (a jitted
   function returning replicated embeddings) embeds it. So a large set never sits in memory decoded,
   and N processes read N times faster.
 
@@ -65,7 +65,7 @@ def embed_rows(encode, read, n: int, mesh, batch_size: int, blank: np.ndarray, c
     if z is None:
       local = [read(i) if i < n else None for i in range(start + first, start + first + rows)]
       local_valid = np.array([x is not None for x in local])
-      images = np.stack([blank if x is None else x for x in local])
+      images = jax.tree.map(lambda *rows: np.stack(rows), *[blank if x is None else x for x in local])
       with jax.set_mesh(mesh):
         z = np.asarray(jax.device_get(encode(parallel.global_batch({"x": images}, mesh)["x"])), np.float64)
       valid = multihost_utils.process_allgather(local_valid, tiled=True)

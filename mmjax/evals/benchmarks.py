@@ -19,15 +19,17 @@ entry whose `data` is "" is skipped: a slot that `--config.evals.imagenet.data=.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from mmjax import models
 from mmjax.adapt import probe
 from mmjax.data import folder, karpathy
-from mmjax.data.transforms import prepare_image
+from mmjax.data.transforms import NaFlexPatches, prepare_image
 from mmjax.errors import ConfigError, DataError
 from mmjax.evals import embed_rows, recall, zeroshot
 
@@ -39,30 +41,45 @@ DEFAULT_TEMPLATES = ("a photo of a {}.",)
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
 
+def image_input(model_config: dict) -> tuple[Callable[[np.ndarray], Any], Any]:
+  """How a two-tower model takes one uint8 image [H, W, 3] of any size: `(prepare, blank)`, where
+  `prepare(image)` is the model's input for it (float32 [S, S, 3] at the recorded `image_size`, or a
+  NaFlex tower's dict(patches, grid) at the recorded `max_patches`) and `blank` one to stand in for
+  an unreadable image."""
+  if model_config["image"].get("naflex"):
+    naflex = NaFlexPatches(models.resolve_tower(model_config, "image")["patch_size"], model_config["max_patches"])
+    prepare = lambda image: naflex.map({"image": image})["image"]
+  else:
+    prepare = functools.partial(prepare_image, size=model_config["image_size"])
+  return prepare, prepare(np.zeros((folder.MIN_SIDE, folder.MIN_SIDE, 3), np.uint8))
+
+
 @dataclasses.dataclass
 class Embedder:
-  """What a benchmark embeds with: `encode_image` (float32 [B, S, S, 3] -> [B, D]) and `encode_text`
-  (int32 [B, L] -> [B, D]), jitted with replicated outputs; `tokenize` (list[str] -> int32 [N, L]);
-  the model's `image_size`; `mesh` and `batch_size` (global rows per batch); `cache_dir` for
-  resumable embeddings and `model` (a name that, with the data, keys the cache)."""
+  """What a benchmark embeds with: `encode_image` (a batch of `prepare_image` outputs -> [B, D]) and
+  `encode_text` (int32 [B, L] -> [B, D]), jitted with replicated outputs; `tokenize` (list[str] ->
+  int32 [N, L]); `prepare_image` and `blank_image` (`image_input`); `mesh` and `batch_size` (global
+  rows per batch); `cache_dir` for resumable embeddings and `model` (a name that, with the data,
+  keys the cache)."""
   encode_image: Callable
   encode_text: Callable
   tokenize: Callable
-  image_size: int
+  prepare_image: Callable
+  blank_image: Any
   mesh: Any
   batch_size: int
   cache_dir: str | None = None
   model: str = ""
 
   def images(self, read: Callable[[int], np.ndarray | None], n: int, what: str) -> tuple[np.ndarray, np.ndarray]:
-    """`embed_rows` of uint8 images `read(i)` (None: unreadable, skipped) at the model's input size."""
-    blank = np.zeros((self.image_size, self.image_size, 3), np.float32)
+    """`embed_rows` of uint8 images `read(i)` (None: unreadable, skipped), prepared as the model takes them."""
 
     def prepared(i):
       image = read(i)
-      return None if image is None else prepare_image(image, self.image_size)
+      return None if image is None else self.prepare_image(image)
 
-    return embed_rows(self.encode_image, prepared, n, self.mesh, self.batch_size, blank, self._cache(what), what)
+    return embed_rows(self.encode_image, prepared, n, self.mesh, self.batch_size, self.blank_image,
+                      self._cache(what), what)
 
   def texts(self, texts: Sequence[str], what: str) -> np.ndarray:
     tokens = self.tokenize(list(texts))

@@ -11,8 +11,9 @@ from jax.experimental import multihost_utils
 from mmjax import bundle, losses, models, parallel
 from mmjax.adapt import wrap as adapt
 from mmjax.config import as_dict
-from mmjax.data import packing, shapes
+from mmjax.data import packing, pipeline, shapes
 from mmjax.data.tokenizer import load_saved_tokenizer, load_tokenizer
+from mmjax.data.transforms import NaFlexPatches, Tokenize
 from mmjax.errors import ConfigError
 from mmjax.evals import benchmarks, binding, recall, zeroshot
 from mmjax.models.text import TextTransformer
@@ -58,8 +59,14 @@ class ContrastiveTask(Task):
       raise ConfigError(f"loss.kind={config.loss.kind!r}; use one of {LOSSES}")
     self.tokenizer = init_tokenizer(config)
     self.model_config = model_config_with_vocab(config.model, self.tokenizer)
-    # Recorded for exports: learned position embeddings fix the input resolution.
+    # Recorded for exports: learned position embeddings fix the input resolution; a NaFlex tower's
+    # images take their patch budget.
     self.model_config["image_size"] = config.data.image_size
+    self.naflex = bool(self.model_config["image"].get("naflex"))
+    if self.naflex:
+      if config.data.get("max_patches", 0) < 1:
+        raise ConfigError("model.image.naflex needs data.max_patches, the patches per image (e.g. 256)")
+      self.model_config["max_patches"] = config.data.max_patches
     self.model = adapt.wrap_for_task(models.build(self.model_config), config, self.model_config)
     self.max_len = self.model_config["text"]["max_len"]
     # With data.pack_text: the text tower as the model builds it (unset fields take its defaults).
@@ -82,9 +89,18 @@ class ContrastiveTask(Task):
     self._eval_data = None
 
   def dummy_batch(self, batch_size: int) -> dict[str, np.ndarray]:
-    size = self.config.data.image_size
-    return {"image": np.zeros((batch_size, size, size, 3), np.float32),
-            "text": np.zeros((batch_size, self.max_len), np.int32)}
+    _, blank = benchmarks.image_input(self.model_config)
+    image = jax.tree.map(lambda x: np.zeros((batch_size,) + x.shape, x.dtype), blank)
+    return {"image": image, "text": np.zeros((batch_size, self.max_len), np.int32)}
+
+  def data_ops(self) -> list | None:
+    """NaFlex: each image at its own aspect ratio as patches (after any `data.augment`), instead of the
+    loader's square resize."""
+    if not self.naflex:
+      return None
+    patch_size = models.resolve_tower(self.model_config, "image")["patch_size"]
+    return [*(pipeline.augmentation(self.config.data) or []), NaFlexPatches(patch_size, self.config.data.max_patches),
+            Tokenize(self.tokenizer, self.max_len)]
 
   def prepare_batch(self, local: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The loader's batch as the step takes it: with `data.pack_text`, captions packed up to
@@ -128,13 +144,14 @@ class ContrastiveTask(Task):
   def embedder(self, params, cache_dir: str | None = None) -> benchmarks.Embedder:
     """The model with `params` as a benchmark embeds with: evals.batch_size rows at a time over every
     device and process (`mmjax.evals.embed_rows`)."""
+    prepare, blank = benchmarks.image_input(self.model_config)
     return benchmarks.Embedder(
         encode_image=lambda x: self._embed(params, x, None)[0], encode_text=lambda t: self._embed(params, None, t)[1],
-        tokenize=lambda texts: self.tokenizer.encode(texts, self.max_len), image_size=self.config.data.image_size,
-        mesh=self.mesh, batch_size=self.config.evals.batch_size, cache_dir=cache_dir, model=self.config.get("name", ""))
+        tokenize=lambda texts: self.tokenizer.encode(texts, self.max_len), prepare_image=prepare, blank_image=blank,
+        mesh=self.mesh, batch_size=self.config.evals.batch_size, cache_dir=cache_dir)
 
   def embed_images(self, params, images: np.ndarray) -> np.ndarray:
-    """Embeddings of uint8 images [N, S, S, 3] at the model's input size."""
+    """Embeddings of uint8 images [N, H, W, 3], prepared as the model takes them."""
     return self.embedder(params).images(lambda i: images[i], len(images), "images")[0]
 
   def embed_texts(self, params, texts: list[str]) -> np.ndarray:
