@@ -1,4 +1,4 @@
-"""Benchmarks of a vision-language export (`mmjax.tasks.vlm_benchmarks`) on files in their published formats
+"""Benchmarks of a vision-language export (`mmjax.evals.vlm_benchmarks`) on files in their published formats
 (a VQAv2 question/annotation pair, a COCO captions JSON, an MMMU-style JSONL), each number against a
 reference computed here: VQAv2's leave-one-out accuracy over `itertools.combinations`, option
 log-likelihoods from an unpadded forward pass in float64, caption metrics of captions generated here."""
