@@ -120,9 +120,6 @@ class LoadedModel(_Triple):
     preprocessed = isinstance(images, dict) or (isinstance(images, np.ndarray) and images.ndim == 4
                                                 and images.dtype == np.float32)
     x = images if preprocessed else self.preprocess(images)
-    if isinstance(x, dict):  # NaFlex: chunked column by column.
-      encode = lambda patches, grid: self._encoders[0](self.params, {"patches": patches, "grid": grid})
-      return in_chunks(encode, (x["patches"], x["grid"]), batch_size)
     return in_chunks(functools.partial(self._encoders[0], self.params), (x,), batch_size)
 
   def encode_text(self, texts, batch_size: int = 256) -> np.ndarray:

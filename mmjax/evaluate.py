@@ -17,6 +17,7 @@ reading its slice. `--cache DIR` keeps the embeddings, so a killed run resumes.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -67,8 +68,7 @@ def benchmark(name: str, data: str, export: str | None = None, workdir: str | No
   if workdir:
     if not hasattr(task, "embedder"):
       raise ConfigError(f"--benchmark={name} needs a two-tower model; {workdir} trains task {config.task!r}")
-    embedder = task.embedder(params, cache_dir)
-    embedder.batch_size, embedder.model = batch_size, model_name
+    embedder = dataclasses.replace(task.embedder(params, cache_dir), batch_size=batch_size, model=model_name)
   else:
     embedder = loaded.embedder(batch_size=batch_size, cache_dir=cache_dir)
   return benchmarks.run(embedder, name, data, **options)

@@ -81,6 +81,8 @@ def _scene_questions(directory) -> str:
 
 
 def test_a_recipes_multiple_choice_entry_runs_in_training_as_the_command_scores_it(llava_run):
+  """The wiring of VLM benchmark entries into training; the scores themselves are checked against a
+  float64 forward pass in tests/test_vlm_benchmarks.py."""
   workdir, config, summary = llava_run
   result = benchmark("multiple_choice", config.evals.scenes.data, workdir=workdir, batch_size=16)
   assert result["model"].endswith("@4") and result["metrics"]["questions"] == summary["scenes/questions"] == 8

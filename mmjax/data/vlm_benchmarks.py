@@ -20,7 +20,6 @@ from mmjax.errors import DataError
 
 # VQAv2's image names: the questions file's `data_subtype` ("val2014") fills `split`.
 VQAV2_IMAGE_PATTERN = "COCO_{split}_{image_id:012d}.jpg"
-VQAV2_ANSWER_TYPES = ("yes/no", "number", "other")
 LETTERS = string.ascii_uppercase
 
 

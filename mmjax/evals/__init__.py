@@ -16,17 +16,28 @@ from mmjax.metrics import fmt_duration
 
 def map_padded_chunks(fn, columns, chunk: int) -> list:
   """`fn(*chunk of each column)[:rows of the chunk]` for each chunk of `chunk` rows of `columns`
-  (arrays or lists of equal length), in order. The last chunk is padded to `chunk` rows by
-  repeating its final row, so `fn` compiles once; `fn`'s rows for the padding are dropped."""
+  (arrays, lists, or dicts of arrays such as NaFlex images, all of equal length), in order. The
+  last chunk is padded to `chunk` rows by repeating its final row, so `fn` compiles once; `fn`'s
+  rows for the padding are dropped."""
   out = []
-  for start in range(0, len(columns[0]), chunk):
-    parts = [column[start:start + chunk] for column in columns]
-    rows = len(parts[0])
+  for start in range(0, _length(columns[0]), chunk):
+    parts = [_rows(column, slice(start, start + chunk)) for column in columns]
+    rows = _length(parts[0])
     out.append(fn(*[_pad_rows(part, chunk) for part in parts])[:rows])
   return out
 
 
+def _length(column) -> int:
+  return len(next(iter(column.values()))) if isinstance(column, dict) else len(column)
+
+
+def _rows(column, rows: slice):
+  return {k: v[rows] for k, v in column.items()} if isinstance(column, dict) else column[rows]
+
+
 def _pad_rows(rows, size: int):
+  if isinstance(rows, dict):
+    return {k: _pad_rows(v, size) for k, v in rows.items()}
   if isinstance(rows, np.ndarray):
     return np.concatenate([rows, np.repeat(rows[-1:], size - len(rows), axis=0)])
   return list(rows) + [rows[-1]] * (size - len(rows))

@@ -93,9 +93,11 @@ class Embedder:
 def run(embedder: Embedder, name: str, data: str, **options) -> dict:
   """Benchmark `name` on `data`, as CLIP_benchmark lays out its results: {dataset, model, task, metrics}.
   `options` are the benchmark function's keyword arguments."""
-  if name not in BENCHMARKS:
+  functions = {"zeroshot_classification": zeroshot_classification, "retrieval": retrieval,
+               "linear_probe": linear_probe}
+  if name not in functions:
     raise ConfigError(f"benchmark={name!r}: expected one of {BENCHMARKS}")
-  metrics = globals()[name](embedder, data, **options)
+  metrics = functions[name](embedder, data, **options)
   return {"dataset": os.path.abspath(data), "model": embedder.model, "task": name, "metrics": metrics}
 
 

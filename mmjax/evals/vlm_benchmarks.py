@@ -130,7 +130,7 @@ def _generate(setup: _Setup, paths: list[str], prompts: list[str], names: list[s
   for start, images in _chunks(setup, paths):
     episodes = [dict(image=image, prompts=[prompts[start + i]], answers=[]) for i, image in enumerate(images)]
     out += answer(setup.model, setup.params, setup.sequence, episodes, max_new_tokens=max_new_tokens,
-                             batch_size=setup.batch_size)
+                  batch_size=setup.batch_size)
   return out
 
 
