@@ -5,6 +5,8 @@
   python -m mmjax.convert_checkpoint --from hf --source ./siglip-base-patch16-224 --out exports/siglip_b16
   python -m mmjax.convert_checkpoint --from big_vision --source webli_en_b16_224.npz \\
       --tokenizer c4_en.model --out exports/siglip_b16
+  python -m mmjax.convert_checkpoint --from hf --source ./siglip2-base-patch16-naflex --max-patches 256 \\
+      --out exports/siglip2_b16_naflex
 
 `mmjax.load(out)` then returns `(model, params, tokenizer)`. PyTorch files are read with
 safetensors or `torch.load(weights_only=True)`, never as arbitrary pickles; nothing is
@@ -113,15 +115,16 @@ def make_tokenizer(spec: str | None, model_config: dict, source_kind: str, sourc
 
 
 def convert(source_kind: str, source: str, out: str, model_config: str | None = None,
-            tokenizer: str | None = None) -> str:
-  """Converts `source` and writes the export directory `out`; returns its path."""
+            tokenizer: str | None = None, max_patches: int = interop.DEFAULT_MAX_PATCHES) -> str:
+  """Converts `source` and writes the export directory `out`; returns its path. `max_patches`: a
+  NaFlex (SigLIP 2) model's patch budget per image, recorded in the export."""
   if source_kind == "open_clip":
     mc, params = interop.from_open_clip(load_torch_state_dict(source), open_clip_model_config(model_config))
   elif source_kind == "hf":
     state_dict, hf_config = _hf_checkpoint(source)
-    mc, params = interop.from_hf(state_dict, hf_config)
+    mc, params = interop.from_hf(state_dict, hf_config, max_patches)
   elif source_kind == "big_vision":
-    mc, params = interop.from_big_vision(source)
+    mc, params = interop.from_big_vision(source, max_patches)
   else:
     raise ConversionError(f"--from {source_kind!r}; use one of {SOURCES}")
   tok = make_tokenizer(tokenizer, mc, source_kind, source if source_kind == "hf" else None)
@@ -136,11 +139,14 @@ def main(argv: Sequence[str] | None = None) -> None:
                       help="open_clip .pt/.bin/.safetensors, HF model directory, or big_vision .npz")
   parser.add_argument("--model-config", help="open_clip: model-config JSON file or model name (e.g. ViT-B-32)")
   parser.add_argument("--tokenizer", help=f"'{CLIP_BPE}' or a SentencePiece .model path (SigLIP)")
+  parser.add_argument("--max-patches", type=int, default=interop.DEFAULT_MAX_PATCHES,
+                      help="SigLIP 2 NaFlex models: patches per image (%(default)s, as HF's processor)")
   parser.add_argument("--out", required=True, help="export directory to create")
   cli.add_verbose_flag(parser)
   args = parser.parse_args(argv)
   with cli.user_errors(args.verbose):
-    print(f"exported to {convert(args.source_kind, args.source, args.out, args.model_config, args.tokenizer)}")
+    out = convert(args.source_kind, args.source, args.out, args.model_config, args.tokenizer, args.max_patches)
+    print(f"exported to {out}")
 
 
 if __name__ == "__main__":

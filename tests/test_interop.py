@@ -39,6 +39,7 @@ def inputs(size, vocab, length, eos, batch=3, seed=0):
 
 
 def mmjax_outputs(model_config, params, images, text):
+  images = images["mmjax"] if isinstance(images, dict) else images
   zimg, ztxt, aux = models.build(model_config).apply({"params": params}, image=images, text=text)
   logits = aux["t"] * np.asarray(zimg) @ np.asarray(ztxt).T + aux.get("b", 0.0)
   return np.asarray(zimg), np.asarray(ztxt), logits
@@ -140,9 +141,16 @@ def hf_model(kind, **text):
   return perturb(transformers.SiglipModel(config))
 
 
+def hf_image_inputs(images):
+  """HF's image arguments: NHWC images, or SigLIP 2's processor output (`siglip2_images`)."""
+  if isinstance(images, dict):
+    return {k: torch.from_numpy(v) for k, v in images.items() if k != "mmjax"}
+  return dict(pixel_values=torch.from_numpy(images.transpose(0, 3, 1, 2)))
+
+
 def hf_outputs(model, images, text):
   with torch.no_grad():
-    zimg = model.get_image_features(pixel_values=torch.from_numpy(images.transpose(0, 3, 1, 2)))
+    zimg = model.get_image_features(**hf_image_inputs(images))
     ztxt = model.get_text_features(input_ids=torch.from_numpy(text))
     zimg, ztxt = (getattr(z, "pooler_output", z) for z in (zimg, ztxt))
     zimg, ztxt = (torch.nn.functional.normalize(z, dim=-1) for z in (zimg, ztxt))
@@ -182,11 +190,68 @@ def test_to_hf_refuses_architectures_hf_lacks():
     to_hf(model_config, params)
 
 
+# SigLIP 2 (NaFlex) ------------------------------------------------------------------------------
+
+HF_NAFLEX_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        num_patches=16, patch_size=8)
+
+
+def hf_siglip2(**text):
+  config = transformers.Siglip2Config(text_config={**HF_TEXT, **text}, vision_config=HF_NAFLEX_VISION)
+  return perturb(transformers.Siglip2Model(config))
+
+
+def siglip2_images(budget, seed=0):
+  """A wide, a tall and a square image cut by HF's Siglip2ImageProcessor into `budget` patches each;
+  under "mmjax" the same patches as mmjax's NaFlex tower takes them."""
+  from PIL import Image
+  processing = pytest.importorskip("transformers.models.siglip2.image_processing_siglip2")
+  rng = np.random.default_rng(seed)
+  images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((24, 56), (64, 20), (32, 32))]
+  hf = dict(processing.Siglip2ImageProcessor(patch_size=8, max_num_patches=budget)(images=images, return_tensors="np"))
+  (wide_h, wide_w), (tall_h, tall_w) = hf["spatial_shapes"][:2]
+  assert wide_h < wide_w and tall_h > tall_w
+  return {**hf, "mmjax": dict(patches=hf["pixel_values"], grid=hf["spatial_shapes"])}
+
+
+@pytest.mark.parametrize("budget", [16, 40])
+def test_hf_siglip2_parity_and_round_trip(budget):
+  model = hf_siglip2()
+  images, (_, txt) = siglip2_images(budget), inputs(32, 100, 16, eos=99)
+  reference = hf_outputs(model, images, txt)
+  model_config, params = from_hf(model, max_patches=budget)
+  assert model_config["image"]["naflex"] and model_config["image"]["posemb_grid"] == 4
+  assert model_config["max_patches"] == budget
+  assert_parity(mmjax_outputs(model_config, params, images, txt), reference)
+  back = to_hf(model_config, params)
+  assert type(back) is type(model)
+  assert_parity(hf_outputs(back, images, txt), reference)
+
+
+def test_convert_cli_hf_siglip2_records_the_patch_budget(tmp_path):
+  """The export prepares images as the HF processor does at the budget given on the command line."""
+  model = hf_siglip2(vocab_size=160, eos_token_id=2)
+  model.save_pretrained(tmp_path / "hf")
+  from mmjax.data.tokenizer import SHAPES_MODEL
+  convert_checkpoint.main(["--from", "hf", "--source", str(tmp_path / "hf"), "--tokenizer", str(SHAPES_MODEL),
+                           "--max-patches", "40", "--out", str(tmp_path / "export")])
+  loaded = mmjax.load(str(tmp_path / "export"))
+  assert loaded.model_config["max_patches"] == 40
+  images = siglip2_images(40)
+  assert loaded.preprocess(np.zeros((30, 90, 3), np.uint8))["patches"].shape == (1, 40, 8 * 8 * 3)
+  text = ["a red circle", "a blue star", "two green crosses"]
+  reference = hf_outputs(model, images, loaded.tokenizer.encode(text, 16))
+  assert rel_err(loaded.encode_image(images["mmjax"]), reference[0]) <= RTOL
+  assert rel_err(loaded.encode_text(text), reference[1]) <= RTOL
+
+
 # big_vision ---------------------------------------------------------------------------------
 
 
 def big_vision_npz(model, path, scan=False):
-  """A SigLIP .npz in big_vision's names and layouts, written from a HF SiglipModel.
+  """A SigLIP .npz in big_vision's names and layouts, written from a HF SiglipModel (a Siglip2Model:
+  big_vision's NaFlex ViT, whose `embedding` is a Dense over flattened patches and whose positions
+  are a [G, G, width] grid).
 
   The mapping is big_vision's two_towers naming, spelt out here independently of the
   converter under test.
@@ -224,9 +289,16 @@ def big_vision_npz(model, path, scan=False):
       linear(f"{b}/MlpBlock_0/Dense_1", f"{s}.mlp.fc2")
 
   v, t = cfg.vision_config, cfg.text_config
-  out["img/embedding/kernel"] = sd["vision_model.embeddings.patch_embedding.weight"].transpose(2, 3, 1, 0)
+  patch_kernel = sd["vision_model.embeddings.patch_embedding.weight"]
+  positions = sd["vision_model.embeddings.position_embedding.weight"]
+  if isinstance(model, transformers.Siglip2Model):
+    out["img/embedding/kernel"] = patch_kernel.T
+    grid = int(np.sqrt(positions.shape[0]))
+    out["img/pos_embedding"] = positions.reshape(grid, grid, -1)
+  else:
+    out["img/embedding/kernel"] = patch_kernel.transpose(2, 3, 1, 0)
+    out["img/pos_embedding"] = positions[None]
   out["img/embedding/bias"] = sd["vision_model.embeddings.patch_embedding.bias"]
-  out["img/pos_embedding"] = sd["vision_model.embeddings.position_embedding.weight"][None]
   encoder("img/Transformer", "vision_model.encoder.layers", v.num_hidden_layers, v.num_attention_heads)
   ln("img/Transformer/encoder_norm", "vision_model.post_layernorm")
   out["img/MAPHead_0/probe"] = sd["vision_model.head.probe"]
@@ -257,6 +329,22 @@ def test_big_vision_npz_matches_hf_siglip(tmp_path, scan):
   model_config, params = from_big_vision(big_vision_npz(model, tmp_path / "siglip.npz", scan))
   assert model_config["image"]["scan"] is scan and model_config["image"]["pool"] == "map"
   assert_parity(mmjax_outputs(model_config, params, images, txt), hf_outputs(model, images, txt))
+
+
+def test_big_vision_naflex_npz_matches_hf_siglip2(tmp_path):
+  from mmjax.data.tokenizer import SHAPES_MODEL
+  model = hf_siglip2(vocab_size=160)
+  images, (_, txt) = siglip2_images(24), inputs(32, 160, 16, eos=99)
+  npz = big_vision_npz(model, tmp_path / "siglip2.npz", scan=True)
+  model_config, params = from_big_vision(npz, max_patches=24)
+  assert model_config["image"]["naflex"] and model_config["image"]["posemb_grid"] == 4
+  assert model_config["image"]["patch_size"] == 8 and model_config["max_patches"] == 24
+  reference = hf_outputs(model, images, txt)
+  assert_parity(mmjax_outputs(model_config, params, images, txt), reference)
+  convert_checkpoint.main(["--from", "big_vision", "--source", str(npz), "--tokenizer", str(SHAPES_MODEL),
+                           "--max-patches", "24", "--out", str(tmp_path / "export")])
+  loaded = mmjax.load(str(tmp_path / "export"))
+  assert rel_err(loaded.encode_image(images["mmjax"]), reference[0]) <= RTOL
 
 
 def test_big_vision_missing_parameter_is_named(tmp_path):

@@ -20,6 +20,10 @@ from mmjax import models
 from mmjax.config import base_config
 from mmjax.errors import ConversionError
 
+# A converted NaFlex (SigLIP 2) model's patches per image, unless told otherwise: the default of HF's
+# Siglip2ImageProcessor.
+DEFAULT_MAX_PATCHES = 256
+
 
 def config_value(cfg, key, default=None):
   """`key` of an HF config given as an object or as a dict (a saved config.json)."""
@@ -127,6 +131,17 @@ def conv_patches(mm: str, src: str) -> Rule:
   return same(mm, src, lambda w: w.transpose(2, 3, 1, 0), lambda k: k.transpose(3, 2, 0, 1))
 
 
+def naflex_kernel(flat, patch_size: int):
+  """A patch embedding over flattened NaFlex patches [p * p * 3, width] (row by row, channels last) ->
+  mmjax's convolution layout [p, p, 3, width]."""
+  return flat.reshape(patch_size, patch_size, -1, flat.shape[-1])
+
+
+def flat_kernel(kernel):
+  """The inverse of `naflex_kernel`."""
+  return kernel.reshape(-1, kernel.shape[-1])
+
+
 def scalar_param(mm: str, src: str) -> Rule:
   """A scalar (shape [] or [1]) source parameter <-> mmjax's shape-(1,) `t` / `b`."""
   return same(mm, src, lambda a: np.reshape(a, (1,)), lambda a: a)
@@ -142,8 +157,13 @@ def _fmt(names: Iterable[str], shapes: Mapping[str, tuple]) -> str:
 def expected_shapes(model_config: Mapping) -> dict[str, tuple[int, ...]]:
   """Flat 'a/b/c' -> shape of every parameter the model built from `model_config` has."""
   model = models.build(model_config)
-  size = int(model_config["image_size"])
-  image = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+  if model_config["image"].get("naflex"):
+    patch = models.resolve_tower(model_config, "image")["patch_size"]
+    image = dict(patches=jax.ShapeDtypeStruct((1, 1, patch * patch * 3), jnp.float32),
+                 grid=jax.ShapeDtypeStruct((1, 2), jnp.int32))
+  else:
+    size = int(model_config["image_size"])
+    image = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
   text = jax.ShapeDtypeStruct((1, int(model_config["text"]["max_len"])), jnp.int32)
   shapes = jax.eval_shape(lambda i, t: model.init(jax.random.PRNGKey(0), image=i, text=t)["params"], image, text)
   return {k: tuple(v.shape) for k, v in flatten(shapes).items()}
@@ -261,10 +281,15 @@ def class_token_rule(class_embedding: str, positions: str) -> Rule:
 
 
 def model_config(*, image: dict, text: dict, embed_dim: int, image_size: int, temperature_init: float,
-                 bias_init: float | None) -> dict:
-  """A complete `config.model` dict for `mmjax.models.build`, towers on mmjax's defaults."""
+                 bias_init: float | None, max_patches: int | None = None) -> dict:
+  """A complete `config.model` dict for `mmjax.models.build`, towers on mmjax's defaults; a NaFlex
+  image tower's images take `max_patches` patches each."""
   base = base_config().model.to_dict()
   towers = {side: {**base[side], **overrides} for side, overrides in (("image", image), ("text", text))}
-  return {**base, **towers, "embed_dim": int(embed_dim), "image_size": int(image_size),
-          "temperature_init": float(temperature_init),
-          "bias_init": None if bias_init is None else float(bias_init)}
+  out = {**base, **towers, "embed_dim": int(embed_dim), "image_size": int(image_size),
+         "temperature_init": float(temperature_init), "bias_init": None if bias_init is None else float(bias_init)}
+  if image.get("naflex"):
+    if not max_patches or max_patches < 1:
+      raise ConversionError(f"a NaFlex image tower needs a patch budget per image; got max_patches={max_patches}")
+    out["max_patches"] = int(max_patches)
+  return out

@@ -1,4 +1,5 @@
-"""HF transformers `CLIPModel` and `SiglipModel` <-> mmjax, both directions from one rule table."""
+"""HF transformers `CLIPModel`, `SiglipModel` and `Siglip2Model` (NaFlex) <-> mmjax, both directions from
+one rule table."""
 from __future__ import annotations
 
 import dataclasses
@@ -18,7 +19,7 @@ _ACT_TO_HF = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_tanh": "gelu_pyt
 # Buffers HF may keep in a state dict; they hold no parameters.
 _IGNORE = (r".*position_ids",)
 _get = common.config_value
-_CONFIG_CLASSES = {"clip": "CLIPConfig", "siglip": "SiglipConfig"}
+_CONFIG_CLASSES = {"clip": "CLIPConfig", "siglip": "SiglipConfig", "siglip2": "Siglip2Config"}
 
 
 def _act(side, name: str) -> str:
@@ -34,8 +35,11 @@ def _tower(side, name: str) -> dict:
               act=_act(side, name), norm_eps=float(_get(side, "layer_norm_eps")))
 
 
-def model_config_from_hf(hf_config) -> dict:
-  """mmjax `config.model` from a `CLIPConfig` / `SiglipConfig` (or its dict)."""
+def model_config_from_hf(hf_config, max_patches: int = common.DEFAULT_MAX_PATCHES) -> dict:
+  """mmjax `config.model` from a `CLIPConfig` / `SiglipConfig` / `Siglip2Config` (or its dict).
+
+  A SigLIP 2 (NaFlex) model's images take `max_patches` patches each, which its processor sets
+  and its config does not record."""
   cfg = common.hf_config_object(hf_config, _CONFIG_CLASSES)
   kind = _get(cfg, "model_type")
   vision, text = _get(cfg, "vision_config"), _get(cfg, "text_config")
@@ -52,7 +56,7 @@ def model_config_from_hf(hf_config) -> dict:
     return common.model_config(image=image, text=txt, embed_dim=_get(cfg, "projection_dim"),
                                image_size=_get(vision, "image_size"),
                                temperature_init=math.exp(_get(cfg, "logit_scale_init_value")), bias_init=None)
-  if kind == "siglip":
+  if kind in ("siglip", "siglip2"):
     if not _get(vision, "vision_use_head", True):
       raise ConversionError("vision_config.vision_use_head=False: a SigLIP image tower without its "
                             "attention-pooling head has no embedding to convert")
@@ -62,9 +66,17 @@ def model_config_from_hf(hf_config) -> dict:
                             f"{image['width']}; SigLIP's image embedding is its pooled features")
     txt.update(pool="last", causal=False, head="dense", eos_id=_get(text, "eos_token_id", 1))
     image.update(pool="map", pre_norm=False, head="none")
-    return common.model_config(image=image, text=txt, embed_dim=embed_dim, image_size=_get(vision, "image_size"),
-                               temperature_init=10.0, bias_init=-10.0)
-  raise ConversionError(f"HF model_type={kind!r}; supported: 'clip', 'siglip'")
+    if kind == "siglip":
+      return common.model_config(image=image, text=txt, embed_dim=embed_dim, image_size=_get(vision, "image_size"),
+                                 temperature_init=10.0, bias_init=-10.0)
+    positions = _get(vision, "num_patches")
+    grid = math.isqrt(positions)
+    if grid * grid != positions:
+      raise ConversionError(f"vision_config.num_patches={positions}: NaFlex positions are a square grid")
+    image.update(naflex=True, posemb_grid=grid)
+    return common.model_config(image=image, text=txt, embed_dim=embed_dim, image_size=grid * image["patch_size"],
+                               temperature_init=10.0, bias_init=-10.0, max_patches=max_patches)
+  raise ConversionError(f"HF model_type={kind!r}; supported: {', '.join(map(repr, _CONFIG_CLASSES))}")
 
 
 def _map_head_rules(num_heads: int) -> list[common.Rule]:
@@ -80,7 +92,11 @@ def rules_for(mc: Mapping) -> list[common.Rule]:
   img, txt = mc["image"], mc["text"]
   clip = img["pool"] == "tok"
   v, t = "vision_model", "text_model"
-  rules = [common.conv_patches("img/embedding/kernel", f"{v}.embeddings.patch_embedding.weight")]
+  if img.get("naflex"):  # A Linear over patches flattened row by row, channels last.
+    rules = [common.same("img/embedding/kernel", f"{v}.embeddings.patch_embedding.weight",
+                         lambda w: common.naflex_kernel(w.T, img["patch_size"]), lambda k: common.flat_kernel(k).T)]
+  else:
+    rules = [common.conv_patches("img/embedding/kernel", f"{v}.embeddings.patch_embedding.weight")]
   if clip:
     rules.append(common.class_token_rule(f"{v}.embeddings.class_embedding", f"{v}.embeddings.position_embedding.weight"))
     rules += common.layer_norm("img/pre_norm", f"{v}.pre_layrnorm")
@@ -103,22 +119,25 @@ def rules_for(mc: Mapping) -> list[common.Rule]:
   return rules
 
 
-def from_hf(model_or_state_dict, hf_config=None) -> tuple[dict, dict]:
-  """`(mmjax model config, params)` from a HF `CLIPModel` / `SiglipModel`, or a state dict plus config."""
+def from_hf(model_or_state_dict, hf_config=None, max_patches: int = common.DEFAULT_MAX_PATCHES) -> tuple[dict, dict]:
+  """`(mmjax model config, params)` from a HF `CLIPModel` / `SiglipModel` / `Siglip2Model`, or a state
+  dict plus config. `max_patches`: a SigLIP 2 model's patch budget per image (its processor's
+  `max_num_patches`)."""
   state_dict, hf_config = common.state_dict_and_config(model_or_state_dict, hf_config, "from_hf",
-                                                      "a CLIPConfig/SiglipConfig")
-  mc = model_config_from_hf(hf_config)
+                                                      "a CLIPConfig/SiglipConfig/Siglip2Config")
+  mc = model_config_from_hf(hf_config, max_patches)
   return common.convert(rules_for(mc), state_dict, mc, ignore=_IGNORE, what="HF state dict")
 
 
 # The mmjax architectures HF has, as allowed values of the architecture's keys (see `_architecture`).
+_SIGLIP = {"image.pool": ("map",), "image.pre_norm": (False,), "image.head": ("none",), "image.posemb": ("learn",),
+           "text.causal": (False,), "text.pool": ("last",), "text.head": ("dense",), "logit bias": (True,)}
 _HF_ARCHITECTURES = {
     "clip": {"image.pool": ("tok",), "image.pre_norm": (True,), "image.head": ("linear",),
-             "image.posemb": ("learn",), "text.causal": (True,), "text.pool": ("argmax", "eos"),
-             "text.head": ("linear",), "logit bias": (False,)},
-    "siglip": {"image.pool": ("map",), "image.pre_norm": (False,), "image.head": ("none",),
-               "image.posemb": ("learn",), "text.causal": (False,), "text.pool": ("last",),
-               "text.head": ("dense",), "logit bias": (True,)},
+             "image.posemb": ("learn",), "image.naflex": (False,), "text.causal": (True,),
+             "text.pool": ("argmax", "eos"), "text.head": ("linear",), "logit bias": (False,)},
+    "siglip": {**_SIGLIP, "image.naflex": (False,)},
+    "siglip2": {**_SIGLIP, "image.naflex": (True,)},
 }
 
 
@@ -131,15 +150,15 @@ def _architecture(img: Mapping, txt: Mapping, bias_init) -> str:
   """'clip' or 'siglip' when the resolved towers have exactly that architecture, else an error."""
   img, txt = _with_module_defaults(models.ViT, img), _with_module_defaults(models.TextTransformer, txt)
   have = {"image.pool": img["pool"], "image.pre_norm": img["pre_norm"], "image.head": img["head"],
-          "image.posemb": img["posemb"], "text.causal": txt["causal"], "text.pool": txt["pool"],
-          "text.head": txt["head"], "logit bias": bias_init is not None}
+          "image.posemb": img["posemb"], "image.naflex": img["naflex"], "text.causal": txt["causal"],
+          "text.pool": txt["pool"], "text.head": txt["head"], "logit bias": bias_init is not None}
   problems = {}
   for kind, allowed in _HF_ARCHITECTURES.items():
     bad = [f"{k}={have[k]!r} (needs {' or '.join(map(repr, v))})" for k, v in allowed.items() if have[k] not in v]
     if not bad:
       return kind
     problems[kind] = bad
-  raise ConversionError("to_hf: the model is neither HF CLIP nor HF SigLIP:\n  "
+  raise ConversionError("to_hf: the model is none of HF CLIP, SigLIP and SigLIP 2:\n  "
                         + "\n  ".join(f"{k}: {', '.join(v)}" for k, v in problems.items()))
 
 
@@ -152,7 +171,7 @@ def _hf_tower(side: Mapping) -> dict[str, Any]:
 
 
 def to_hf(model_config: Mapping, params):
-  """A HF `CLIPModel` or `SiglipModel` (torch, eval mode) holding `params`.
+  """A HF `CLIPModel`, `SiglipModel` or `Siglip2Model` (torch, eval mode) holding `params`.
 
   The architecture must be one HF has (`_HF_ARCHITECTURES`); a CLIP model's patch bias is
   folded into its position embeddings, which HF's CLIP lacks a bias for.
@@ -162,7 +181,11 @@ def to_hf(model_config: Mapping, params):
   mc = dict(model_config)
   img, txt = mc["image"], mc["text"] = models.resolve_tower(mc, "image"), models.resolve_tower(mc, "text")
   kind = _architecture(img, txt, mc.get("bias_init"))
-  vision = dict(_hf_tower(img), image_size=int(mc["image_size"]), patch_size=img["patch_size"])
+  vision = dict(_hf_tower(img), patch_size=img["patch_size"])
+  if kind == "siglip2":
+    vision["num_patches"] = img["posemb_grid"] ** 2
+  else:
+    vision["image_size"] = int(mc["image_size"])
   text = dict(_hf_tower(txt), vocab_size=txt["vocab_size"], max_position_embeddings=txt["max_len"])
   if kind == "clip":
     eos = 2 if txt["pool"] == "argmax" else int(txt["eos_id"])
@@ -171,8 +194,9 @@ def to_hf(model_config: Mapping, params):
     model = transformers.CLIPModel(config)
   else:
     text.update(projection_size=mc["embed_dim"], eos_token_id=int(txt["eos_id"]), bos_token_id=None, pad_token_id=0)
-    config = transformers.SiglipConfig(text_config=text, vision_config=vision)
-    model = transformers.SiglipModel(config)
+    config_class, model_class = {"siglip": (transformers.SiglipConfig, transformers.SiglipModel),
+                                 "siglip2": (transformers.Siglip2Config, transformers.Siglip2Model)}[kind]
+    model = model_class(config_class(text_config=text, vision_config=vision))
   flat = common.flatten(params)
   common.check_params(flat, mc, what="params")
   state = common.apply_rules(rules_for(mc), flat, inverse=True, what="mmjax params")
