@@ -1,6 +1,6 @@
 """Fine-tune a two-tower export (a converted open_clip, HF or big_vision checkpoint, or a trained
-run's export) on your own captioned images: the model, its image size and its tokenizer come from
-the export.
+run's export) on your own captioned images: the model, its image size (a NaFlex model's patch budget:
+images of any size keep their aspect ratio) and its tokenizer come from the export.
 
   python -m mmjax.convert_checkpoint --from open_clip --source ViT-B-32.pt --model-config ViT-B-32 \
       --out exports/clip_b32
@@ -42,12 +42,14 @@ def get_config(arg=None):
   if loss not in ("softmax", "sigmoid"):
     raise ConfigError(f"finetune: loss={loss!r}; expected softmax or sigmoid")
   c = base_config()
-  image_size = model.pop("image_size")
+  image_size, max_patches = model.pop("image_size"), model.pop("max_patches", 0)
   if loss == "sigmoid" and model.get("bias_init") is None:
     model["bias_init"] = -10.0
   c.model = ml_collections.ConfigDict(model)
   c.loss.kind, c.loss.impl = loss, "ring" if loss == "sigmoid" else "all_gather"
   c.data.update(source="folder", tokenizer="from_init", image_size=image_size, batch_size=64)
+  if max_patches:  # A NaFlex (SigLIP 2) tower: each image at its own aspect ratio, in the export's patch budget.
+    c.data.max_patches = max_patches
   c.optim.update(lr=1e-5, warmup_steps=50, weight_decay=0.1)
   c.init_from = (("", a.export),)
   if a.lora:
