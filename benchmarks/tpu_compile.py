@@ -17,7 +17,8 @@ import sys
 import tempfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RECIPES = ("clip_b32", "siglip_b16", "siglip_so400m", "llava_vitl14_llama", "flamingo_vitl14")
+RECIPES = ("clip_b32", "siglip_b16", "siglip_so400m", "siglip2_b16", "siglip2_so400m", "llava_vitl14_llama",
+           "flamingo_vitl14")
 # v5e-4, -16, -64 and -256; v5p for the models v5e cannot hold.
 SLICES = ("v5e:2x2", "v5e:4x4", "v5e:8x8", "v5e:16x16", "v5p:2x2x1", "v5p:4x4x4")
 

@@ -79,10 +79,15 @@ def base_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # a flip or crop would contradict): random resized crop of crop_scale of the area (None: centre crop, as
   # evaluation), flip, colour_jitter strength (mmjax.data.transforms).
   # per_device_batch_size (scale recipes, as MaxText's): when > 0, the global batch_size is it times the
-  # batch-sharded devices of the mesh the run gets (runs.resolve_batch_size).
+  # batch-sharded devices of the mesh the run gets (runs.resolve_batch_size). aspect_ratios (shapes only):
+  # each record's images are drawn one of these times as wide as high (shorter side image_size).
+  # NaFlex image towers (model.image.naflex): max_patches per image; patch_budgets, when set, a budget
+  # drawn per image from these (each <= max_patches); pack_images packs up to images_per_row images into
+  # each row of max_patches (mmjax.data.packing).
   c.data = dict(source="shapes", tokenizer="shapes", image_size=64, batch_size=128, held_out_fraction=0.2,
                 twins=True, captions="", image_root="", shards="", on_bad_image="skip", worker_count=0, seed=0,
-                pack_text=False, captions_per_row=6, per_device_batch_size=0,
+                pack_text=False, captions_per_row=6, per_device_batch_size=0, aspect_ratios=(),
+                max_patches=0, patch_budgets=(), pack_images=False, images_per_row=4,
                 csv_image_key="", csv_caption_key="", csv_separator="",
                 augment=dict(crop_scale=(0.9, 1.0), flip=False, colour_jitter=0.0))
   c.mesh = (("data", -1), ("fsdp", 1), ("tensor", 1))

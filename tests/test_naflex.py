@@ -14,9 +14,10 @@ import pytest
 from PIL import Image
 
 import mmjax
-from configs import siglip_shapes
+from configs import siglip2_shapes, siglip_shapes
 from mmjax import export, runs, train
-from mmjax.data.transforms import NaFlexPatches, naflex_grid
+from mmjax.data import packing, shapes
+from mmjax.data.transforms import NaFlexPatches, naflex_grid, naflex_patches
 from mmjax.errors import ConfigError
 from mmjax.models.vit import ViT, resize_posemb
 from tests.helpers import logged_losses, tiny_config
@@ -36,7 +37,9 @@ def _pil_resize(grid_embedding: np.ndarray, h: int, w: int) -> np.ndarray:
 def test_resized_positions_match_pil_and_padding_takes_the_first(h, w):
   grid_embedding = np.random.default_rng(h * 10 + w).normal(size=(G, G, 8)).astype(np.float32)
   length = h * w + 3
-  got = np.asarray(resize_posemb(grid_embedding, np.array([[h, w], [2, 2]]), length))
+  sizes = np.broadcast_to(np.array([[h, w], [2, 2]])[:, None], (2, length, 2))
+  index = np.stack([np.arange(length) * (np.arange(length) < h * w), np.arange(length) * (np.arange(length) < 4)])
+  got = np.asarray(resize_posemb(grid_embedding, sizes, index))
   np.testing.assert_allclose(got[0, :h * w], _pil_resize(grid_embedding, h, w), atol=1e-5)
   np.testing.assert_allclose(got[0, h * w:], np.broadcast_to(got[0, :1], (3, 8)), atol=1e-6)
   np.testing.assert_allclose(got[1, :4], _pil_resize(grid_embedding, 2, 2), atol=1e-5)
@@ -87,6 +90,47 @@ def test_an_embedding_ignores_the_budget_and_its_batch(towers, pool, impl):
   padded = {**_patches(wide, 24), "patches": _patches(wide, 24)["patches"].copy()}
   padded["patches"][0, 21:] = 5.0  # Whatever the padding holds.
   np.testing.assert_allclose(naflex.apply({"params": params}, padded)[0], alone, atol=1e-5)
+
+
+@pytest.mark.parametrize("pool", ["map", "gap"])
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_packed_images_each_give_their_unpacked_embedding(towers, pool, impl):
+  """Seven images at budgets of 4 to 16 patches, packed at most three to a row of 16: each image's
+  pooled output is the one it has alone, and the batch takes fewer rows."""
+  naflex, _, params = towers
+  naflex = naflex.clone(pool=pool, attention_impl=impl)
+  if pool == "gap":
+    params = {k: v for k, v in params.items() if k != "MAPHead_0"}
+  rng = np.random.default_rng(3)
+  shapes_and_budgets = [((10, 23), 8), ((30, 12), 16), ((16, 16), 4), ((9, 9), 6), ((40, 8), 5), ((12, 20), 16),
+                        ((20, 20), 9)]
+  images = [naflex_patches(rng.integers(0, 256, shape + (3,), dtype=np.uint8), P, budget, 16)
+            for shape, budget in shapes_and_budgets]
+  batch = {k: np.stack([image[k] for image in images]) for k in ("patches", "grid")}
+  packed = packing.pack_images(batch, per_row=3)
+  assert len(packed["image"]["grid"]) < len(images) and sorted(packed["image_slot"]) == sorted(set(packed["image_slot"]))
+  out = naflex.apply({"params": params}, packed["image"])[0]
+  assert out.shape == (len(packed["image"]["grid"]), 3, WIDTH)
+  alone = naflex.apply({"params": params}, batch)[0]
+  np.testing.assert_allclose(np.asarray(out).reshape(-1, WIDTH)[packed["image_slot"]], alone, atol=2e-5)
+
+
+def test_pack_images_places_every_patch_of_every_image():
+  rng = np.random.default_rng(4)
+  grid = np.array([[2, 3], [1, 1], [4, 4], [3, 1], [2, 2], [1, 5]], np.int32)
+  patches = np.zeros((len(grid), 16, 5), np.float32)
+  for i, (h, w) in enumerate(grid):
+    patches[i, :h * w] = rng.normal(size=(h * w, 5))
+  packed = packing.pack_images({"patches": patches, "grid": grid}, per_row=2, divisor=2)
+  rows = packed["image"]
+  assert len(rows["grid"]) % 2 == 0 and (rows["grid"] >= 0).all()
+  for i, slot in enumerate(packed["image_slot"]):
+    row, k = divmod(int(slot), 2)
+    assert rows["grid"][row, k].tolist() == grid[i].tolist()
+    start = int(sum(h * w for h, w in rows["grid"][row, :k]))
+    np.testing.assert_array_equal(rows["patches"][row, start:start + grid[i].prod()], patches[i, :grid[i].prod()])
+  used = sum(h * w for h, w in rows["grid"].reshape(-1, 2))
+  assert used == grid.prod(axis=1).sum() and (rows["grid"].prod(axis=2).sum(axis=1) <= 16).all()
 
 
 def test_naflex_refuses_images_and_single_token_pools(towers):
@@ -166,3 +210,94 @@ def test_the_default_recipe_takes_a_patch_budget():
   with pytest.raises(ConfigError, match="model.image.naflex needs data.max_patches"):
     config.data.max_patches = 0
     runs.setup(config)
+
+
+def _objects(caption: str) -> set[str]:
+  return {name for name in shapes.CLASS_NAMES if name in caption}
+
+
+def test_shapes_scenes_at_an_aspect_ratio_keep_the_square_scenes_and_their_positions():
+  square, wide = shapes.ShapesSource(), shapes.ShapesSource(aspect_ratios=(0.5, 2.0))
+  assert {wide[i]["image"].shape for i in range(20)} == {(128, 64, 3), (64, 128, 3)}
+  checked = 0
+  for i in range(80):
+    a, b = square[i], wide[i]
+    # The same objects on another canvas (the wording, drawn after the layout, may differ).
+    assert _objects(a["caption"]) == _objects(b["caption"])
+    if len(_objects(b["caption"])) > 1 or b["image"].shape[1] != 128:
+      continue
+    # Every colour has a channel far above the background and its noise.
+    rows, cols = np.nonzero(b["image"].max(axis=-1) > 100)
+    assert rows.max() - rows.min() <= 23 and cols.max() - cols.min() <= 23  # Sized by the shorter side.
+    if b["caption"].endswith(" at the left"):
+      assert cols.max() < 128 / 3 + 1, b["caption"]
+      checked += 1
+    if b["caption"].endswith(" at the right"):
+      assert cols.min() >= 2 * 128 / 3 - 1, b["caption"]
+      checked += 1
+  assert checked >= 2
+  assert shapes.aspect_size(64, 2.0) == (64, 128) and shapes.aspect_size(64, 0.5) == (128, 64)
+  with pytest.raises(ConfigError, match="aspect ratio 0"):
+    shapes.ShapesSource(aspect_ratios=(0,))
+
+
+@pytest.fixture(scope="module")
+def aspect_tasks():
+  """The siglip2_shapes recipe's NaFlex and square tasks, random weights, on a few eval scenes."""
+  out = {}
+  for naflex in (True, False):
+    config = siglip2_shapes.get_config(f"naflex={naflex}")
+    config.evals = dict(batch_size=32, zeroshot=dict(templates="shapes", per_class=2),
+                        aspect=dict(ratios=(1.0, 2.0), budgets=(16, 64) if naflex else (), per_class=2,
+                                    templates="shapes"))
+    task = runs.setup(config).task
+    params = nn.unbox(task.init(jax.random.key(0), task.dummy_batch(2)))
+    out[naflex] = task, params, task.evaluate(params)
+  return out
+
+
+def test_the_aspect_eval_reads_whole_images_at_each_budget_or_centre_crops(aspect_tasks):
+  task, params, results = aspect_tasks[True]
+  assert {k for k in results if k.startswith("aspect/")} == {"aspect/acc_r1_p16", "aspect/acc_r2_p16",
+                                                             "aspect/acc_r1_p64", "aspect/acc_r2_p64"}
+  # Square scenes at the training budget are the zero-shot eval's own images, prepared the same way.
+  assert results["aspect/acc_r1_p64"] == results["zeroshot/acc"]
+  task, params, results = aspect_tasks[False]
+  assert {k for k in results if k.startswith("aspect/")} == {"aspect/acc_r1", "aspect/acc_r2"}
+  assert results["aspect/acc_r1"] == results["zeroshot/acc"]
+  # 2:1 scenes reach the fixed-resolution tower as their centre 64 x 64.
+  images, labels = shapes.class_images(range(len(shapes.CLASSES)), 2, 0, (64, 128))
+  zimg = task.embed_images(params, images[:, :, 32:96])
+  zclass = task.embed_texts(params, [t.format(n) for n in shapes.CLASS_NAMES for t in shapes.CLASS_TEMPLATES])
+  zclass = zclass.reshape(len(shapes.CLASS_NAMES), len(shapes.CLASS_TEMPLATES), -1).mean(axis=1)
+  zclass /= np.linalg.norm(zclass, axis=1, keepdims=True)
+  accuracy = float(np.mean(np.argmax(zimg @ zclass.T, axis=1) == labels))
+  assert results["aspect/acc_r2"] == pytest.approx(accuracy)
+
+
+def test_a_packed_training_batch_has_the_unpacked_loss():
+  """The siglip2_shapes recipe's batch (scenes at three aspect ratios, each image within a budget drawn
+  from 16, 36 and 64 patches) through the task's own data ops: packed four to a row, the step's loss is
+  the unpacked one, from fewer rows."""
+  import grain
+  config = siglip2_shapes.get_config()
+  config.data.pack_images = False
+  task = runs.setup(config).task
+  config = siglip2_shapes.get_config()
+  assert config.data.pack_images and config.data.patch_budgets == (16, 36, 64)
+  packed_task = runs.setup(config).task
+  params = nn.unbox(task.init(jax.random.key(0), task.dummy_batch(2)))
+  source, elements = shapes.ShapesSource(aspect_ratios=config.data.aspect_ratios), []
+  for i in range(32):
+    element = source[i]
+    for op in task.data_ops():
+      random = isinstance(op, grain.transforms.RandomMap)
+      element = op.random_map(element, np.random.default_rng(i)) if random else op.map(element)
+    elements.append(element)
+  batch = jax.tree.map(lambda *rows: np.stack(rows), *elements)
+  assert len({int(np.prod(g)) for g in batch["image"]["grid"]}) >= 3  # Mixed sizes.
+  packed = packed_task.prepare_batch(batch)
+  assert len(packed["image"]["grid"]) <= 24  # Rows come in multiples of the 8 devices.
+  key = jax.random.key(1)
+  loss = task.loss_fn(params, batch, key, train=False)[0]
+  np.testing.assert_allclose(packed_task.loss_fn(params, packed, key, train=False)[0], loss, rtol=1e-5)

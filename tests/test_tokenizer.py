@@ -88,3 +88,53 @@ def test_load_rejects_bad_models(tmp_path):
     tokenizer.Tokenizer.load(tmp_path / "junk.model")
   with pytest.raises(DataError, match="missing.model"):
     tokenizer.Tokenizer.load(tmp_path / "missing.model")
+
+
+def _gemma_like_model(path, vocab_size=256_000):
+  """A SentencePiece unigram model laid out as big_vision's multilingual (Gemma) one: pad 0, EOS 1,
+  BOS 2, unknown 3, the 256 byte pieces for text no piece covers, then whole words and characters."""
+  from sentencepiece import sentencepiece_model_pb2 as model_pb2
+  proto = model_pb2.ModelProto()
+  spec = proto.trainer_spec
+  spec.pad_id, spec.eos_id, spec.bos_id, spec.unk_id = 0, 1, 2, 3
+  spec.pad_piece, spec.eos_piece, spec.bos_piece, spec.unk_piece = "<pad>", "<eos>", "<bos>", "<unk>"
+  spec.model_type, spec.byte_fallback, spec.vocab_size = model_pb2.TrainerSpec.UNIGRAM, True, vocab_size
+  proto.normalizer_spec.name = "identity"
+  proto.normalizer_spec.add_dummy_prefix = True
+  kinds = model_pb2.ModelProto.SentencePiece
+  for piece, kind in (("<pad>", kinds.CONTROL), ("<eos>", kinds.CONTROL), ("<bos>", kinds.CONTROL),
+                      ("<unk>", kinds.UNKNOWN)):
+    proto.pieces.add(piece=piece, score=0.0, type=kind)
+  for byte in range(256):
+    proto.pieces.add(piece=f"<0x{byte:02X}>", score=0.0, type=kinds.BYTE)
+  words = ["\u2581" + w for w in ("a", "red", "circle", "ein", "roter", "kreis", "un", "cercle", "rouge")]
+  chars = [chr(c) for c in range(ord("a"), ord("z") + 1)] + ["\u2581", "红", "色", "的", "圆"]
+  filler = vocab_size - len(proto.pieces) - len(words) - len(chars)
+  for i, piece in enumerate(words + chars + [f"\u2581w{i}" for i in range(filler)]):
+    proto.pieces.add(piece=piece, score=-1.0 - (i >= len(words)) * 5 - i * 1e-6, type=kinds.NORMAL)
+  path.write_bytes(proto.SerializeToString())
+  return path
+
+
+def test_a_256k_multilingual_sentencepiece_model_by_path_feeds_the_siglip2_text_tower(tmp_path):
+  """SigLIP 2's tokenizer is a 256k-piece SentencePiece model given by path: ids span the whole
+  vocabulary, text no piece covers falls back to bytes, and the siglip2 recipes' text tower embeds it."""
+  import jax
+  from configs import siglip2_b16
+  from mmjax import models
+  from mmjax.tasks.contrastive import model_config_with_vocab
+  tok = tokenizer.load_tokenizer(str(_gemma_like_model(tmp_path / "gemma.model")))
+  assert tok.vocab_size == 256_000 and tok.eos_id == 1
+  ids = tok.encode(["a red circle", "ein roter Kreis", "红色的圆", "ünïcode ✓"], 16)
+  assert ids.shape == (4, 16) and ids.max() < 256_000 and (ids[:, -1] == 0).all()
+  pieces = [[tok._sp.id_to_piece(int(i)) for i in row if i > 1] for row in ids]
+  assert pieces[0] == ["\u2581a", "\u2581red", "\u2581circle"] and pieces[2] == ["\u2581", *"红色的圆"]
+  assert "<0xC3>" in pieces[3] and "<0x9C>" in pieces[3]  # Byte fallback: "ü" is C3 BC, "✓" E2 9C 93.
+  config = siglip2_b16.get_config()
+  assert config.model.text.vocab_size == tok.vocab_size and config.model.text.eos_id == tok.eos_id
+  model_config = model_config_with_vocab(config.model, tok)
+  model_config["text"].update(variant=None, width=8, depth=1, mlp_dim=16, num_heads=2, scan=False, max_len=16)
+  model_config["image_size"] = 32
+  model = models.build(model_config)
+  params = jax.eval_shape(lambda: model.init(jax.random.key(0), text=ids))["params"]
+  assert params["txt"]["Embed_0"]["embedding"].value.shape == (256_000, 8)

@@ -1,4 +1,5 @@
-"""Caption packing for causal text towers: several captions per row, so the tower skips padding.
+"""Caption packing for causal text towers, and image packing for NaFlex towers: several per row, so
+the towers skip padding.
 
 A CLIP text tower is causal and reads one token per caption (its end of text), so the positions
 after it change nothing. Captions are packed, at most k per row (`data.captions_per_row`), into
@@ -17,6 +18,12 @@ The packed batch (`pack_captions`):
 (`row_count`), so a training step compiles for few row counts. With several processes each
 packs its own slice of the batch into the same row count (the largest any of them needs), and
 `text_slot` indexes the global rows.
+
+Images (`pack_images`, NaViT's packing): a NaFlex tower's patch sequences, at most k per row of the
+same length, each image a segment of its own (`mmjax.models.vit.ViT`), so every pooled output
+equals the unpacked one up to float rounding:
+  image           dict(patches [rows, n, p * p * 3], grid [rows, k, 2])  each slot's grid; (0, 0) empty
+  image_slot      [batch]   int32   image i's pooled output is row slot // k, slot slot % k
 """
 from __future__ import annotations
 
@@ -107,3 +114,26 @@ def pack_captions(tokens: np.ndarray, lengths: np.ndarray, per_row: int, divisor
       out["text_slot"][caption] = per_row * row + segment
       start += n
   return out
+
+
+def pack_images(image: dict[str, np.ndarray], per_row: int, divisor: int = 1,
+                agree=lambda rows: rows) -> dict:
+  """`{"image": ..., "image_slot": ...}` (module docstring): the NaFlex images `image` (dict(patches
+  [batch, n, p * p * 3], grid [batch, 2]), each image's patches first in its row) packed at most
+  `per_row` to a row of n patches; rows, `divisor` and `agree` as `pack_captions`."""
+  patches, grid = np.asarray(image["patches"]), np.asarray(image["grid"])
+  batch, length = patches.shape[:2]
+  if batch % divisor:
+    raise ConfigError(f"batch {batch} is not divisible by the {divisor} batch-sharded devices")
+  areas = grid[:, 0] * grid[:, 1]
+  packed_rows = pack_rows(areas, length, per_row)
+  rows = row_count(batch, agree(len(packed_rows)), divisor)
+  out_patches = np.zeros((rows,) + patches.shape[1:], patches.dtype)
+  out_grid, slots = np.zeros((rows, per_row, 2), np.int32), np.zeros(batch, np.int32)
+  for row, images in enumerate(packed_rows):
+    start = 0
+    for slot, i in enumerate(images):
+      out_patches[row, start:start + areas[i]] = patches[i, :areas[i]]
+      out_grid[row, slot], slots[i] = grid[i], per_row * row + slot
+      start += areas[i]
+  return {"image": {"patches": out_patches, "grid": out_grid}, "image_slot": slots}

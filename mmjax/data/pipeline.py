@@ -285,7 +285,8 @@ def make_source(data_config):
     return ShapesSource(seed=data_config.get("seed", 0),
                         image_size=data_config.get("image_size", 64),
                         held_out_fraction=data_config.get("held_out_fraction", 0.2),
-                        twins=data_config.get("twins", False))
+                        twins=data_config.get("twins", False),
+                        aspect_ratios=tuple(data_config.get("aspect_ratios", ())))
   if kind == "shapes_vqa":
     return ShapesVQASource(seed=data_config.get("seed", 0), image_size=data_config.get("image_size", 64),
                            held_out_fraction=data_config.get("held_out_fraction", 0.2),

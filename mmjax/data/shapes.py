@@ -52,7 +52,7 @@ CLASS_TEMPLATES = (
 )
 
 # Independent random streams per purpose, so eval sets never overlap training.
-_TRAIN, _ZEROSHOT, _RETRIEVAL, _BINDING, _HELD_OUT, _FEW_SHOT, _LABELLED = range(7)
+_TRAIN, _ZEROSHOT, _RETRIEVAL, _BINDING, _HELD_OUT, _FEW_SHOT, _LABELLED, _ASPECT = range(8)
 
 
 class _Object(NamedTuple):
@@ -129,18 +129,27 @@ def _noise_texture(size: int) -> np.ndarray:
   return np.random.default_rng(0).integers(0, NOISE + 1, (3 * size, 3 * size, 3), np.uint8)
 
 
-def _render(rng: random.Random, objects: list[_Object], size: int) -> np.ndarray:
-  texture = _noise_texture(size)
-  y, x = rng.randrange(2 * size), rng.randrange(2 * size)
+def aspect_size(size: int, ratio: float) -> tuple[int, int]:
+  """(height, width) of an image `ratio` times as wide as it is high, its shorter side `size`."""
+  if ratio <= 0:
+    raise ConfigError(f"aspect ratio {ratio}: must be positive (width / height)")
+  return (size, round(size * ratio)) if ratio >= 1 else (round(size / ratio), size)
+
+
+def _render(rng: random.Random, objects: list[_Object], size: int | tuple[int, int]) -> np.ndarray:
+  """The scene on a `size` x `size` (or (height, width)) canvas; objects scale with its shorter side."""
+  h, w = (size, size) if isinstance(size, int) else size
+  texture = _noise_texture(max(h, w))
+  y, x = rng.randrange(2 * max(h, w)), rng.randrange(2 * max(h, w))
   background = [rng.randint(0, BACKGROUND_MAX) for _ in range(3)]
   # Adding a length-3 vector per pixel is slow in numpy; add whole rows instead.
-  image = (texture[y:y + size, x:x + size].reshape(size, 3 * size)
-           + np.array(background * size, np.uint8)).reshape(size, size, 3)
+  image = (texture[y:y + h, x:x + w].reshape(h, 3 * w)
+           + np.array(background * w, np.uint8)).reshape(h, w, 3)
   for obj in objects:
-    radius = int(size * SIZE_FRACTIONS[obj.large])
+    radius = int(min(h, w) * SIZE_FRACTIONS[obj.large])
     side = 2 * radius + 1
     row, col = divmod(obj.cell, GRID)
-    y0, x0 = (_offset(rng, i, size, side) for i in (row, col))
+    y0, x0 = _offset(rng, row, h, side), _offset(rng, col, w, side)
     colour = [min(max(ch + rng.randint(-COLOUR_JITTER, COLOUR_JITTER), 0), 255 - NOISE)
               for ch in COLOURS[COLOUR_NAMES[obj.colour]]]
     # uint8 arithmetic wraps, so this turns background + noise into colour + noise.
@@ -204,7 +213,7 @@ def _object_count(rng: random.Random) -> int:
   return rng.choices(range(1, MAX_OBJECTS + 1), weights=OBJECT_COUNT_WEIGHTS)[0]
 
 
-def _sample(rng: random.Random, combos: list[tuple[int, int]], size: int) -> dict:
+def _sample(rng: random.Random, combos: list[tuple[int, int]], size: int | tuple[int, int]) -> dict:
   objects = _scene(rng, combos, _object_count(rng))
   return dict(image=_render(rng, objects, size), caption=_caption(rng, objects))
 
@@ -227,7 +236,7 @@ def _other_shapes(objects: list[_Object], rng: random.Random, seen: set) -> list
   return out
 
 
-def _twins(rng: random.Random, combos: list[tuple[int, int]], size: int) -> list[dict]:
+def _twins(rng: random.Random, combos: list[tuple[int, int]], size: int | tuple[int, int]) -> list[dict]:
   """Two samples identical in layout, colours, sizes, noise and caption wording, differing
   only in shapes: a negative that colour and position alone cannot tell apart."""
   objects = _scene(rng, combos, _object_count(rng))
@@ -245,13 +254,17 @@ class ShapesSource:
 
   With `twins=True` each record is a list of two such samples that differ only in their
   shapes (`group_size = 2`); the pipeline keeps them in one batch, so the contrastive
-  loss cannot be solved from colours and positions alone.
+  loss cannot be solved from colours and positions alone. With `aspect_ratios` (width / height)
+  each record's images are that much wider than high (`aspect_size`), its ratio drawn per record.
   """
 
   def __init__(self, seed: int = 0, image_size: int = 64, held_out_fraction: float = 0.2,
-               num_records: int = 1_000_000, twins: bool = False):
+               num_records: int = 1_000_000, twins: bool = False, aspect_ratios: tuple[float, ...] = ()):
     self.seed, self.image_size, self.num_records = seed, image_size, num_records
     self.held_out_fraction, self.twins = held_out_fraction, twins
+    self.aspect_ratios = tuple(float(r) for r in aspect_ratios)
+    for ratio in self.aspect_ratios:
+      aspect_size(image_size, ratio)
     self.group_size = 2 if twins else 1
     self._combos = _seen_combos(seed, held_out_fraction)
 
@@ -260,14 +273,18 @@ class ShapesSource:
 
   def __getitem__(self, index: int) -> dict | list[dict]:
     rng = _rng(self.seed, _TRAIN, index)
+    size = self.image_size
+    if self.aspect_ratios:  # From its own stream, so the scenes are those of square training.
+      size = aspect_size(size, _rng(self.seed, _ASPECT, index).choice(self.aspect_ratios))
     if self.twins:
-      return _twins(rng, self._combos, self.image_size)
-    return _sample(rng, self._combos, self.image_size)
+      return _twins(rng, self._combos, size)
+    return _sample(rng, self._combos, size)
 
   def __repr__(self) -> str:  # Grain validates restored iterator state against it.
+    aspect = f", aspect_ratios={self.aspect_ratios}" if self.aspect_ratios else ""
     return (f"ShapesSource(seed={self.seed}, image_size={self.image_size}, "
             f"held_out_fraction={self.held_out_fraction}, num_records={self.num_records}, "
-            f"twins={self.twins})")
+            f"twins={self.twins}{aspect})")
 
 
 class ShapesLabelSource:
@@ -302,7 +319,7 @@ CLASS_NAMES = [class_name(c, s) for c, s in CLASSES]
 
 def class_images(classes, per_class: int, seed: int = 0, image_size: int = 64, few_shot: bool = False,
                  draw: int = 0) -> tuple[np.ndarray, np.ndarray]:
-  """`(images uint8 [N, S, S, 3], labels int32 [N])`: `per_class` single-object images of each
+  """`(images uint8 [N, S, S, 3] (image_size (h, w): [N, h, w, 3]), labels int32 [N])`: `per_class` single-object images of each
   class id in `classes` (class c = colour * len(SHAPES) + shape). The zero-shot stream serves
   evaluation; `few_shot=True` draws training shots from another stream, `draw` picking the
   draw (k-shot experiments repeat over draws)."""

@@ -138,13 +138,33 @@ class NaFlexPatches(grain.transforms.Map):
   max_patches: int
 
   def map(self, element: dict) -> dict:
-    image, p = element["image"], self.patch_size
-    h, w = naflex_grid(image.shape[0], image.shape[1], p, self.max_patches)
-    resized = np.asarray(Image.fromarray(image).resize((w * p, h * p), Image.BILINEAR), np.float32) / 127.5 - 1.0
-    patches = resized.reshape(h, p, w, p, 3).transpose(0, 2, 1, 3, 4).reshape(h * w, p * p * 3)
-    padded = np.zeros((self.max_patches, p * p * 3), np.float32)
-    padded[:h * w] = patches
-    return element | dict(image=dict(patches=padded, grid=np.array([h, w], np.int32)))
+    return element | dict(image=naflex_patches(element["image"], self.patch_size, self.max_patches,
+                                               self.max_patches))
+
+
+@dataclasses.dataclass
+class RandomBudgetPatches(grain.transforms.RandomMap):
+  """`NaFlexPatches` within a patch budget drawn for each image from `budgets` (NaViT's resolution
+  sampling), zero-padded to `length`: a model trained so takes every budget, and a batch of mixed
+  sizes that `mmjax.data.packing.pack_images` packs."""
+  patch_size: int
+  budgets: tuple[int, ...]
+  length: int
+
+  def random_map(self, element: dict, rng: np.random.Generator) -> dict:
+    budget = int(self.budgets[rng.integers(len(self.budgets))])
+    return element | dict(image=naflex_patches(element["image"], self.patch_size, budget, self.length))
+
+
+def naflex_patches(image: np.ndarray, patch_size: int, budget: int, length: int) -> dict[str, np.ndarray]:
+  """dict(patches=float32 [length, p * p * 3], grid=int32 [2]) of uint8 `image`: `NaFlexPatches` within
+  `budget` patches, zero-padded to `length`."""
+  p = patch_size
+  h, w = naflex_grid(image.shape[0], image.shape[1], p, budget)
+  resized = np.asarray(Image.fromarray(image).resize((w * p, h * p), Image.BILINEAR), np.float32) / 127.5 - 1.0
+  padded = np.zeros((length, p * p * 3), np.float32)
+  padded[:h * w] = resized.reshape(h, p, w, p, 3).transpose(0, 2, 1, 3, 4).reshape(h * w, p * p * 3)
+  return dict(patches=padded, grid=np.array([h, w], np.int32))
 
 
 @dataclasses.dataclass

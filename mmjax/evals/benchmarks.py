@@ -41,13 +41,14 @@ DEFAULT_TEMPLATES = ("a photo of a {}.",)
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
 
-def image_input(model_config: dict) -> tuple[Callable[[np.ndarray], Any], Any]:
+def image_input(model_config: dict, max_patches: int | None = None) -> tuple[Callable[[np.ndarray], Any], Any]:
   """How a two-tower model takes one uint8 image [H, W, 3] of any size: `(prepare, blank)`, where
   `prepare(image)` is the model's input for it (float32 [S, S, 3] at the recorded `image_size`, or a
-  NaFlex tower's dict(patches, grid) at the recorded `max_patches`) and `blank` one to stand in for
-  an unreadable image."""
+  NaFlex tower's dict(patches, grid) at `max_patches`, by default the recorded one) and `blank` one to
+  stand in for an unreadable image."""
   if model_config["image"].get("naflex"):
-    naflex = NaFlexPatches(models.resolve_tower(model_config, "image")["patch_size"], model_config["max_patches"])
+    naflex = NaFlexPatches(models.resolve_tower(model_config, "image")["patch_size"],
+                           max_patches or model_config["max_patches"])
     prepare = lambda image: naflex.map({"image": image})["image"]
   else:
     prepare = functools.partial(prepare_image, size=model_config["image_size"])

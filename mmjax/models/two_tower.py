@@ -28,7 +28,8 @@ class TwoTower(nn.Module):
 
   `text_packing` (`positions`, `segments`, `pool` and `slot` of a batch whose `text` is packed
   by `mmjax.data.packing`): `ztxt` is still one embedding per caption, in the batch's order;
-  the `txt/...` aux entries keep the packed layout ([rows, k, ...]).
+  the `txt/...` aux entries keep the packed layout ([rows, k, ...]). Likewise `image_slot` for NaFlex
+  images packed by `mmjax.data.packing.pack_images`.
   """
   image: dict
   text: dict
@@ -36,12 +37,14 @@ class TwoTower(nn.Module):
   bias_init: float | None = None
 
   @nn.compact
-  def __call__(self, image=None, text=None, train=False, text_packing=None):
+  def __call__(self, image=None, text=None, train=False, text_packing=None, image_slot=None):
     aux = {}
     zimg = ztxt = None
     if image is not None:
       out, img_aux = image_tower(self.image, "img")(image, train=train, pooled_only=True)
       aux.update({f"img/{k}": v for k, v in img_aux.items()})
+      if image_slot is not None:
+        out = out.reshape(-1, out.shape[-1])[image_slot]
       zimg = _l2_normalize(out)
     if text is not None:
       out, txt_aux = TextTransformer(**self.text, name="txt")(text, train=train, pooled_only=True,

@@ -245,19 +245,21 @@ class MAPHead(nn.Module):
   norm_eps: float = 1e-6
 
   @nn.compact
-  def __call__(self, x, valid=None):
-    """`valid` ([batch, seq] bool): the probe attends to those tokens only (NaFlex padding)."""
+  def __call__(self, x, segments=None, slots: int = 1):
+    """[batch, width]; with `segments` ([batch, seq]: 1..`slots`, 0 for padding), [batch, slots, width]:
+    one probe per segment, attending to its tokens only (NaFlex padding, packed images)."""
     batch, _, width = x.shape
     probe = self.param("probe", nn.with_logical_partitioning(nn.initializers.xavier_uniform(),
                                                              (None, None, "embed")), (1, 1, width))
-    probe = jnp.tile(probe, (batch, 1, 1)).astype(x.dtype)
-    segments = {} if valid is None else dict(q_segment_ids=jnp.ones((batch, 1), jnp.int32),
-                                             kv_segment_ids=valid.astype(jnp.int32))
+    probe = jnp.tile(probe, (batch, 1 if segments is None else slots, 1)).astype(x.dtype)
+    kw = {} if segments is None else dict(
+        q_segment_ids=jnp.tile(jnp.arange(1, slots + 1, dtype=jnp.int32), (batch, 1)),
+        kv_segment_ids=segments.astype(jnp.int32))
     x = MultiHeadDotProductAttention(self.num_heads, self.dtype, self.attention_impl,
-                                     name="MultiHeadDotProductAttention_0")(probe, x, **segments)
+                                     name="MultiHeadDotProductAttention_0")(probe, x, **kw)
     y = layer_norm("LayerNorm_0", self.dtype, self.norm_eps)(x)
     x = x + MlpBlock(self.mlp_dim, self.act, dtype=self.dtype, name="MlpBlock_0")(y)
-    return x[:, 0]
+    return x[:, 0] if segments is None else x
 
 
 def posemb_sincos_2d(h, w, width, temperature=10_000.0):
@@ -272,27 +274,42 @@ def posemb_sincos_2d(h, w, width, temperature=10_000.0):
   return jnp.asarray(emb[None], jnp.float32)
 
 
-def resize_posemb(grid_embedding, grid, length: int):
-  """[batch, length, width]: a learned [G, G, width] position grid resized to each example's patch grid
-  (`grid` [batch, 2]: h, w patches; traced, so images of any shape share one program), its h * w
-  positions flattened row by row into the first h * w tokens; padding tokens take position (0, 0).
+def resize_posemb(grid_embedding, sizes, index):
+  """[batch, n, width]: a learned [G, G, width] position grid resized to each token's image (`sizes`
+  [batch, n, 2]: its h, w patches; traced, so images of any shape share one program), read at the
+  token's place in its image (`index` [batch, n], row by row; padding tokens give 0, position (0, 0)).
 
   Bilinear with antialiasing, as PIL and torch's `interpolate(antialias=True)` resize: along each
   axis, output i reads the inputs under a triangle filter centred on (i + 0.5) * G / n - 0.5 and
   widened by the downscaling factor G / n when it exceeds 1, the weights normalised to sum to 1."""
   g = grid_embedding.shape[0]
-  sizes = grid.astype(jnp.float32)[:, None, :]  # [batch, 1, 2]
-  token = jnp.arange(length, dtype=jnp.float32)[None, :]
-  row = jnp.floor(token / sizes[..., 1])
-  position = jnp.stack([row, token - row * sizes[..., 1]], axis=-1)  # [batch, length, 2]
-  position = position * (token < sizes[..., 0] * sizes[..., 1])[..., None]
+  sizes = jnp.maximum(sizes.astype(jnp.float32), 1.0)  # An empty slot's padding must not divide by 0.
+  index = index.astype(jnp.float32)
+  row = jnp.floor(index / sizes[..., 1])
+  position = jnp.stack([row, index - row * sizes[..., 1]], axis=-1)  # [batch, n, 2]
   scale = g / sizes
   support = jnp.maximum(scale, 1.0)
   centre = (position + 0.5) * scale - 0.5
   weights = jnp.maximum(0.0, 1.0 - jnp.abs(jnp.arange(g, dtype=jnp.float32) - centre[..., None]) / support[..., None])
-  weights = weights / weights.sum(axis=-1, keepdims=True)  # [batch, length, 2, G]
+  weights = weights / weights.sum(axis=-1, keepdims=True)  # [batch, n, 2, G]
   return jnp.einsum("bni,bnj,ijd->bnd", weights[..., 0, :], weights[..., 1, :],
                     grid_embedding.astype(jnp.float32))
+
+
+def packed_segments(grid, length: int):
+  """Where each of `length` tokens belongs when a row holds the patches of up to k images one after
+  another (`grid` [batch, k, 2]: each slot's h, w patches; an empty slot's is (0, 0)): `(segments
+  [batch, n]` (slot + 1; 0 for the padding after the last image), `index` [batch, n] (place in its
+  image), `sizes` [batch, n, 2] (its image's grid))."""
+  areas = grid[..., 0] * grid[..., 1]
+  ends = jnp.cumsum(areas, axis=-1)
+  token = jnp.arange(length)[None, :]
+  slot = (token[..., None] >= ends[:, None, :]).sum(axis=-1)  # Empty slots are skipped over.
+  segments = jnp.where(slot < grid.shape[1], slot + 1, 0)
+  slot = jnp.minimum(slot, grid.shape[1] - 1)
+  start = jnp.take_along_axis(ends - areas, slot, axis=1)
+  index = jnp.where(segments > 0, token - start, 0)
+  return segments, index, jnp.take_along_axis(grid, slot[..., None], axis=1)
 
 
 # Pools that read one token; a tower asked for its pooled output only computes that token last.
@@ -330,15 +347,17 @@ class ViT(nn.Module):
   @nn.compact
   def __call__(self, image, train=False, pooled_only=False):
     """`image`: NHWC images; with `naflex`, dict(patches=[batch, n, p * p * 3] (each image's patches
-    row by row, then padding), grid=int [batch, 2] (its h, w patches; h * w <= n)).
+    row by row, then padding), grid=int [batch, 2] (its h, w patches; h * w <= n)). A packed batch
+    (`mmjax.data.packing.pack_images`) has grid [batch, k, 2]: up to k images per row, their patches one
+    after another, and comes out as [batch, k, ...] (an empty slot's grid is (0, 0)).
     `pooled_only`: the caller reads only the pooled output and `aux["pre_logits"]`, so a tower
     pooled at one token computes its last block for that token alone."""
     if self.naflex:
-      x, valid = self._naflex_tokens(image)
+      x, segments, slots = self._naflex_tokens(image)
       if self.pool not in ("map", "gap"):
         raise ConfigError(f"model.image.naflex pools with 'map' or 'gap'; got pool={self.pool!r}")
     else:
-      x, valid = self._grid_tokens(jnp.asarray(image, self.dtype)), None
+      x, segments, slots = self._grid_tokens(jnp.asarray(image, self.dtype)), None, None
     batch = x.shape[0]
 
     if self.pool == "tok":
@@ -351,17 +370,18 @@ class ViT(nn.Module):
     x = nn.Dropout(self.dropout)(x, not train)
     # An index per example, as nn.remat traces every argument it is not told is static.
     keep = jnp.zeros(batch, jnp.int32) if pooled_only and self.pool in SINGLE_TOKEN_POOLS else None
-    # NaFlex padding is a segment of its own (0), which no image token attends to.
-    segments = None if valid is None else valid.astype(jnp.int32)
+    # NaFlex: each image is a segment (1, 2, ...); padding is one of its own (0), which no image token attends to.
     x, aux = Encoder(self.depth, self.mlp_dim, self.num_heads, act=self.act, dropout=self.dropout,
                      scan=self.scan, remat_policy=self.remat_policy, dtype=self.dtype,
                      attention_impl=self.attention_impl, norm_eps=self.norm_eps,
                      name="Transformer")(x, not train, keep, segments)
     if keep is None:
       aux["encoded"] = x
-    if valid is not None:
-      aux["valid"] = valid
-    x = pool_tokens(self, x, self.pool, token_index=0, valid=valid)
+    if segments is not None:
+      aux["segments"] = segments
+    x = pool_tokens(self, x, self.pool, token_index=0, segments=segments, slots=slots or 1)
+    if slots is None and segments is not None:
+      x = x[:, 0]
     aux["pre_logits"] = x
     x = tower_head(self, x)
     return x, aux
@@ -382,7 +402,8 @@ class ViT(nn.Module):
     return x + pos.astype(x.dtype)
 
   def _naflex_tokens(self, image):
-    """`(tokens [batch, n, width], valid [batch, n])` of NaFlex patch sequences."""
+    """`(tokens [batch, n, width], segments [batch, n], slots)` of NaFlex patch sequences: each token's
+    image slot + 1 (0: padding), and the slots per row of a packed batch (None: one image per row)."""
     if not isinstance(image, dict) or set(image) != {"patches", "grid"}:
       raise ConfigError("model.image.naflex takes dict(patches=[batch, n, p * p * 3], grid=[batch, 2]) "
                         "(mmjax.data.transforms.NaFlexPatches makes them)")
@@ -394,26 +415,28 @@ class ViT(nn.Module):
     pos = self.param("pos_embedding",
                      nn.with_logical_partitioning(nn.initializers.normal(stddev=self.width ** -0.5),
                                                   (None, None, "embed")), (1, g * g, self.width))
-    x = x + resize_posemb(pos.reshape(g, g, self.width), grid, x.shape[1]).astype(x.dtype)
-    valid = jnp.arange(x.shape[1])[None, :] < (grid[:, 0] * grid[:, 1])[:, None]
-    return x, valid
+    slots = grid.shape[1] if grid.ndim == 3 else None
+    segments, index, sizes = packed_segments(grid if slots else grid[:, None], x.shape[1])
+    x = x + resize_posemb(pos.reshape(g, g, self.width), sizes, index).astype(x.dtype)
+    return x, segments, slots
 
 
-def pool_tokens(module: nn.Module, x, pool: str, token_index, valid=None):
+def pool_tokens(module: nn.Module, x, pool: str, token_index, segments=None, slots: int = 1):
   """Pools [batch, seq, width] tokens; `token_index` is an int, a per-example index [batch], or
-  several per example [batch, k] (then [batch, k, width] comes back: packed sequences). `valid`
-  ([batch, seq] bool) restricts `map` and `gap` to those tokens.
+  several per example [batch, k] (then [batch, k, width] comes back: packed sequences). `segments`
+  ([batch, seq]: 1..`slots` for the images packed in a row, 0 for padding) pools `map` and `gap` per
+  segment, as [batch, slots, width].
 
   Called from inside a compact module so `map` creates `MAPHead_0` under it.
   """
   if pool == "map":
     return MAPHead(module.mlp_dim, module.num_heads, module.act, module.dtype, module.attention_impl,
-                   module.norm_eps, name="MAPHead_0")(x, valid)
+                   module.norm_eps, name="MAPHead_0")(x, segments, slots)
   if pool == "gap":
-    if valid is None:
+    if segments is None:
       return jnp.mean(x, axis=1)
-    weights = valid.astype(x.dtype)[..., None]
-    return (x * weights).sum(axis=1) / weights.sum(axis=1)
+    weights = (segments[..., None] == jnp.arange(1, slots + 1)).astype(x.dtype)  # [batch, seq, slots]
+    return jnp.einsum("bns,bnd->bsd", weights, x) / jnp.maximum(weights.sum(axis=1), 1.0)[..., None]
   if pool == "none":
     return x
   if pool in SINGLE_TOKEN_POOLS:

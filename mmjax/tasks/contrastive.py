@@ -1,6 +1,7 @@
 """Contrastive image-text training (CLIP softmax or SigLIP sigmoid loss) and its evaluators."""
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
@@ -13,7 +14,7 @@ from mmjax.adapt import wrap as adapt
 from mmjax.config import as_dict
 from mmjax.data import packing, pipeline, shapes
 from mmjax.data.tokenizer import load_saved_tokenizer, load_tokenizer
-from mmjax.data.transforms import NaFlexPatches, Tokenize
+from mmjax.data.transforms import NaFlexPatches, RandomBudgetPatches, Tokenize
 from mmjax.errors import ConfigError
 from mmjax.evals import benchmarks, binding, recall, zeroshot
 from mmjax.models.text import TextTransformer
@@ -21,7 +22,7 @@ from mmjax.tasks.base import Task, benchmark_entries, shapes_evals
 
 LOSSES = ("sigmoid", "softmax", "infonce", "triplet")
 TEMPLATE_SETS = {"shapes": shapes.CLASS_TEMPLATES, "plain": ("{}",)}
-SHAPES_EVALS = ("zeroshot", "retrieval", "binding")
+SHAPES_EVALS = ("zeroshot", "retrieval", "binding", "aspect")
 
 
 def init_tokenizer(config):
@@ -67,6 +68,10 @@ class ContrastiveTask(Task):
       if config.data.get("max_patches", 0) < 1:
         raise ConfigError("model.image.naflex needs data.max_patches, the patches per image (e.g. 256)")
       self.model_config["max_patches"] = config.data.max_patches
+      budgets = tuple(config.data.get("patch_budgets", ()))
+      if not all(1 <= b <= config.data.max_patches for b in budgets):
+        raise ConfigError(f"data.patch_budgets={budgets}: each must lie in [1, data.max_patches="
+                          f"{config.data.max_patches}]")
     self.model = adapt.wrap_for_task(models.build(self.model_config), config, self.model_config)
     self.max_len = self.model_config["text"]["max_len"]
     # With data.pack_text: the text tower as the model builds it (unset fields take its defaults).
@@ -75,18 +80,28 @@ class ContrastiveTask(Task):
       self._packing_tower = TextTransformer(**models.resolve_tower(self.model_config, "text"))
       packing.check_packable(self._packing_tower.causal, self._packing_tower.pool, "data.pack_text with model.text")
       # Runs saved before data.captions_per_row existed packed two per row.
-      self._captions_per_row = config.data.get("captions_per_row", 2)
-      if self._captions_per_row < 1:
-        raise ConfigError(f"data.captions_per_row must be at least 1; got {self._captions_per_row}")
+      self._captions_per_row = self._per_row("captions_per_row", 2)
+    self._images_per_row = None
+    if config.data.get("pack_images"):
+      if not self.naflex:
+        raise ConfigError("data.pack_images packs NaFlex patch sequences: it needs model.image.naflex")
+      self._images_per_row = self._per_row("images_per_row", 4)
+    if self._packing_tower is not None or self._images_per_row:
       divisor, processes = parallel.batch_size_divisor(mesh), jax.process_count()
       if divisor % processes:
-        raise ConfigError(f"data.pack_text: the batch is split over {divisor} devices, which {processes} processes "
-                          f"cannot share evenly")
+        raise ConfigError(f"data.pack_text / pack_images: the batch is split over {divisor} devices, which "
+                          f"{processes} processes cannot share evenly")
       self._rows_divisor = divisor // processes  # Each process's row count is a multiple of its devices.
     # Replicated outputs: every process reads all embeddings of the rows it fed a slice of.
     self._embed = jax.jit(lambda p, image, text: self.model.apply({"params": p}, image=image, text=text)[:2],
                           out_shardings=parallel.replicated(mesh))
     self._eval_data = None
+
+  def _per_row(self, key: str, default: int) -> int:
+    per_row = self.config.data.get(key, default)
+    if per_row < 1:
+      raise ConfigError(f"data.{key} must be at least 1; got {per_row}")
+    return per_row
 
   def dummy_batch(self, batch_size: int) -> dict[str, np.ndarray]:
     _, blank = benchmarks.image_input(self.model_config)
@@ -98,21 +113,30 @@ class ContrastiveTask(Task):
     loader's square resize."""
     if not self.naflex:
       return None
-    patch_size = models.resolve_tower(self.model_config, "image")["patch_size"]
-    return [*(pipeline.augmentation(self.config.data) or []), NaFlexPatches(patch_size, self.config.data.max_patches),
-            Tokenize(self.tokenizer, self.max_len)]
+    patch_size, length = models.resolve_tower(self.model_config, "image")["patch_size"], self.config.data.max_patches
+    budgets = tuple(self.config.data.get("patch_budgets", ()))
+    patches = RandomBudgetPatches(patch_size, budgets, length) if budgets else NaFlexPatches(patch_size, length)
+    return [*(pipeline.augmentation(self.config.data) or []), patches, Tokenize(self.tokenizer, self.max_len)]
 
   def prepare_batch(self, local: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The loader's batch as the step takes it: with `data.pack_text`, captions packed up to
-    `data.captions_per_row` per row (`mmjax.data.packing`)."""
-    if self._packing_tower is None:
-      return local
-    lengths = packing.pooled_lengths(local["text"], self._packing_tower.pool, self._packing_tower.eos_id)
+    `data.captions_per_row` per row, and with `data.pack_images`, NaFlex images up to
+    `data.images_per_row` per row (`mmjax.data.packing`)."""
     processes = jax.process_count()
     agree = lambda rows: int(np.max(multihost_utils.process_allgather(np.int32(rows)))) if processes > 1 else rows
-    packed = packing.pack_captions(local["text"], lengths, self._captions_per_row, self._rows_divisor, agree)
-    packed["text_slot"] += self._captions_per_row * parallel.local_rows_start(self.mesh, len(packed["text"]) * processes)
-    return {**local, **packed}
+    batch = dict(local)
+    if self._packing_tower is not None:
+      lengths = packing.pooled_lengths(local["text"], self._packing_tower.pool, self._packing_tower.eos_id)
+      packed = packing.pack_captions(local["text"], lengths, self._captions_per_row, self._rows_divisor, agree)
+      packed["text_slot"] += self._captions_per_row * parallel.local_rows_start(self.mesh,
+                                                                                len(packed["text"]) * processes)
+      batch.update(packed)
+    if self._images_per_row:
+      packed = packing.pack_images(local["image"], self._images_per_row, self._rows_divisor, agree)
+      rows = len(packed["image"]["grid"])
+      packed["image_slot"] += self._images_per_row * parallel.local_rows_start(self.mesh, rows * processes)
+      batch.update(packed)
+    return batch
 
   def init(self, rng, batch):
     """Parameters boxed with their logical axis names (unbox before use)."""
@@ -120,7 +144,8 @@ class ContrastiveTask(Task):
 
   def loss_fn(self, params, batch, rng, train=True) -> tuple[jax.Array, dict]:
     zimg, ztxt, aux = self.model.apply({"params": params}, image=batch["image"], text=batch["text"],
-                                       text_packing=packing.model_fields(batch), train=train, rngs={"dropout": rng})
+                                       text_packing=packing.model_fields(batch), image_slot=batch.get("image_slot"),
+                                       train=train, rngs={"dropout": rng})
     spec = self.config.loss
     negatives = spec.num_negatives or None
     if spec.kind == "sigmoid":
@@ -157,6 +182,24 @@ class ContrastiveTask(Task):
   def embed_texts(self, params, texts: list[str]) -> np.ndarray:
     return self.embedder(params).texts(texts, "texts")
 
+  def _aspect_robustness(self, params, sets: dict[float, tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
+    """`aspect/acc_r{ratio}` (`_p{budget}`): zero-shot accuracy over all classes on images `ratio` times as
+    wide as high, which a fixed-resolution tower sees centre-cropped and a NaFlex tower whole, at each
+    patch budget of `evals.aspect.budgets` (default: its training budget)."""
+    e = self.config.evals.aspect
+    zclass = zeroshot.class_embeddings(lambda t: self.embed_texts(params, t), shapes.CLASS_NAMES,
+                                       TEMPLATE_SETS[e.templates])
+    budgets = (tuple(e.budgets) or (self.config.data.max_patches,)) if self.naflex else (None,)
+    results = {}
+    for budget in budgets:
+      prepare, blank = benchmarks.image_input(self.model_config, budget)
+      embedder = dataclasses.replace(self.embedder(params), prepare_image=prepare, blank_image=blank)
+      for ratio, (images, labels) in sets.items():
+        zimg = embedder.images(lambda i, images=images: images[i], len(images), "images")[0]
+        key = f"aspect/acc_r{ratio:g}" + ("" if budget is None else f"_p{budget}")
+        results[key] = zeroshot.evaluate(zimg, zclass, labels)["acc"]
+    return results
+
   def _eval_sets(self) -> dict[str, Any]:
     if self._eval_data is None:
       d, e = self.config.data, self.config.evals
@@ -172,6 +215,11 @@ class ContrastiveTask(Task):
         self._eval_data["retrieval"] = shapes.retrieval_set(n=e.retrieval.n, **kw)
       if "binding" in synthetic:
         self._eval_data["binding"] = shapes.binding_set(n=e.binding.n, **kw)
+      if "aspect" in synthetic:  # The zero-shot scenes, on canvases of each aspect ratio.
+        self._eval_data["aspect"] = {
+            float(ratio): shapes.class_images(range(len(shapes.CLASSES)), e.aspect.per_class, d.seed,
+                                              shapes.aspect_size(d.image_size, float(ratio)))
+            for ratio in e.aspect.ratios}
     return self._eval_data
 
   def evaluate(self, params) -> dict[str, float]:
@@ -195,6 +243,8 @@ class ContrastiveTask(Task):
       r = binding.evaluate(self.embed_images(params, bs["images"]), self.embed_texts(params, bs["true_captions"]),
                            self.embed_texts(params, bs["swapped_captions"]))
       results.update({f"binding/{k}": v for k, v in r.items()})
+    if "aspect" in sets:
+      results.update(self._aspect_robustness(params, sets["aspect"]))
     for name, benchmark, data, options in benchmark_entries(self.config.evals):
       metrics = benchmarks.run(self.embedder(params), benchmark, data, **options)["metrics"]
       results.update({f"{name}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
