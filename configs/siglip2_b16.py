@@ -10,10 +10,11 @@ tokenizer is any SentencePiece `.model` given by path; the text tower embeds `vo
 big_vision's Gemma tokenizer) rows, so a smaller vocabulary needs `--config.model.text.vocab_size`.
 Fine-tune a converted `google/siglip2-base-patch16-naflex` instead with `configs/finetune.py`.
 
-Hardware: as `configs/siglip_b16.py`, 128 images per chip, so a 32k global batch on a TPU v5e-256;
-`python -m mmjax.compile --config configs/siglip2_b16.py --topology v5e:2x2` compiles the step for a
-v5e-4 (benchmarks/RESULTS.md). SigLIP 2's decoder (LocCa) and self-distillation losses are not in
-this recipe yet.
+Hardware: as `configs/siglip_b16.py`, 128 images per chip, so a 32k global batch on a TPU v5e-256.
+The smallest slice compiled is a v5e-4 (`python -m mmjax.compile --config configs/siglip2_b16.py
+--topology v5e:2x2`: 14.5 GiB of 16 per chip with `attention_impl=xla`, 17.3 with `pallas`; the
+256k-row embedding and its optimizer state take 2.5 GiB more than `siglip_b16`'s). SigLIP 2's decoder (LocCa) and
+self-distillation losses are not in this recipe yet.
 """
 from configs import siglip_b16
 

@@ -6,9 +6,9 @@ SigLIP 2's multilingual 256k-token SentencePiece vocabulary; weights and optimiz
       --config.data.captions=/data/webli/captions.jsonl --config.data.tokenizer=/data/gemma_256k.model
 
 Data and tokenizer as `configs/siglip2_b16.py`. Hardware: 128 images per chip, so a 32k global batch
-on a TPU v5e-256; `python -m mmjax.compile --config configs/siglip2_so400m.py --topology v5e:2x2`
-compiles the step for a v5e-4 (benchmarks/RESULTS.md). SigLIP 2's decoder (LocCa) and
-self-distillation losses are not in this recipe yet.
+on a TPU v5e-256. The smallest slice compiled is a v5e-4 (`python -m mmjax.compile --config
+configs/siglip2_so400m.py --topology v5e:2x2`: 12.1 GiB of 16 per chip with `attention_impl=xla`).
+SigLIP 2's decoder (LocCa) and self-distillation losses are not in this recipe yet.
 """
 from configs import siglip_so400m
 from configs.siglip2_b16 import GEMMA_EOS_ID, VOCAB_SIZE

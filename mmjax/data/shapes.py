@@ -319,10 +319,10 @@ CLASS_NAMES = [class_name(c, s) for c, s in CLASSES]
 
 def class_images(classes, per_class: int, seed: int = 0, image_size: int = 64, few_shot: bool = False,
                  draw: int = 0) -> tuple[np.ndarray, np.ndarray]:
-  """`(images uint8 [N, S, S, 3] (image_size (h, w): [N, h, w, 3]), labels int32 [N])`: `per_class` single-object images of each
-  class id in `classes` (class c = colour * len(SHAPES) + shape). The zero-shot stream serves
-  evaluation; `few_shot=True` draws training shots from another stream, `draw` picking the
-  draw (k-shot experiments repeat over draws)."""
+  """`(images uint8 [N, S, S, 3] (image_size (h, w): [N, h, w, 3]), labels int32 [N])`: `per_class`
+  single-object images of each class id in `classes` (class c = colour * len(SHAPES) + shape). The
+  zero-shot stream serves evaluation; `few_shot=True` draws training shots from another stream,
+  `draw` picking the draw (k-shot experiments repeat over draws)."""
   stream, offset = (_FEW_SHOT, draw * len(CLASSES) * per_class) if few_shot else (_ZEROSHOT, 0)
   images, labels = [], []
   for label in classes:
