@@ -97,6 +97,8 @@ def test_linear_probe_and_zero_shot_from_the_command_line(files):
              "--out", "zs.json", cwd=tmp)
   result = json.load(open(tmp / "zs.json"))
   assert result["task"] == "zeroshot_classification" and result["metrics"]["images"] == 9
+  with pytest.raises(ConfigError, match="--max_patches=16 sets a NaFlex image tower's patch budget"):
+    benchmark("zeroshot_classification", str(tmp / "test"), export=str(export), max_patches=16)
 
 
 def _numpy_zeroshot(loaded, image_paths, labels, names, templates):
@@ -157,7 +159,7 @@ def test_a_killed_benchmark_resumes_from_its_embedding_cache(files, capsys):
   cache = tmp / "cache"
   kw = dict(export=export, batch_size=8, cache_dir=str(cache), test_data=str(tmp / "test"))
   first = benchmark("linear_probe", str(tmp / "train"), **kw)["metrics"]
-  batches = sorted((cache / "train_images" / "train_images").glob("*.npz"))
+  batches = sorted((cache / "train_images").glob("*.npz"))
   assert [b.name for b in batches] == ["0000000000.npz", "0000000008.npz", "0000000016.npz"]  # 18 images, 8 a batch.
   batches[1].unlink()  # As if killed while embedding the second batch.
   capsys.readouterr()
@@ -201,8 +203,8 @@ def test_two_processes_of_four_devices_score_as_one_of_eight(files):
   one, two = (json.load(open(tmp / f"mp{n}.json")) for n in (1, 2))
   assert one["metrics"] == two["metrics"] and one["metrics"]["images"] == 9 and one["metrics"]["skipped"] == 1
   for what in ("images", "class_prompts"):
-    for batch in sorted((tmp / "cache1" / what / what).glob("*.npz")):
-      a, b = np.load(batch), np.load(tmp / "cache2" / what / what / batch.name)
+    for batch in sorted((tmp / "cache1" / what).glob("*.npz")):
+      a, b = np.load(batch), np.load(tmp / "cache2" / what / batch.name)
       np.testing.assert_allclose(a["z"], b["z"], atol=1e-6)
       np.testing.assert_array_equal(a["valid"], b["valid"])
 

@@ -80,15 +80,12 @@ class Embedder:
       return None if image is None else self.prepare_image(image)
 
     return embed_rows(self.encode_image, prepared, n, self.mesh, self.batch_size, self.blank_image,
-                      self._cache(what), what)
+                      self.cache_dir, what)
 
   def texts(self, texts: Sequence[str], what: str) -> np.ndarray:
     tokens = self.tokenize(list(texts))
     return embed_rows(self.encode_text, lambda i: tokens[i], len(tokens), self.mesh, self.batch_size,
-                      np.zeros_like(tokens[0]), self._cache(what), what)[0]
-
-  def _cache(self, what: str) -> str | None:
-    return os.path.join(self.cache_dir, what.replace(" ", "_")) if self.cache_dir else None
+                      np.zeros_like(tokens[0]), self.cache_dir, what)[0]
 
 
 def run(embedder: Embedder, name: str, data: str, **options) -> dict:
