@@ -8,7 +8,8 @@ Training scenes are 1:2, 1:1 or 2:1 (width:height, shorter side 64 px). The NaFl
 whole, within `max_patches` (64) patches of 8 px; `naflex=False` is the fixed-resolution ablation, whose
 64 px square tower sees the centre crop, as CLIP-style preprocessing gives it. The `aspect` eval reports
 zero-shot accuracy over all 48 classes at each aspect ratio (`aspect/acc_r2_p36`: 2:1 images at a
-36-patch budget). README "SigLIP 2 on shapes" has the measured table.
+36-patch budget), and the `dense` eval the mIoU of a ridge probe on the frozen patch features that
+predicts each patch's class (`mmjax.evals.dense`). README "SigLIP 2 on shapes" has the measured table.
 """
 from configs import siglip_shapes
 from mmjax.config import parse_arg
@@ -24,4 +25,5 @@ def get_config(arg=None):
   if a.naflex:
     c.data.update(patch_budgets=budgets, pack_images=True, images_per_row=4)
   c.evals.aspect = dict(ratios=ASPECT_RATIOS, budgets=budgets if a.naflex else (), per_class=5, templates="shapes")
+  c.evals.dense = dict(n_train=256, n_test=128, l2=1e-3)
   return c

@@ -43,15 +43,20 @@ BENCHMARKS = benchmarks.BENCHMARKS + vlm_benchmarks.BENCHMARKS
 
 
 def benchmark(name: str, data: str, export: str | None = None, workdir: str | None = None, config=None,
-              batch_size: int = 256, cache_dir: str | None = None, **options) -> dict:
+              batch_size: int = 256, cache_dir: str | None = None, max_patches: int | None = None,
+              **options) -> dict:
   """Benchmark `name` (`BENCHMARKS`) on `data` with an export, or with a training run's latest
   checkpoint (`workdir`, its recipe `config` by default), in CLIP_benchmark's layout: {dataset, model,
   task, metrics}, plus `predictions` for the vision-language benchmarks (the official results format).
+  `max_patches`: a NaFlex two-tower model's patch budget per image instead of its recorded one.
   `options` go to the benchmark (`mmjax.evals.benchmarks.run`, `mmjax.evals.vlm_benchmarks.run`)."""
   if name not in BENCHMARKS:
     raise ConfigError(f"--benchmark={name!r}: expected one of {BENCHMARKS}")
   if bool(export) == bool(workdir):
     raise ConfigError("--benchmark needs one model: --export (an export directory) or --workdir (a training run)")
+  if max_patches and name in vlm_benchmarks.BENCHMARKS:
+    raise ConfigError(f"--max_patches sets a NaFlex two-tower model's patch budget; --benchmark={name} evaluates a "
+                      "vision-language model")
   if workdir:
     config = config or runs.load_run_config(workdir)
     task, _, params, step = runs.restore_params(config, workdir)
@@ -65,12 +70,23 @@ def benchmark(name: str, data: str, export: str | None = None, workdir: str | No
     result = vlm_benchmarks.run(loaded, name, data, batch_size=batch_size, **options)
     return {"dataset": os.path.abspath(data), "model": model_name, "task": name, "metrics": result.metrics,
             "predictions": result.predictions}
+  if workdir and not hasattr(task, "embedder"):
+    raise ConfigError(f"--benchmark={name} needs a two-tower model; {workdir} trains task {config.task!r}")
+  model_config = task.model_config if workdir else loaded.model_config
+  if max_patches:
+    if not model_config["image"].get("naflex"):
+      raise ConfigError(f"--max_patches={max_patches} sets a NaFlex image tower's patch budget; {model_name} has a "
+                        "fixed-resolution one (model.image.naflex is off)")
+    if cache_dir:  # Embeddings at another budget are other embeddings.
+      cache_dir = os.path.join(cache_dir, f"max_patches_{max_patches}")
   if workdir:
-    if not hasattr(task, "embedder"):
-      raise ConfigError(f"--benchmark={name} needs a two-tower model; {workdir} trains task {config.task!r}")
     embedder = dataclasses.replace(task.embedder(params, cache_dir), batch_size=batch_size, model=model_name)
   else:
     embedder = loaded.embedder(batch_size=batch_size, cache_dir=cache_dir)
+  if max_patches:
+    prepare, blank = benchmarks.image_input(model_config, max_patches)
+    embedder = dataclasses.replace(embedder, prepare_image=prepare, blank_image=blank,
+                                   model=f"{embedder.model} at {max_patches} patches")
   return benchmarks.run(embedder, name, data, **options)
 
 
@@ -90,7 +106,8 @@ def main(argv):
                "multiple_choice": {}}[f.benchmark]
     if not f.data:
       raise ConfigError("--benchmark needs --data")
-    result = benchmark(f.benchmark, f.data, f.export, f.workdir, f.config, f.batch_size, f.cache, **options)
+    result = benchmark(f.benchmark, f.data, f.export, f.workdir, f.config, f.batch_size, f.cache, f.max_patches,
+                       **options)
     print(summary_table({k: v for k, v in result["metrics"].items() if not isinstance(v, dict)}))
     if jax.process_index() == 0:
       if f.predictions and "predictions" in result:
@@ -132,5 +149,7 @@ if __name__ == "__main__":
   flags.DEFINE_integer("batch_size", 256, "--benchmark: global rows per batch, split over every device and process.")
   flags.DEFINE_string("cache", None, "--benchmark: keep embeddings here as they are made; a rerun resumes from them.")
   flags.DEFINE_string("out", None, "--benchmark: also write the result as JSON here.")
+  flags.DEFINE_integer("max_patches", None, "--benchmark, NaFlex image towers: patches per image instead of the "
+                       "model's recorded budget (evaluate at several budgets).")
   cli.define_process_flags()
   cli.run(main)

@@ -15,7 +15,7 @@ from PIL import Image
 
 import mmjax
 from configs import siglip2_shapes, siglip_shapes
-from mmjax import export, runs, train
+from mmjax import evaluate, export, runs, train
 from mmjax.data import packing, shapes
 from mmjax.data.transforms import NaFlexPatches, naflex_grid, naflex_patches
 from mmjax.errors import ConfigError
@@ -200,6 +200,18 @@ def test_naflex_training_on_square_images_is_fixed_resolution_training(tmp_path)
   np.testing.assert_allclose(np.linalg.norm(z, axis=1), 1.0, rtol=1e-5)
   alone = [loaded.encode_image([image])[0] for image in images]  # Each image's embedding, whatever its batch.
   np.testing.assert_allclose(z, np.stack(alone), atol=1e-5)
+  # `python -m mmjax.evaluate --max_patches 4`: the benchmark embeds every image within 4 patches.
+  for i, image in enumerate(images):
+    (tmp_path / "classes" / f"class{i}").mkdir(parents=True)
+    Image.fromarray(image).save(tmp_path / "classes" / f"class{i}" / "0.png")
+  result = evaluate.benchmark("zeroshot_classification", str(tmp_path / "classes"), export=str(tmp_path / "export"),
+                              batch_size=8, cache_dir=str(tmp_path / "cache"), max_patches=4)
+  assert result["model"].endswith("at 4 patches") and result["metrics"]["images"] == 3
+  with np.load(tmp_path / "cache" / "max_patches_4" / "images" / f"{0:010d}.npz") as cached:
+    small = [naflex_patches(image, 8, 4, 4) for image in images]
+    want = loaded.encode_image({k: np.stack([s[k] for s in small]) for k in ("patches", "grid")})
+    np.testing.assert_allclose(cached["z"][:3], want, atol=1e-5)
+    assert np.abs(want - z).max() > 1e-3  # Another budget embeds differently.
 
 
 def test_the_default_recipe_takes_a_patch_budget():

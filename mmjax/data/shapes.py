@@ -52,7 +52,7 @@ CLASS_TEMPLATES = (
 )
 
 # Independent random streams per purpose, so eval sets never overlap training.
-_TRAIN, _ZEROSHOT, _RETRIEVAL, _BINDING, _HELD_OUT, _FEW_SHOT, _LABELLED, _ASPECT = range(8)
+_TRAIN, _ZEROSHOT, _RETRIEVAL, _BINDING, _HELD_OUT, _FEW_SHOT, _LABELLED, _ASPECT, _DENSE_TRAIN, _DENSE_TEST = range(10)
 
 
 class _Object(NamedTuple):
@@ -136,9 +136,12 @@ def aspect_size(size: int, ratio: float) -> tuple[int, int]:
   return (size, round(size * ratio)) if ratio >= 1 else (round(size / ratio), size)
 
 
-def _render(rng: random.Random, objects: list[_Object], size: int | tuple[int, int]) -> np.ndarray:
-  """The scene on a `size` x `size` (or (height, width)) canvas; objects scale with its shorter side."""
+def _render(rng: random.Random, objects: list[_Object], size: int | tuple[int, int],
+            labels: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+  """The scene on a `size` x `size` (or (height, width)) canvas; objects scale with its shorter side.
+  With `labels`, also each pixel's class: 0 for background, 1 + class id under an object."""
   h, w = (size, size) if isinstance(size, int) else size
+  label_map = np.zeros((h, w), np.uint8) if labels else None
   texture = _noise_texture(max(h, w))
   y, x = rng.randrange(2 * max(h, w)), rng.randrange(2 * max(h, w))
   background = [rng.randint(0, BACKGROUND_MAX) for _ in range(3)]
@@ -154,8 +157,11 @@ def _render(rng: random.Random, objects: list[_Object], size: int | tuple[int, i
               for ch in COLOURS[COLOUR_NAMES[obj.colour]]]
     # uint8 arithmetic wraps, so this turns background + noise into colour + noise.
     delta = np.array([(c - b) % 256 for c, b in zip(colour, background)], np.uint8)
-    image[y0:y0 + side, x0:x0 + side] += _mask(obj.shape, radius) * delta
-  return image
+    mask = _mask(obj.shape, radius)
+    image[y0:y0 + side, x0:x0 + side] += mask * delta
+    if labels:
+      label_map[y0:y0 + side, x0:x0 + side][mask[..., 0] > 0] = 1 + obj.colour * len(SHAPES) + obj.shape
+  return (image, label_map) if labels else image
 
 
 def _offset(rng: random.Random, cell: int, size: int, side: int) -> int:
@@ -353,6 +359,22 @@ def retrieval_set(seed: int = 0, image_size: int = 64, n: int = 512,
   samples = [_sample(_rng(seed, _RETRIEVAL, i), combos, image_size) for i in range(n)]
   return dict(images=np.stack([s["image"] for s in samples]),
               captions=[s["caption"] for s in samples])
+
+
+def dense_set(seed: int = 0, image_size: int = 64, n: int = 128, split: str = "test") -> dict:
+  """Scenes of 1 to 3 objects of any of the 48 classes with each pixel's class, for dense probes:
+  dict(images uint8 [N, S, S, 3], labels uint8 [N, S, S]: 0 for background, 1 + class id (colour *
+  len(SHAPES) + shape) under an object). "train" and "test" draw from streams of their own."""
+  streams = {"train": _DENSE_TRAIN, "test": _DENSE_TEST}
+  if split not in streams:
+    raise ConfigError(f"dense_set split={split!r}; expected one of {sorted(streams)}")
+  images, labels = [], []
+  for i in range(n):
+    rng = _rng(seed, streams[split], i)
+    image, label = _render(rng, _scene(rng, CLASSES, _object_count(rng)), image_size, labels=True)
+    images.append(image)
+    labels.append(label)
+  return dict(images=np.stack(images), labels=np.stack(labels))
 
 
 def binding_set(seed: int = 0, image_size: int = 64, n: int = 256,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Any
 
@@ -16,13 +17,14 @@ from mmjax.data import packing, pipeline, shapes
 from mmjax.data.tokenizer import load_saved_tokenizer, load_tokenizer
 from mmjax.data.transforms import NaFlexPatches, RandomBudgetPatches, Tokenize
 from mmjax.errors import ConfigError
-from mmjax.evals import benchmarks, binding, recall, zeroshot
+from mmjax.evals import benchmarks, binding, dense, embed_rows, recall, zeroshot
 from mmjax.models.text import TextTransformer
+from mmjax.models.vit import SINGLE_TOKEN_POOLS
 from mmjax.tasks.base import Task, benchmark_entries, shapes_evals
 
 LOSSES = ("sigmoid", "softmax", "infonce", "triplet")
 TEMPLATE_SETS = {"shapes": shapes.CLASS_TEMPLATES, "plain": ("{}",)}
-SHAPES_EVALS = ("zeroshot", "retrieval", "binding", "aspect")
+SHAPES_EVALS = ("zeroshot", "retrieval", "binding", "aspect", "dense")
 
 
 def init_tokenizer(config):
@@ -220,7 +222,43 @@ class ContrastiveTask(Task):
             float(ratio): shapes.class_images(range(len(shapes.CLASSES)), e.aspect.per_class, d.seed,
                                               shapes.aspect_size(d.image_size, float(ratio)))
             for ratio in e.aspect.ratios}
+      if "dense" in synthetic:
+        self._eval_data["dense"] = {split: shapes.dense_set(d.seed, d.image_size, e.dense[f"n_{split}"], split)
+                                    for split in ("train", "test")}
     return self._eval_data
+
+  def _dense_probe(self, params, sets: dict[str, dict]) -> dict[str, float]:
+    """`dense/miou`, `dense/patch_acc` (`mmjax.evals.dense`): a ridge probe on the frozen image tower's
+    patch features (its encoder's output tokens) predicting each patch's class (background or one of
+    the 48 classes) on `evals.dense.n_test` square scenes, fitted on `n_train` others."""
+    tower = models.resolve_tower(self.model_config, "image")
+    if tower.get("pool") in SINGLE_TOKEN_POOLS:
+      raise ConfigError(f"evals.dense reads every patch's features; model.image.pool={tower['pool']!r} computes the "
+                        "last block for its pooled token only")
+    prepare, blank = benchmarks.image_input(self.model_config)
+    size = self.config.data.image_size
+    grid = tuple(prepare(np.zeros((size, size, 3), np.uint8))["grid"]) if self.naflex else (
+        size // tower["patch_size"],) * 2
+    tokens = int(np.prod(grid))
+
+    def patch_features(p, image):
+      aux = self.model.apply({"params": p}, image=image)[2]
+      if "img/encoded" not in aux:
+        raise ConfigError("evals.dense needs a ViT image tower (model.image), whose encoder output it probes")
+      # NaFlex: the image's patches come first; a fixed grid may start with a class token.
+      x = aux["img/encoded"][:, :tokens] if self.naflex else aux["img/encoded"][:, -tokens:]
+      return x.reshape(x.shape[0], -1)
+
+    encode = jax.jit(patch_features, out_shardings=parallel.replicated(self.mesh))
+    features, labels = {}, {}
+    for split, data in sets.items():
+      z, _ = embed_rows(functools.partial(encode, params), lambda i, images=data["images"]: prepare(images[i]),
+                        len(data["images"]), self.mesh, self.config.evals.batch_size, blank, what=f"{split} scenes")
+      features[split] = z.reshape(len(z) * tokens, -1)
+      labels[split] = dense.patch_labels(data["labels"], grid).reshape(-1)
+    metrics = dense.probe(features["train"], labels["train"], features["test"], labels["test"],
+                          1 + len(shapes.CLASSES), l2=self.config.evals.dense.get("l2", 1e-3))
+    return {f"dense/{k}": v for k, v in metrics.items()}
 
   def evaluate(self, params) -> dict[str, float]:
     """Every configured evaluator, as `{"zeroshot/acc_seen": ..., "retrieval/i2t_r@1": ...}`: the shapes
@@ -245,6 +283,8 @@ class ContrastiveTask(Task):
       results.update({f"binding/{k}": v for k, v in r.items()})
     if "aspect" in sets:
       results.update(self._aspect_robustness(params, sets["aspect"]))
+    if "dense" in sets:
+      results.update(self._dense_probe(params, sets["dense"]))
     for name, benchmark, data, options in benchmark_entries(self.config.evals):
       metrics = benchmarks.run(self.embedder(params), benchmark, data, **options)["metrics"]
       results.update({f"{name}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
