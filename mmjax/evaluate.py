@@ -70,23 +70,15 @@ def benchmark(name: str, data: str, export: str | None = None, workdir: str | No
     result = vlm_benchmarks.run(loaded, name, data, batch_size=batch_size, **options)
     return {"dataset": os.path.abspath(data), "model": model_name, "task": name, "metrics": result.metrics,
             "predictions": result.predictions}
-  if workdir and not hasattr(task, "embedder"):
-    raise ConfigError(f"--benchmark={name} needs a two-tower model; {workdir} trains task {config.task!r}")
-  model_config = task.model_config if workdir else loaded.model_config
-  if max_patches:
-    if not model_config["image"].get("naflex"):
-      raise ConfigError(f"--max_patches={max_patches} sets a NaFlex image tower's patch budget; {model_name} has a "
-                        "fixed-resolution one (model.image.naflex is off)")
-    if cache_dir:  # Embeddings at another budget are other embeddings.
-      cache_dir = os.path.join(cache_dir, f"max_patches_{max_patches}")
   if workdir:
+    if not hasattr(task, "embedder"):
+      raise ConfigError(f"--benchmark={name} needs a two-tower model; {workdir} trains task {config.task!r}")
     embedder = dataclasses.replace(task.embedder(params, cache_dir), batch_size=batch_size, model=model_name)
   else:
     embedder = loaded.embedder(batch_size=batch_size, cache_dir=cache_dir)
   if max_patches:
-    prepare, blank = benchmarks.image_input(model_config, max_patches)
-    embedder = dataclasses.replace(embedder, prepare_image=prepare, blank_image=blank,
-                                   model=f"{embedder.model} at {max_patches} patches")
+    embedder = benchmarks.at_patch_budget(embedder, task.model_config if workdir else loaded.model_config,
+                                          max_patches)
   return benchmarks.run(embedder, name, data, **options)
 
 

@@ -275,17 +275,29 @@ def test_the_aspect_eval_reads_whole_images_at_each_budget_or_centre_crops(aspec
                                                              "aspect/acc_r1_p64", "aspect/acc_r2_p64"}
   # Square scenes at the training budget are the zero-shot eval's own images, prepared the same way.
   assert results["aspect/acc_r1_p64"] == results["zeroshot/acc"]
+  zclass = _class_embeddings(task, params)
+  # 2:1 scenes reach the NaFlex tower whole, within 16 patches: embedded here by the model itself.
+  images, labels = shapes.class_images(range(len(shapes.CLASSES)), 2, 0, (64, 128))
+  cut = [naflex_patches(image, 8, 16, 16) for image in images]
+  assert {tuple(c["grid"]) for c in cut} == {(3, 5)}
+  zimg = np.asarray(task.model.apply({"params": params}, image={k: np.stack([c[k] for c in cut])
+                                                                for k in ("patches", "grid")})[0])
+  assert results["aspect/acc_r2_p16"] == pytest.approx(float(np.mean(np.argmax(zimg @ zclass.T, axis=1) == labels)))
   task, params, results = aspect_tasks[False]
   assert {k for k in results if k.startswith("aspect/")} == {"aspect/acc_r1", "aspect/acc_r2"}
   assert results["aspect/acc_r1"] == results["zeroshot/acc"]
   # 2:1 scenes reach the fixed-resolution tower as their centre 64 x 64.
   images, labels = shapes.class_images(range(len(shapes.CLASSES)), 2, 0, (64, 128))
   zimg = task.embed_images(params, images[:, :, 32:96])
+  accuracy = float(np.mean(np.argmax(zimg @ _class_embeddings(task, params).T, axis=1) == labels))
+  assert results["aspect/acc_r2"] == pytest.approx(accuracy)
+
+
+def _class_embeddings(task, params):
+  """The 48 classes' prompt embeddings averaged over the shapes templates and renormalised, in NumPy."""
   zclass = task.embed_texts(params, [t.format(n) for n in shapes.CLASS_NAMES for t in shapes.CLASS_TEMPLATES])
   zclass = zclass.reshape(len(shapes.CLASS_NAMES), len(shapes.CLASS_TEMPLATES), -1).mean(axis=1)
-  zclass /= np.linalg.norm(zclass, axis=1, keepdims=True)
-  accuracy = float(np.mean(np.argmax(zimg @ zclass.T, axis=1) == labels))
-  assert results["aspect/acc_r2"] == pytest.approx(accuracy)
+  return zclass / np.linalg.norm(zclass, axis=1, keepdims=True)
 
 
 def test_a_packed_training_batch_has_the_unpacked_loss():

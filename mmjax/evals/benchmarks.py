@@ -55,6 +55,18 @@ def image_input(model_config: dict, max_patches: int | None = None) -> tuple[Cal
   return prepare, prepare(np.zeros((folder.MIN_SIDE, folder.MIN_SIDE, 3), np.uint8))
 
 
+def at_patch_budget(embedder: "Embedder", model_config: dict, max_patches: int) -> "Embedder":
+  """`embedder` with a NaFlex model's images cut into `max_patches` patches instead of the recorded
+  budget; its cache (other embeddings) goes to `<cache>/max_patches_<N>`."""
+  if not model_config["image"].get("naflex"):
+    raise ConfigError(f"--max_patches={max_patches} sets a NaFlex image tower's patch budget; "
+                      f"{embedder.model or 'the model'} has a fixed-resolution one (model.image.naflex is off)")
+  prepare, blank = image_input(model_config, max_patches)
+  cache_dir = os.path.join(embedder.cache_dir, f"max_patches_{max_patches}") if embedder.cache_dir else None
+  return dataclasses.replace(embedder, prepare_image=prepare, blank_image=blank, cache_dir=cache_dir,
+                             model=f"{embedder.model} at {max_patches} patches")
+
+
 @dataclasses.dataclass
 class Embedder:
   """What a benchmark embeds with: `encode_image` (a batch of `prepare_image` outputs -> [B, D]) and

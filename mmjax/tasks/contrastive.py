@@ -1,7 +1,6 @@
 """Contrastive image-text training (CLIP softmax or SigLIP sigmoid loss) and its evaluators."""
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 from typing import Any
@@ -194,8 +193,9 @@ class ContrastiveTask(Task):
     budgets = (tuple(e.budgets) or (self.config.data.max_patches,)) if self.naflex else (None,)
     results = {}
     for budget in budgets:
-      prepare, blank = benchmarks.image_input(self.model_config, budget)
-      embedder = dataclasses.replace(self.embedder(params), prepare_image=prepare, blank_image=blank)
+      embedder = self.embedder(params)
+      if budget is not None:
+        embedder = benchmarks.at_patch_budget(embedder, self.model_config, budget)
       for ratio, (images, labels) in sets.items():
         zimg = embedder.images(lambda i, images=images: images[i], len(images), "images")[0]
         key = f"aspect/acc_r{ratio:g}" + ("" if budget is None else f"_p{budget}")
@@ -222,41 +222,52 @@ class ContrastiveTask(Task):
             float(ratio): shapes.class_images(range(len(shapes.CLASSES)), e.aspect.per_class, d.seed,
                                               shapes.aspect_size(d.image_size, float(ratio)))
             for ratio in e.aspect.ratios}
-      if "dense" in synthetic:
-        self._eval_data["dense"] = {split: shapes.dense_set(d.seed, d.image_size, e.dense[f"n_{split}"], split)
-                                    for split in ("train", "test")}
+      if "dense" in synthetic:  # Scenes and each patch's class, on the grid the tower sees them at.
+        grid = self._dense_grid()
+        self._eval_data["dense"] = {}
+        for split in ("train", "test"):
+          scenes = shapes.dense_set(d.seed, d.image_size, e.dense[f"n_{split}"], split)
+          self._eval_data["dense"][split] = (scenes["images"], dense.patch_labels(scenes["labels"], grid).reshape(-1))
     return self._eval_data
 
-  def _dense_probe(self, params, sets: dict[str, dict]) -> dict[str, float]:
-    """`dense/miou`, `dense/patch_acc` (`mmjax.evals.dense`): a ridge probe on the frozen image tower's
-    patch features (its encoder's output tokens) predicting each patch's class (background or one of
-    the 48 classes) on `evals.dense.n_test` square scenes, fitted on `n_train` others."""
+  def _dense_grid(self) -> tuple[int, int]:
+    """The patch grid of a square `data.image_size` image as the image tower sees it."""
     tower = models.resolve_tower(self.model_config, "image")
     if tower.get("pool") in SINGLE_TOKEN_POOLS:
       raise ConfigError(f"evals.dense reads every patch's features; model.image.pool={tower['pool']!r} computes the "
                         "last block for its pooled token only")
-    prepare, blank = benchmarks.image_input(self.model_config)
     size = self.config.data.image_size
-    grid = tuple(prepare(np.zeros((size, size, 3), np.uint8))["grid"]) if self.naflex else (
-        size // tower["patch_size"],) * 2
-    tokens = int(np.prod(grid))
+    if self.naflex:
+      prepare, _ = benchmarks.image_input(self.model_config)
+      return tuple(int(n) for n in prepare(np.zeros((size, size, 3), np.uint8))["grid"])
+    return (size // tower["patch_size"],) * 2
 
-    def patch_features(p, image):
-      aux = self.model.apply({"params": p}, image=image)[2]
+  @functools.cached_property
+  def _patch_features(self):
+    """Jitted `(params, images) -> [batch, patches * width]`: the image tower's encoder output at each patch."""
+    tokens = int(np.prod(self._dense_grid()))
+
+    def patch_features(params, image):
+      aux = self.model.apply({"params": params}, image=image)[2]
       if "img/encoded" not in aux:
         raise ConfigError("evals.dense needs a ViT image tower (model.image), whose encoder output it probes")
       # NaFlex: the image's patches come first; a fixed grid may start with a class token.
       x = aux["img/encoded"][:, :tokens] if self.naflex else aux["img/encoded"][:, -tokens:]
       return x.reshape(x.shape[0], -1)
 
-    encode = jax.jit(patch_features, out_shardings=parallel.replicated(self.mesh))
-    features, labels = {}, {}
-    for split, data in sets.items():
-      z, _ = embed_rows(functools.partial(encode, params), lambda i, images=data["images"]: prepare(images[i]),
-                        len(data["images"]), self.mesh, self.config.evals.batch_size, blank, what=f"{split} scenes")
-      features[split] = z.reshape(len(z) * tokens, -1)
-      labels[split] = dense.patch_labels(data["labels"], grid).reshape(-1)
-    metrics = dense.probe(features["train"], labels["train"], features["test"], labels["test"],
+    return jax.jit(patch_features, out_shardings=parallel.replicated(self.mesh))
+
+  def _dense_probe(self, params, sets: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
+    """`dense/miou`, `dense/patch_acc` (`mmjax.evals.dense`): a ridge probe on the frozen image tower's
+    patch features (its encoder's output tokens) predicting each patch's class (background or one of
+    the 48 classes) on `evals.dense.n_test` square scenes, fitted on `n_train` others."""
+    prepare, blank = benchmarks.image_input(self.model_config)
+    features = {}
+    for split, (images, labels) in sets.items():
+      z, _ = embed_rows(functools.partial(self._patch_features, params), lambda i, images=images: prepare(images[i]),
+                        len(images), self.mesh, self.config.evals.batch_size, blank, what=f"{split} scenes")
+      features[split] = z.reshape(len(labels), -1)  # One row per patch.
+    metrics = dense.probe(features["train"], sets["train"][1], features["test"], sets["test"][1],
                           1 + len(shapes.CLASSES), l2=self.config.evals.dense.get("l2", 1e-3))
     return {f"dense/{k}": v for k, v in metrics.items()}
 
