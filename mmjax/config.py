@@ -71,7 +71,16 @@ def base_config(arg: str | None = None) -> ml_collections.ConfigDict:
       norm_eps=1e-6)
   # kind: sigmoid (SigLIP; impl ring | all_gather | dense), softmax (CLIP), infonce or triplet. num_negatives
   # (infonce, triplet): negatives per anchor, 0 for all; margin and hardest (VSE++) for triplet.
-  c.loss = dict(kind="sigmoid", impl="ring", num_negatives=0, margin=0.2, hardest=False)
+  # decoder_weight (two towers with model.locca): LocCa's decoder loss (captions, referring expressions ->
+  # boxes, boxes -> text; mmjax.data.locca) added to the contrastive one with this weight.
+  # distill (two towers with a ViT image tower; SILC/TIPS as SigLIP 2 trains): from step start * total_steps
+  # on, an EMA teacher (ema_decay, kept from the first step) sees each whole image; the student matches the
+  # teacher's embedding from a local view (local_scale of the area; NaFlex: within local_patches) with
+  # weight, and at mask_ratio of the patches, replaced by a mask token, the teacher's patch features with
+  # masked_weight.
+  c.loss = dict(kind="sigmoid", impl="ring", num_negatives=0, margin=0.2, hardest=False, decoder_weight=0.0,
+                distill=dict(weight=0.0, masked_weight=0.0, start=0.8, ema_decay=0.99, local_scale=(0.2, 0.5),
+                             local_patches=16, mask_ratio=0.5))
   # twins (shapes only): every image comes with a negative differing only in its shapes. pack_text (contrastive,
   # causal text tower pooled at its end of text): captions packed up to captions_per_row per row
   # (mmjax.data.packing).

@@ -24,7 +24,8 @@ def export(workdir: str, out: str, step: int | None = None, adapter_only: bool =
     if "adapt" not in task.model_config:
       raise CheckpointError(f"--adapter_only: the run in {workdir} has no adapter (config.adapt.method is empty)")
     params, origin[bundle.ADAPTER_ONLY] = params[adapt.ADAPTER], True
-  return bundle.write(out, task.model_config, params, task.tokenizer, origin)
+  model_config, params = task.for_export(params)
+  return bundle.write(out, model_config, params, task.tokenizer, origin)
 
 
 def main(argv):

@@ -61,10 +61,16 @@ def sharded_state(task, config, mesh, rules):
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
   opt_shardings = parallel.follow_param_shardings(abstract_opt, abstract_params, param_shardings, mesh)
   shardings = {"params": param_shardings, "opt": opt_shardings, "step": parallel.replicated(mesh)}
+  teacher = task.teacher()
+  if teacher is not None:  # An EMA of a subtree of the parameters, sharded and checkpointed like it.
+    shardings["teacher"] = param_shardings[teacher[0]]
 
   def init(rng):
     params = nn.unbox(task.init(rng, dummy))
-    return {"params": params, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+    state = {"params": params, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+    if teacher is not None:
+      state["teacher"] = params[teacher[0]]
+    return state
 
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           jax.eval_shape(init, key), shardings)
@@ -151,16 +157,23 @@ def initial_params(params: dict, subtree: str, workdir: str, source_subtree: str
 
 
 def make_train_step(task, tx, lr, shardings, mesh):
+  teacher = task.teacher()
+
   def step(state, batch, rng):
     rng = jax.random.fold_in(rng, state["step"])
     grad_fn = jax.value_and_grad(task.loss_fn, has_aux=True)
-    (_, metrics), grads = grad_fn(state["params"], batch, rng)
+    extra = {} if teacher is None else {"teacher": state["teacher"], "step": state["step"]}
+    (_, metrics), grads = grad_fn(state["params"], batch, rng, **extra)
     updates, opt = tx.update(grads, state["opt"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     # Counted on the updated parameters, so the trainer never saves a state it has not seen finite.
     nonfinite = sum(jnp.sum(~jnp.isfinite(x)) for x in jax.tree.leaves(params))
     metrics = dict(metrics, grad_norm=optax.tree.norm(grads), lr=lr(state["step"]), nonfinite_params=nonfinite)
-    return {"params": params, "opt": opt, "step": state["step"] + 1}, metrics
+    new_state = {"params": params, "opt": opt, "step": state["step"] + 1}
+    if teacher is not None:
+      subtree, decay = teacher
+      new_state["teacher"] = optax.incremental_update(params[subtree], state["teacher"], 1.0 - decay)
+    return new_state, metrics
 
   return jax.jit(step, in_shardings=(shardings, parallel.batch_sharding(mesh), None),
                  out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)

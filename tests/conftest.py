@@ -7,6 +7,11 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_
 # JAX_PLATFORMS=tpu overrides. libtpu also takes a host-wide lock (/tmp/libtpu_lockfile) for the life of
 # the first process that loads it, which would fail the TPU-topology compiles in every other pytest-xdist
 # worker or concurrent test run; on the CPU backend no process opens a TPU, so the lock is not needed.
+# One persistent compilation cache for the whole run, in the checkout (every pytest-xdist worker and every
+# subprocess a test starts share it): a program compiled again, by a resumed run or another test, loads.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".pytest_cache",
+                                   "jax_compilation_cache"))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if os.environ["JAX_PLATFORMS"] == "cpu":
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")

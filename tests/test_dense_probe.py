@@ -69,7 +69,7 @@ def _numpy_probe(task, params, sizes, l2):
 
 @pytest.mark.parametrize("naflex", [True, False])
 def test_the_tasks_dense_eval_is_a_ridge_probe_on_its_patch_features(naflex):
-  config = siglip2_shapes.get_config(f"naflex={naflex}")
+  config = siglip2_shapes.get_config(f"naflex={naflex},locca=False,distill=False")  # The towers alone.
   config.evals = dict(batch_size=32, dense=dict(n_train=24, n_test=12, l2=1e-3))
   task = runs.setup(config).task
   params = nn.unbox(task.init(jax.random.key(0), task.dummy_batch(2)))

@@ -259,7 +259,7 @@ def aspect_tasks():
   """The siglip2_shapes recipe's NaFlex and square tasks, random weights, on a few eval scenes."""
   out = {}
   for naflex in (True, False):
-    config = siglip2_shapes.get_config(f"naflex={naflex}")
+    config = siglip2_shapes.get_config(f"naflex={naflex},locca=False,distill=False")
     config.evals = dict(batch_size=32, zeroshot=dict(templates="shapes", per_class=2),
                         aspect=dict(ratios=(1.0, 2.0), budgets=(16, 64) if naflex else (), per_class=2,
                                     templates="shapes"))
@@ -302,8 +302,8 @@ def _class_embeddings(task, params):
 
 def test_a_packed_training_batch_has_the_unpacked_loss():
   """The siglip2_shapes recipe's batch (scenes at three aspect ratios, each image within a budget drawn
-  from 16, 36 and 64 patches) through the task's own data ops: packed four to a row, the step's loss is
-  the unpacked one, from fewer rows."""
+  from 16, 36 and 64 patches, with LocCa's targets) through the task's own data ops: packed four to a
+  row, the step's loss, contrastive and LocCa's, is the unpacked one, from fewer rows."""
   import grain
   config = siglip2_shapes.get_config()
   config.data.pack_images = False
@@ -312,7 +312,7 @@ def test_a_packed_training_batch_has_the_unpacked_loss():
   assert config.data.pack_images and config.data.patch_budgets == (16, 36, 64)
   packed_task = runs.setup(config).task
   params = nn.unbox(task.init(jax.random.key(0), task.dummy_batch(2)))
-  source, elements = shapes.ShapesSource(aspect_ratios=config.data.aspect_ratios), []
+  source, elements = shapes.ShapesSource(aspect_ratios=config.data.aspect_ratios, regions=True), []
   for i in range(32):
     element = source[i]
     for op in task.data_ops():
@@ -324,5 +324,8 @@ def test_a_packed_training_batch_has_the_unpacked_loss():
   packed = packed_task.prepare_batch(batch)
   assert len(packed["image"]["grid"]) <= 24  # Rows come in multiples of the 8 devices.
   key = jax.random.key(1)
-  loss = task.loss_fn(params, batch, key, train=False)[0]
-  np.testing.assert_allclose(packed_task.loss_fn(params, packed, key, train=False)[0], loss, rtol=1e-5)
+  want = task.loss_fn(params, batch, key, train=False)[1]
+  got = packed_task.loss_fn(params, packed, key, train=False)[1]
+  assert want["locca/referring"] > 0 and want["locca/grounded"] > 0
+  for name in ("loss", "contrastive_loss", "locca/caption", "locca/referring", "locca/grounded"):
+    np.testing.assert_allclose(got[name], want[name], rtol=1e-5, err_msg=name)

@@ -14,6 +14,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image
 
+from mmjax.data.locca import check_box
 from mmjax.data.tokenizer_base import check_text
 from mmjax.errors import BadImageError, ConfigError, DataError
 
@@ -99,11 +100,15 @@ class CaptionFolderSource(_ImageFiles):
   suffix) with the columns `csv_image_key` and `csv_caption_key`, by default image,caption or
   filepath,title, separated by `csv_separator` (default "," for .csv, a tab for .tsv). Relative
   image paths are resolved against `image_root` (default: the caption file's directory).
+
+  With `regions` (LocCa's grounding targets, `mmjax.data.locca`), each record also has `regions`,
+  read from a JSONL line's optional "regions": [{"text": "the red mug", "box": [x0, y0, x1, y1]}, ...],
+  the box in pixels of the image file; a line without it has none.
   """
 
   def __init__(self, captions_path: str | os.PathLike, image_root: str | os.PathLike | None = None,
                on_bad_image: str = "skip", csv_image_key: str = "", csv_caption_key: str = "",
-               csv_separator: str = ""):
+               csv_separator: str = "", regions: bool = False):
     check_policy(on_bad_image)
     self.captions_path, self.on_bad_image = Path(captions_path), on_bad_image
     root = Path(image_root) if image_root is not None else self.captions_path.parent
@@ -126,9 +131,15 @@ class CaptionFolderSource(_ImageFiles):
       raise DataError(f"{self.captions_path}: caption file has no records")
     self._paths = [root / image for image, _ in pairs]
     self.captions = [caption for _, caption in pairs]
+    self.regions = _read_regions(self.captions_path) if regions else None
 
   def read(self, index: int) -> dict:
-    return dict(image=load_image(self._paths[index]), caption=self.captions[index])
+    record = dict(image=load_image(self._paths[index]), caption=self.captions[index])
+    if self.regions is not None:
+      h, w = record["image"].shape[:2]
+      record["regions"] = [dict(text=text, box=(x0 / w, y0 / h, x1 / w, y1 / h))
+                           for text, (x0, y0, x1, y1) in self.regions[index]]
+    return record
 
   def __repr__(self) -> str:  # Grain validates restored iterator state against it.
     return f"CaptionFolderSource({str(self.captions_path)!r}, records={len(self)})"
@@ -150,6 +161,25 @@ def _read_jsonl(path: Path, key: str = "caption", types: tuple[type, ...] = (str
             f'{path}:{lineno}: expected an object with string "image" and {key!r}, got {line[:80]!r}')
       value = record[key]
       yield record["image"], (check_text(value, f"{path}:{lineno}: {key}") if key == "caption" else value)
+
+
+def _read_regions(path: Path) -> list[list[tuple[str, tuple[float, ...]]]]:
+  """Each JSONL line's "regions" as (text, pixel box) pairs, in the order `_read_jsonl` reads the lines."""
+  if path.suffix.lower() in (".csv", ".tsv"):
+    raise ConfigError(f"{path}: region boxes (LocCa, loss.decoder_weight) are read from a JSONL caption file's "
+                      '"regions" field; a CSV file has none')
+  out = []
+  with path.open(encoding="utf-8") as f:
+    for lineno, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      regions = json.loads(line).get("regions", [])
+      where = f"{path}:{lineno}: regions"
+      if not isinstance(regions, list) or not all(isinstance(r, dict) and isinstance(r.get("text"), str)
+                                                  for r in regions):
+        raise DataError(f'{where}: expected a list of {{"text": str, "box": [x0, y0, x1, y1]}}, got {regions!r:.80}')
+      out.append([(check_text(r["text"], where), check_box(r.get("box"), where)) for r in regions])
+  return out
 
 
 def _read_csv(path: Path, accepted: tuple[tuple[str, str], ...], separator: str):

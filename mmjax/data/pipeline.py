@@ -286,7 +286,8 @@ def make_source(data_config):
                         image_size=data_config.get("image_size", 64),
                         held_out_fraction=data_config.get("held_out_fraction", 0.2),
                         twins=data_config.get("twins", False),
-                        aspect_ratios=tuple(data_config.get("aspect_ratios", ())))
+                        aspect_ratios=tuple(data_config.get("aspect_ratios", ())),
+                        regions=data_config.get("regions", False))
   if kind == "shapes_vqa":
     return ShapesVQASource(seed=data_config.get("seed", 0), image_size=data_config.get("image_size", 64),
                            held_out_fraction=data_config.get("held_out_fraction", 0.2),
@@ -307,7 +308,8 @@ def make_source(data_config):
                                on_bad_image=data_config.get("on_bad_image", "skip"),
                                csv_image_key=data_config.get("csv_image_key", ""),
                                csv_caption_key=data_config.get("csv_caption_key", ""),
-                               csv_separator=data_config.get("csv_separator", ""))
+                               csv_separator=data_config.get("csv_separator", ""),
+                               regions=data_config.get("regions", False))
   if kind in classes.SOURCES:
     return classes.load(data_config).train
   if kind in ("webdataset", "array_record"):

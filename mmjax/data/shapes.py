@@ -52,7 +52,8 @@ CLASS_TEMPLATES = (
 )
 
 # Independent random streams per purpose, so eval sets never overlap training.
-_TRAIN, _ZEROSHOT, _RETRIEVAL, _BINDING, _HELD_OUT, _FEW_SHOT, _LABELLED, _ASPECT, _DENSE_TRAIN, _DENSE_TEST = range(10)
+(_TRAIN, _ZEROSHOT, _RETRIEVAL, _BINDING, _HELD_OUT, _FEW_SHOT, _LABELLED, _ASPECT, _DENSE_TRAIN, _DENSE_TEST,
+ _GROUNDING) = range(11)
 
 
 class _Object(NamedTuple):
@@ -137,9 +138,10 @@ def aspect_size(size: int, ratio: float) -> tuple[int, int]:
 
 
 def _render(rng: random.Random, objects: list[_Object], size: int | tuple[int, int],
-            labels: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+            labels: bool = False, boxes: list | None = None) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
   """The scene on a `size` x `size` (or (height, width)) canvas; objects scale with its shorter side.
-  With `labels`, also each pixel's class: 0 for background, 1 + class id under an object."""
+  With `labels`, also each pixel's class: 0 for background, 1 + class id under an object. `boxes`, a
+  list, receives each object's box (x0, y0, x1, y1) in fractions of the width and height."""
   h, w = (size, size) if isinstance(size, int) else size
   label_map = np.zeros((h, w), np.uint8) if labels else None
   texture = _noise_texture(max(h, w))
@@ -159,6 +161,8 @@ def _render(rng: random.Random, objects: list[_Object], size: int | tuple[int, i
     delta = np.array([(c - b) % 256 for c, b in zip(colour, background)], np.uint8)
     mask = _mask(obj.shape, radius)
     image[y0:y0 + side, x0:x0 + side] += mask * delta
+    if boxes is not None:
+      boxes.append((x0 / w, y0 / h, (x0 + side) / w, (y0 + side) / h))
     if labels:
       label_map[y0:y0 + side, x0:x0 + side][mask[..., 0] > 0] = 1 + obj.colour * len(SHAPES) + obj.shape
   return (image, label_map) if labels else image
@@ -219,9 +223,23 @@ def _object_count(rng: random.Random) -> int:
   return rng.choices(range(1, MAX_OBJECTS + 1), weights=OBJECT_COUNT_WEIGHTS)[0]
 
 
-def _sample(rng: random.Random, combos: list[tuple[int, int]], size: int | tuple[int, int]) -> dict:
+def _sample(rng: random.Random, combos: list[tuple[int, int]], size: int | tuple[int, int],
+            regions: bool = False) -> dict:
   objects = _scene(rng, combos, _object_count(rng))
-  return dict(image=_render(rng, objects, size), caption=_caption(rng, objects))
+  boxes = [] if regions else None
+  sample = dict(image=_render(rng, objects, size, boxes=boxes), caption=_caption(rng, objects))
+  if regions:
+    sample["regions"] = _regions(objects, boxes)
+  return sample
+
+
+def referring_text(obj: _Object) -> str:
+  """The referring expression of an object, unique in its scene (whose objects' classes differ)."""
+  return f"the {class_name(obj.colour, obj.shape)}"
+
+
+def _regions(objects: list[_Object], boxes: list) -> list[dict]:
+  return [dict(text=referring_text(obj), box=box) for obj, box in zip(objects, boxes)]
 
 
 def _other_shapes(objects: list[_Object], rng: random.Random, seen: set) -> list[_Object]:
@@ -242,7 +260,8 @@ def _other_shapes(objects: list[_Object], rng: random.Random, seen: set) -> list
   return out
 
 
-def _twins(rng: random.Random, combos: list[tuple[int, int]], size: int | tuple[int, int]) -> list[dict]:
+def _twins(rng: random.Random, combos: list[tuple[int, int]], size: int | tuple[int, int],
+           regions: bool = False) -> list[dict]:
   """Two samples identical in layout, colours, sizes, noise and caption wording, differing
   only in shapes: a negative that colour and position alone cannot tell apart."""
   objects = _scene(rng, combos, _object_count(rng))
@@ -251,7 +270,10 @@ def _twins(rng: random.Random, combos: list[tuple[int, int]], size: int | tuple[
   out = []
   for objs in (objects, twin):
     rng.setstate(state)
-    out.append(dict(image=_render(rng, objs, size), caption=_caption(rng, objs)))
+    boxes = [] if regions else None
+    out.append(dict(image=_render(rng, objs, size, boxes=boxes), caption=_caption(rng, objs)))
+    if regions:
+      out[-1]["regions"] = _regions(objs, boxes)
   return out
 
 
@@ -262,12 +284,15 @@ class ShapesSource:
   shapes (`group_size = 2`); the pipeline keeps them in one batch, so the contrastive
   loss cannot be solved from colours and positions alone. With `aspect_ratios` (width / height)
   each record's images are that much wider than high (`aspect_size`), its ratio drawn per record.
+  With `regions`, each sample also has `regions`: every object's referring expression ("the red
+  circle") and box (`mmjax.data.locca`), from the same draws, so the scenes stay those without.
   """
 
   def __init__(self, seed: int = 0, image_size: int = 64, held_out_fraction: float = 0.2,
-               num_records: int = 1_000_000, twins: bool = False, aspect_ratios: tuple[float, ...] = ()):
+               num_records: int = 1_000_000, twins: bool = False, aspect_ratios: tuple[float, ...] = (),
+               regions: bool = False):
     self.seed, self.image_size, self.num_records = seed, image_size, num_records
-    self.held_out_fraction, self.twins = held_out_fraction, twins
+    self.held_out_fraction, self.twins, self.regions = held_out_fraction, twins, regions
     self.aspect_ratios = tuple(float(r) for r in aspect_ratios)
     for ratio in self.aspect_ratios:
       aspect_size(image_size, ratio)
@@ -283,14 +308,15 @@ class ShapesSource:
     if self.aspect_ratios:  # From its own stream, so the scenes are those of square training.
       size = aspect_size(size, _rng(self.seed, _ASPECT, index).choice(self.aspect_ratios))
     if self.twins:
-      return _twins(rng, self._combos, size)
-    return _sample(rng, self._combos, size)
+      return _twins(rng, self._combos, size, self.regions)
+    return _sample(rng, self._combos, size, self.regions)
 
   def __repr__(self) -> str:  # Grain validates restored iterator state against it.
     aspect = f", aspect_ratios={self.aspect_ratios}" if self.aspect_ratios else ""
+    regions = ", regions=True" if self.regions else ""
     return (f"ShapesSource(seed={self.seed}, image_size={self.image_size}, "
             f"held_out_fraction={self.held_out_fraction}, num_records={self.num_records}, "
-            f"twins={self.twins}{aspect})")
+            f"twins={self.twins}{aspect}{regions})")
 
 
 class ShapesLabelSource:
@@ -375,6 +401,22 @@ def dense_set(seed: int = 0, image_size: int = 64, n: int = 128, split: str = "t
     images.append(image)
     labels.append(label)
   return dict(images=np.stack(images), labels=np.stack(labels))
+
+
+def grounding_set(seed: int = 0, image_size: int = 64, n: int = 128, held_out_fraction: float = 0.2) -> dict:
+  """Training-distribution scenes (1 to 3 objects of the seen classes) from a stream of their own, each
+  with one of its objects to find: dict(images uint8 [N, S, S, 3], texts [N] ("the red circle", unique
+  in its scene), boxes float64 [N, 4] (x0, y0, x1, y1 in fractions of the side))."""
+  combos = _seen_combos(seed, held_out_fraction)
+  images, texts, boxes = [], [], []
+  for i in range(n):
+    rng = _rng(seed, _GROUNDING, i)
+    objects, scene_boxes = _scene(rng, combos, _object_count(rng)), []
+    images.append(_render(rng, objects, image_size, boxes=scene_boxes))
+    pick = rng.randrange(len(objects))
+    texts.append(referring_text(objects[pick]))
+    boxes.append(scene_boxes[pick])
+  return dict(images=np.stack(images), texts=texts, boxes=np.array(boxes, np.float64))
 
 
 def binding_set(seed: int = 0, image_size: int = 64, n: int = 256,

@@ -44,20 +44,43 @@ class RandomResizedCrop(grain.transforms.RandomMap):
   ratio: tuple[float, float] = (3 / 4, 4 / 3)
 
   def random_map(self, element: dict, rng: np.random.Generator) -> dict:
-    image = element["image"]
-    h, w = image.shape[:2]
-    for _ in range(10):
-      area = h * w * rng.uniform(*self.scale)
-      aspect = math.exp(rng.uniform(math.log(self.ratio[0]), math.log(self.ratio[1])))
-      cw, ch = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
-      if 0 < cw <= w and 0 < ch <= h:
-        top, left = int(rng.integers(h - ch + 1)), int(rng.integers(w - cw + 1))
-        break
-    else:
-      ch = cw = min(h, w)
-      top, left = (h - ch) // 2, (w - cw) // 2
-    crop = image[top:top + ch, left:left + cw]
+    crop = random_crop(element["image"], self.scale, self.ratio, rng)
     return element | dict(image=np.asarray(Image.fromarray(crop).resize((self.size, self.size), Image.BILINEAR)))
+
+
+def random_crop(image: np.ndarray, scale: tuple[float, float], ratio: tuple[float, float],
+                rng: np.random.Generator) -> np.ndarray:
+  """A region of `scale` times the image's area with an aspect ratio log-uniform in `ratio`; after 10
+  draws that do not fit, the centre square."""
+  h, w = image.shape[:2]
+  for _ in range(10):
+    area = h * w * rng.uniform(*scale)
+    aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+    cw, ch = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+    if 0 < cw <= w and 0 < ch <= h:
+      top, left = int(rng.integers(h - ch + 1)), int(rng.integers(w - cw + 1))
+      break
+  else:
+    ch = cw = min(h, w)
+    top, left = (h - ch) // 2, (w - cw) // 2
+  return image[top:top + ch, left:left + cw]
+
+
+@dataclasses.dataclass
+class RandomLocalView(grain.transforms.RandomMap):
+  """Adds `image_local`, a local view for self-distillation: a random crop of `scale` times the image's
+  area (aspect ratio in 3/4..4/3) as a NaFlex tower's patches within `patches` (padded to them), or, with
+  `patches` 0, resized to `size` x `size` in [-1, 1] for a fixed-resolution tower."""
+  scale: tuple[float, float]
+  size: int
+  patch_size: int = 0
+  patches: int = 0
+
+  def random_map(self, element: dict, rng: np.random.Generator) -> dict:
+    crop = random_crop(element["image"], self.scale, (3 / 4, 4 / 3), rng)
+    if self.patches:
+      return element | dict(image_local=naflex_patches(crop, self.patch_size, self.patches, self.patches))
+    return element | dict(image_local=prepare_image(crop, self.size))
 
 
 @dataclasses.dataclass

@@ -296,6 +296,14 @@ def resize_posemb(grid_embedding, sizes, index):
                     grid_embedding.astype(jnp.float32))
 
 
+def patch_centres(index, sizes):
+  """[batch, n, 2]: the centre (y, x) of the patch at `index` (row by row) of an image of `sizes` [batch,
+  n, 2] patches, in fractions of the image's height and width."""
+  sizes = jnp.maximum(sizes.astype(jnp.float32), 1.0)
+  row = jnp.floor(index.astype(jnp.float32) / sizes[..., 1])
+  return (jnp.stack([row, index - row * sizes[..., 1]], axis=-1) + 0.5) / sizes
+
+
 def packed_segments(grid, length: int):
   """Where each of `length` tokens belongs when a row holds the patches of up to k images one after
   another (`grid` [batch, k, 2]: each slot's h, w patches; an empty slot's is (0, 0)): `(segments
@@ -345,25 +353,29 @@ class ViT(nn.Module):
     return self.width
 
   @nn.compact
-  def __call__(self, image, train=False, pooled_only=False):
+  def __call__(self, image, train=False, pooled_only=False, token_mask=None):
     """`image`: NHWC images; with `naflex`, dict(patches=[batch, n, p * p * 3] (each image's patches
     row by row, then padding), grid=int [batch, 2] (its h, w patches; h * w <= n)). A packed batch
     (`mmjax.data.packing.pack_images`) has grid [batch, k, 2]: up to k images per row, their patches one
     after another, and comes out as [batch, k, ...] (an empty slot's grid is (0, 0)).
     `pooled_only`: the caller reads only the pooled output and `aux["pre_logits"]`, so a tower
-    pooled at one token computes its last block for that token alone."""
+    pooled at one token computes its last block for that token alone.
+    `token_mask` (bool [batch, patches]: masked prediction): those patches' embeddings are replaced by a
+    learned `mask_token` before positions are added."""
     if self.naflex:
-      x, segments, slots = self._naflex_tokens(image)
+      x, segments, slots, centres = self._naflex_tokens(image, token_mask)
       if self.pool not in ("map", "gap"):
         raise ConfigError(f"model.image.naflex pools with 'map' or 'gap'; got pool={self.pool!r}")
     else:
-      x, segments, slots = self._grid_tokens(jnp.asarray(image, self.dtype)), None, None
+      x, centres = self._grid_tokens(jnp.asarray(image, self.dtype), token_mask)
+      segments = slots = None
     batch = x.shape[0]
 
     if self.pool == "tok":
       cls = self.param("cls", nn.with_logical_partitioning(nn.initializers.zeros, (None, None, "embed")),
                        (1, 1, self.width))
       x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), (batch, 1, 1)), x], axis=1)
+      centres = jnp.concatenate([jnp.full((batch, 1, 2), 0.5), centres], axis=1)
     if self.pre_norm:
       x = layer_norm("pre_norm", self.dtype, self.norm_eps)(x)
 
@@ -376,7 +388,7 @@ class ViT(nn.Module):
                      attention_impl=self.attention_impl, norm_eps=self.norm_eps,
                      name="Transformer")(x, not train, keep, segments)
     if keep is None:
-      aux["encoded"] = x
+      aux["encoded"], aux["centres"] = x, centres
     if segments is not None:
       aux["segments"] = segments
     x = pool_tokens(self, x, self.pool, token_index=0, segments=segments, slots=slots or 1)
@@ -386,11 +398,19 @@ class ViT(nn.Module):
     x = tower_head(self, x)
     return x, aux
 
-  def _grid_tokens(self, image):
-    """[batch, h * w, width]: the patches of fixed-size images with their position embeddings."""
+  def _mask_tokens(self, x, token_mask):
+    if token_mask is None:
+      return x
+    token = self.param("mask_token", nn.with_logical_partitioning(nn.initializers.normal(stddev=0.02), ("embed",)),
+                       (self.width,))
+    return jnp.where(token_mask[..., None], token.astype(x.dtype), x)
+
+  def _grid_tokens(self, image, token_mask=None):
+    """`(tokens [batch, h * w, width], centres [batch, h * w, 2])`: the patches of fixed-size images with
+    their position embeddings, and each patch's centre (y, x) in fractions of the image."""
     x = PatchEmbed(self.width, self.patch_size, self.dtype, name="embedding")(image)
     batch, h, w, _ = x.shape
-    x = x.reshape(batch, h * w, self.width)
+    x = self._mask_tokens(x.reshape(batch, h * w, self.width), token_mask)
     if self.posemb == "learn":
       pos = self.param("pos_embedding",
                        nn.with_logical_partitioning(nn.initializers.normal(stddev=self.width ** -0.5),
@@ -399,18 +419,20 @@ class ViT(nn.Module):
       pos = posemb_sincos_2d(h, w, self.width)
     else:
       raise ConfigError(f"model.image.posemb={self.posemb!r}; use 'learn' or 'sincos2d'")
-    return x + pos.astype(x.dtype)
+    index = jnp.broadcast_to(jnp.arange(h * w), (batch, h * w))
+    return x + pos.astype(x.dtype), patch_centres(index, jnp.broadcast_to(jnp.array([h, w]), (batch, h * w, 2)))
 
-  def _naflex_tokens(self, image):
-    """`(tokens [batch, n, width], segments [batch, n], slots)` of NaFlex patch sequences: each token's
-    image slot + 1 (0: padding), and the slots per row of a packed batch (None: one image per row)."""
+  def _naflex_tokens(self, image, token_mask=None):
+    """`(tokens [batch, n, width], segments [batch, n], slots, centres [batch, n, 2])` of NaFlex patch
+    sequences: each token's image slot + 1 (0: padding), the slots per row of a packed batch (None: one
+    image per row), and each token's centre (y, x) in fractions of its image."""
     if not isinstance(image, dict) or set(image) != {"patches", "grid"}:
       raise ConfigError("model.image.naflex takes dict(patches=[batch, n, p * p * 3], grid=[batch, 2]) "
                         "(mmjax.data.transforms.NaFlexPatches makes them)")
     if self.posemb != "learn":
       raise ConfigError(f"model.image.naflex resizes learned position embeddings; got posemb={self.posemb!r}")
     patches, grid = jnp.asarray(image["patches"], self.dtype), jnp.asarray(image["grid"], jnp.int32)
-    x = PatchEmbed(self.width, self.patch_size, self.dtype, name="embedding")(patches)
+    x = self._mask_tokens(PatchEmbed(self.width, self.patch_size, self.dtype, name="embedding")(patches), token_mask)
     g = self.posemb_grid
     pos = self.param("pos_embedding",
                      nn.with_logical_partitioning(nn.initializers.normal(stddev=self.width ** -0.5),
@@ -418,7 +440,7 @@ class ViT(nn.Module):
     slots = grid.shape[1] if grid.ndim == 3 else None
     segments, index, sizes = packed_segments(grid if slots else grid[:, None], x.shape[1])
     x = x + resize_posemb(pos.reshape(g, g, self.width), sizes, index).astype(x.dtype)
-    return x, segments, slots
+    return x, segments, slots, patch_centres(index, sizes)
 
 
 def pool_tokens(module: nn.Module, x, pool: str, token_index, segments=None, slots: int = 1):

@@ -63,6 +63,16 @@ class Task(Protocol):
     """Per-record grain operations that replace the loader's default image/caption ops."""
     return None
 
+  def teacher(self) -> tuple[str, float] | None:
+    """`(subtree, decay)` when the task distils from a teacher: the trainer keeps `state["teacher"]`, an
+    exponential moving average of `params[subtree]` with this decay, and passes it and the step to
+    `loss_fn(params, batch, rng, teacher=..., step=...)`."""
+    return None
+
+  def for_export(self, params) -> tuple[dict[str, Any], Any]:
+    """The model config and parameters an export keeps (a training-only part may go)."""
+    return self.model_config, params
+
   def prepare_batch(self, local: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """This process's rows, reshaped on the host before they become a global batch."""
     return local

@@ -6,24 +6,28 @@ import os
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import ml_collections
 import numpy as np
+import optax
 from jax.experimental import multihost_utils
 
 from mmjax import bundle, losses, models, parallel
 from mmjax.adapt import wrap as adapt
 from mmjax.config import as_dict
-from mmjax.data import packing, pipeline, shapes
+from mmjax.data import locca, packing, pipeline, shapes
 from mmjax.data.tokenizer import load_saved_tokenizer, load_tokenizer
-from mmjax.data.transforms import NaFlexPatches, RandomBudgetPatches, Tokenize
+from mmjax.data.transforms import (NaFlexPatches, NormalizeImage, RandomBudgetPatches, RandomLocalView, ResizeImage,
+                                   Tokenize)
 from mmjax.errors import ConfigError
-from mmjax.evals import benchmarks, binding, dense, embed_rows, recall, zeroshot
+from mmjax.evals import benchmarks, binding, dense, embed_rows, grounding, recall, zeroshot
 from mmjax.models.text import TextTransformer
 from mmjax.models.vit import SINGLE_TOKEN_POOLS
 from mmjax.tasks.base import Task, benchmark_entries, shapes_evals
 
 LOSSES = ("sigmoid", "softmax", "infonce", "triplet")
 TEMPLATE_SETS = {"shapes": shapes.CLASS_TEMPLATES, "plain": ("{}",)}
-SHAPES_EVALS = ("zeroshot", "retrieval", "binding", "aspect", "dense")
+SHAPES_EVALS = ("zeroshot", "retrieval", "binding", "aspect", "dense", "grounding")
 
 
 def init_tokenizer(config):
@@ -52,6 +56,24 @@ def model_config_with_vocab(model_config, tokenizer) -> dict:
   return cfg
 
 
+def locca_losses(logits, tokens, segments, weights) -> dict[str, jax.Array]:
+  """LocCa's cross-entropy (`locca/loss`) and each task's (`locca/caption`, ...): position i of
+  `logits` [images, seq, vocab] predicts token i + 1 of `tokens`, weighted by `weights` (which are 0 at
+  each sequence's first token, so no sequence predicts the next one's)."""
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:])
+  weights, segments = weights[:, 1:], segments[:, 1:]
+  out = {"locca/loss": (ce * weights).sum() / jnp.maximum(weights.sum(), 1.0)}
+  for i, name in enumerate(locca.TASKS):
+    task_weights = weights * (segments == i + 1)
+    out[f"locca/{name}"] = (ce * task_weights).sum() / jnp.maximum(task_weights.sum(), 1.0)
+  return out
+
+
+def locca_inputs(batch) -> dict | None:
+  """The LocCa decoder's inputs of a batch, None when it has none."""
+  return {"tokens": batch["locca"], "segments": batch["locca_segments"]} if "locca" in batch else None
+
+
 class ContrastiveTask(Task):
   """Builds the two-tower model, its loss and its evaluators from the config."""
 
@@ -73,6 +95,8 @@ class ContrastiveTask(Task):
       if not all(1 <= b <= config.data.max_patches for b in budgets):
         raise ConfigError(f"data.patch_budgets={budgets}: each must lie in [1, data.max_patches="
                           f"{config.data.max_patches}]")
+    self._init_locca()
+    self._init_distill()
     self.model = adapt.wrap_for_task(models.build(self.model_config), config, self.model_config)
     self.max_len = self.model_config["text"]["max_len"]
     # With data.pack_text: the text tower as the model builds it (unset fields take its defaults).
@@ -98,6 +122,60 @@ class ContrastiveTask(Task):
                           out_shardings=parallel.replicated(mesh))
     self._eval_data = None
 
+  def _init_locca(self) -> None:
+    """LocCa (`loss.decoder_weight` > 0 with `model.locca`): the decoder's vocabulary and sequence length.
+    Without the loss the model is built without the decoder."""
+    self.decoder_weight = float(self.config.loss.get("decoder_weight", 0.0))
+    if not self.decoder_weight:
+      self.model_config.pop("locca", None)
+      return
+    if not self.model_config.get("locca"):
+      raise ConfigError(f"loss.decoder_weight={self.decoder_weight} trains LocCa's decoder: set model.locca "
+                        "(width, depth, mlp_dim, num_heads, max_len, box_bins)")
+    if self.model_config["image"].get("arch", "vit") != "vit":
+      raise ConfigError("loss.decoder_weight: LocCa's decoder reads a ViT image tower's patches; not a Swin's")
+    if pipeline.augmentation(self.config.data) is not None:
+      raise ConfigError("loss.decoder_weight: LocCa's boxes do not follow data.augment's crops and flips; "
+                        "train it without data.augment")
+    self.locca_vocab = locca.LocCaVocab(self.model_config["text"]["vocab_size"], self.model_config["locca"]["box_bins"])
+    self.locca_len = self.model_config["locca"]["max_len"]
+    if self.locca_len < locca.MIN_LEN:
+      raise ConfigError(f"model.locca.max_len={self.locca_len}: the three packed sequences need at least "
+                        f"{locca.MIN_LEN} tokens")
+
+  def _init_distill(self) -> None:
+    """Self-distillation and masked prediction (`loss.distill`), when either weight is set."""
+    d = self.config.loss.get("distill")
+    self.distill = d if d is not None and (d.weight or d.masked_weight) else None
+    if self.distill is None:
+      return
+    where = "loss.distill"
+    if self.model_config["image"].get("arch", "vit") != "vit" or self.config.adapt.get("method"):
+      raise ConfigError(f"{where}: distils a ViT image tower's own parameters; not a Swin tower or an adapted model")
+    if not (0 <= d.start < 1 and 0 < d.ema_decay < 1 and 0 < d.mask_ratio < 1):
+      raise ConfigError(f"{where}: need 0 <= start < 1, 0 < ema_decay < 1 and 0 < mask_ratio < 1; got start="
+                        f"{d.start}, ema_decay={d.ema_decay}, mask_ratio={d.mask_ratio}")
+    if self.naflex and d.local_patches < 1:
+      raise ConfigError(f"{where}.local_patches={d.local_patches}: a NaFlex local view needs at least one patch")
+    self._distill_start = int(round(d.start * self.config.total_steps))
+
+  def teacher(self) -> tuple[str, float] | None:
+    """Distillation's teacher: an EMA of the image tower."""
+    return None if self.distill is None else ("img", float(self.distill.ema_decay))
+
+  def for_export(self, params) -> tuple[dict, Any]:
+    """The model config and parameters an export keeps: LocCa's decoder trains the image tower and goes."""
+    if "locca" not in self.model_config:
+      return self.model_config, params
+    return ({k: v for k, v in self.model_config.items() if k != "locca"},
+            {k: v for k, v in params.items() if k != "locca"})
+
+  def source(self, data_config):
+    """The training source; with LocCa, its records carry their regions (text and box)."""
+    if self.decoder_weight:
+      data_config = ml_collections.ConfigDict({**as_dict(data_config), "regions": True})
+    return pipeline.make_source(data_config)
+
   def _per_row(self, key: str, default: int) -> int:
     per_row = self.config.data.get(key, default)
     if per_row < 1:
@@ -107,17 +185,45 @@ class ContrastiveTask(Task):
   def dummy_batch(self, batch_size: int) -> dict[str, np.ndarray]:
     _, blank = benchmarks.image_input(self.model_config)
     image = jax.tree.map(lambda x: np.zeros((batch_size,) + x.shape, x.dtype), blank)
-    return {"image": image, "text": np.zeros((batch_size, self.max_len), np.int32)}
+    batch = {"image": image, "text": np.zeros((batch_size, self.max_len), np.int32)}
+    if self.decoder_weight:
+      shape = (batch_size, self.locca_len)
+      batch.update(locca=np.zeros(shape, np.int32), locca_segments=np.zeros(shape, np.int32),
+                   locca_weights=np.zeros(shape, np.float32))
+    if self.distill is not None:
+      local = self._local_view().random_map({"image": np.zeros((8, 8, 3), np.uint8)}, np.random.default_rng(0))
+      batch["image_local"] = jax.tree.map(lambda x: np.zeros((batch_size,) + x.shape, x.dtype), local["image_local"])
+    return batch
+
+  def _local_view(self):
+    d, patch_size = self.distill, models.resolve_tower(self.model_config, "image")["patch_size"]
+    return RandomLocalView(tuple(d.local_scale), self.config.data.image_size, patch_size,
+                           d.local_patches if self.naflex else 0)
+
+  def _patch_count(self, image) -> int:
+    """Patches per row of an image batch as the image tower takes it."""
+    if self.naflex:
+      return image["patches"].shape[1]
+    patch_size = models.resolve_tower(self.model_config, "image")["patch_size"]
+    return (image.shape[1] // patch_size) * (image.shape[2] // patch_size)
 
   def data_ops(self) -> list | None:
     """NaFlex: each image at its own aspect ratio as patches (after any `data.augment`), instead of the
-    loader's square resize."""
-    if not self.naflex:
+    loader's square resize. LocCa: the decoder's targets (`mmjax.data.locca`), from the image as loaded."""
+    if not self.naflex and not self.decoder_weight and self.distill is None:
       return None
-    patch_size, length = models.resolve_tower(self.model_config, "image")["patch_size"], self.config.data.max_patches
-    budgets = tuple(self.config.data.get("patch_budgets", ()))
-    patches = RandomBudgetPatches(patch_size, budgets, length) if budgets else NaFlexPatches(patch_size, length)
-    return [*(pipeline.augmentation(self.config.data) or []), patches, Tokenize(self.tokenizer, self.max_len)]
+    ops = list(pipeline.augmentation(self.config.data) or [])
+    if self.decoder_weight:
+      ops.append(locca.LocCaTargets(self.tokenizer, self.locca_vocab, self.locca_len, square_crop=not self.naflex))
+    if self.distill is not None:
+      ops.append(self._local_view())
+    if self.naflex:
+      patch_size, length = models.resolve_tower(self.model_config, "image")["patch_size"], self.config.data.max_patches
+      budgets = tuple(self.config.data.get("patch_budgets", ()))
+      ops.append(RandomBudgetPatches(patch_size, budgets, length) if budgets else NaFlexPatches(patch_size, length))
+    else:
+      ops += [ResizeImage(self.config.data.image_size), NormalizeImage()]
+    return ops + [Tokenize(self.tokenizer, self.max_len)]
 
   def prepare_batch(self, local: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The loader's batch as the step takes it: with `data.pack_text`, captions packed up to
@@ -141,12 +247,18 @@ class ContrastiveTask(Task):
 
   def init(self, rng, batch):
     """Parameters boxed with their logical axis names (unbox before use)."""
-    return self.model.init(rng, image=batch["image"], text=batch["text"])["params"]
+    mask = None
+    if self.distill is not None:
+      mask = np.zeros((len(batch["text"]), self._patch_count(batch["image"])), bool)
+    return self.model.init(rng, image=batch["image"], text=batch["text"], locca=locca_inputs(batch),
+                           image_mask=mask)["params"]
 
-  def loss_fn(self, params, batch, rng, train=True) -> tuple[jax.Array, dict]:
+  def loss_fn(self, params, batch, rng, train=True, teacher=None, step=None) -> tuple[jax.Array, dict]:
+    """The contrastive loss, plus LocCa's (`loss.decoder_weight`) and, given the `teacher`'s parameters
+    from step `loss.distill.start * total_steps` on, self-distillation's and masked prediction's."""
     zimg, ztxt, aux = self.model.apply({"params": params}, image=batch["image"], text=batch["text"],
                                        text_packing=packing.model_fields(batch), image_slot=batch.get("image_slot"),
-                                       train=train, rngs={"dropout": rng})
+                                       locca=locca_inputs(batch), train=train, rngs={"dropout": rng})
     spec = self.config.loss
     negatives = spec.num_negatives or None
     if spec.kind == "sigmoid":
@@ -163,7 +275,43 @@ class ContrastiveTask(Task):
     metrics = {"loss": loss, "t": aux["t"]}
     if "b" in aux:
       metrics["b"] = aux["b"]
+    if self.decoder_weight:
+      metrics.update(locca_losses(aux["locca/logits"], batch["locca"], batch["locca_segments"],
+                                  batch["locca_weights"]))
+      metrics["contrastive_loss"] = loss
+      loss = metrics["loss"] = loss + self.decoder_weight * metrics["locca/loss"]
+    if self.distill is not None and teacher is not None:
+      zero = jnp.zeros((), jnp.float32)
+      terms = jax.lax.cond(step >= self._distill_start,
+                           lambda: self._distill_losses(params, teacher, batch, rng, train),
+                           lambda: {"distill/global": zero, "distill/masked": zero})
+      metrics.update(terms)
+      metrics.setdefault("contrastive_loss", loss)
+      loss = metrics["loss"] = (loss + self.distill.weight * terms["distill/global"]
+                                + self.distill.masked_weight * terms["distill/masked"])
     return loss, metrics
+
+  def _distill_losses(self, params, teacher, batch, rng, train) -> dict[str, jax.Array]:
+    """`distill/global`: 1 - cos between the student's embedding of each image's local view and the
+    teacher's of the whole image. `distill/masked`: 1 - cos between the student's and the teacher's
+    output at the image's patches the student saw masked, averaged over them."""
+    slot = {"image_slot": batch.get("image_slot")}
+    zteacher, _, teacher_aux = self.model.apply({"params": {**params, "img": teacher}}, image=batch["image"],
+                                                patch_tokens=True, **slot)
+    zteacher, teacher_tokens = jax.lax.stop_gradient((zteacher, teacher_aux["img/encoded"]))
+    rngs = {"dropout": jax.random.fold_in(rng, 1)}
+    zlocal = self.model.apply({"params": params}, image=batch["image_local"], train=train, rngs=rngs)[0]
+    rows, patches = teacher_tokens.shape[0], self._patch_count(batch["image"])
+    mask = jax.random.bernoulli(jax.random.fold_in(rng, 2), self.distill.mask_ratio, (rows, patches))
+    student_aux = self.model.apply({"params": params}, image=batch["image"], image_mask=mask, patch_tokens=True,
+                                   train=train, rngs=rngs, **slot)[2]
+    unit = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True).clip(1e-6)
+    # The patches are the last tokens (a class token comes first); NaFlex padding is no image's.
+    cos = jnp.sum(unit(student_aux["img/encoded"][:, -patches:]) * unit(teacher_tokens[:, -patches:]), axis=-1)
+    if "img/segments" in teacher_aux:
+      mask = mask & (teacher_aux["img/segments"] > 0)
+    masked = jnp.sum((1 - cos) * mask) / jnp.maximum(jnp.sum(mask), 1)
+    return {"distill/global": jnp.mean(1 - jnp.sum(zlocal * zteacher, axis=-1)), "distill/masked": masked}
 
   # Evaluation -------------------------------------------------------------------------
 
@@ -222,6 +370,12 @@ class ContrastiveTask(Task):
             float(ratio): shapes.class_images(range(len(shapes.CLASSES)), e.aspect.per_class, d.seed,
                                               shapes.aspect_size(d.image_size, float(ratio)))
             for ratio in e.aspect.ratios}
+      if "grounding" in synthetic:
+        if not self.decoder_weight:
+          raise ConfigError("evals.grounding decodes boxes with LocCa's decoder: set loss.decoder_weight and "
+                            "model.locca, or remove evals.grounding")
+        self._eval_data["grounding"] = shapes.grounding_set(d.seed, d.image_size, e.grounding.n,
+                                                            d.held_out_fraction)
       if "dense" in synthetic:  # Scenes and each patch's class, on the grid the tower sees them at.
         grid = self._dense_grid()
         self._eval_data["dense"] = {}
@@ -271,6 +425,37 @@ class ContrastiveTask(Task):
                           1 + len(shapes.CLASSES), l2=self.config.evals.dense.get("l2", 1e-3))
     return {f"dense/{k}": v for k, v in metrics.items()}
 
+  @functools.cached_property
+  def _decode_boxes(self):
+    """Jitted `(params, dict(image, tokens [batch, seq], last [batch])) -> box bins [batch, 4]`: LocCa's
+    decoder continues each referring prompt, ending at `last`, greedily over the box tokens."""
+    vocab = self.locca_vocab
+
+    def decode(params, x):
+      tokens, last = x["tokens"], x["last"].astype(jnp.int32)
+      rows, bins, segments = jnp.arange(tokens.shape[0]), [], jnp.ones_like(tokens)
+      for i in range(locca.BOX_TOKENS):
+        logits = self.model.apply({"params": params}, image=x["image"],
+                                  locca={"tokens": tokens, "segments": segments})[2]["locca/logits"]
+        scores = logits[rows, last + i, vocab.first_bin:vocab.first_bin + vocab.box_bins]
+        bins.append(jnp.argmax(scores, axis=-1))
+        tokens = tokens.at[rows, last + i + 1].set(vocab.first_bin + bins[-1])
+      return jnp.stack(bins, axis=-1)
+
+    return jax.jit(decode, out_shardings=parallel.replicated(self.mesh))
+
+  def _grounding(self, params, gs: dict) -> dict[str, float]:
+    """`grounding/acc@0.5`, `grounding/miou` and the centre-box baseline's `grounding/centre_acc@0.5` of
+    the boxes LocCa's decoder gives for "the <colour> <shape>" on `evals.grounding.n` scenes."""
+    prepare, blank = benchmarks.image_input(self.model_config)
+    tokens, last = locca.referring_prompts(self.tokenizer, self.locca_vocab, gs["texts"], self.locca_len)
+    rows = lambda i: dict(image=prepare(gs["images"][i]), tokens=tokens[i], last=last[i])
+    bins, _ = embed_rows(functools.partial(self._decode_boxes, params), rows, len(tokens), self.mesh,
+                         self.config.evals.batch_size, dict(image=blank, tokens=tokens[0], last=last[0]),
+                         what="referring expressions")
+    metrics = grounding.evaluate(self.locca_vocab.box_of_bins(bins), gs["boxes"])
+    return {f"grounding/{k}": v for k, v in metrics.items()}
+
   def evaluate(self, params) -> dict[str, float]:
     """Every configured evaluator, as `{"zeroshot/acc_seen": ..., "retrieval/i2t_r@1": ...}`: the shapes
     evals and the benchmark entries (`evals.<name>.benchmark`)."""
@@ -296,6 +481,8 @@ class ContrastiveTask(Task):
       results.update(self._aspect_robustness(params, sets["aspect"]))
     if "dense" in sets:
       results.update(self._dense_probe(params, sets["dense"]))
+    if "grounding" in sets:
+      results.update(self._grounding(params, sets["grounding"]))
     for name, benchmark, data, options in benchmark_entries(self.config.evals):
       metrics = benchmarks.run(self.embedder(params), benchmark, data, **options)["metrics"]
       results.update({f"{name}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
