@@ -13,8 +13,9 @@ Fine-tune a converted `google/siglip2-base-patch16-naflex` instead with `configs
 Hardware: as `configs/siglip_b16.py`, 128 images per chip, so a 32k global batch on a TPU v5e-256.
 The smallest slice compiled is a v5e-4 (`python -m mmjax.compile --config configs/siglip2_b16.py
 --topology v5e:2x2`: 14.5 GiB of 16 per chip with `attention_impl=xla`, 17.3 with `pallas`; the
-256k-row embedding and its optimizer state take 2.5 GiB more than `siglip_b16`'s). SigLIP 2's decoder (LocCa) and
-self-distillation losses are not in this recipe yet.
+256k-row embedding and its optimizer state take 2.5 GiB more than `siglip_b16`'s). SigLIP 2's LocCa and
+distillation losses (`configs/siglip2_shapes.py`) are not on here: LocCa's output layer over the 256k
+vocabulary needs a chunked cross-entropy to fit, and neither has been compiled at this scale yet.
 """
 from configs import siglip_b16
 

@@ -8,7 +8,9 @@ SigLIP 2's multilingual 256k-token SentencePiece vocabulary; weights and optimiz
 Data and tokenizer as `configs/siglip2_b16.py`. Hardware: 128 images per chip, so a 32k global batch
 on a TPU v5e-256. The smallest slice compiled is a v5e-4 (`python -m mmjax.compile --config
 configs/siglip2_so400m.py --topology v5e:2x2`: 12.1 GiB of 16 per chip with `attention_impl=xla`).
-SigLIP 2's decoder (LocCa) and self-distillation losses are not in this recipe yet.
+SigLIP 2's LocCa and distillation losses (`configs/siglip2_shapes.py`) are not on here: LocCa's
+output layer over the 256k vocabulary needs a chunked cross-entropy to fit, and neither has been
+compiled at this scale yet.
 """
 from configs import siglip_so400m
 from configs.siglip2_b16 import GEMMA_EOS_ID, VOCAB_SIZE
