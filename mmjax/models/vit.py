@@ -283,10 +283,7 @@ def resize_posemb(grid_embedding, sizes, index):
   axis, output i reads the inputs under a triangle filter centred on (i + 0.5) * G / n - 0.5 and
   widened by the downscaling factor G / n when it exceeds 1, the weights normalised to sum to 1."""
   g = grid_embedding.shape[0]
-  sizes = jnp.maximum(sizes.astype(jnp.float32), 1.0)  # An empty slot's padding must not divide by 0.
-  index = index.astype(jnp.float32)
-  row = jnp.floor(index / sizes[..., 1])
-  position = jnp.stack([row, index - row * sizes[..., 1]], axis=-1)  # [batch, n, 2]
+  position, sizes = _row_col(index, sizes)
   scale = g / sizes
   support = jnp.maximum(scale, 1.0)
   centre = (position + 0.5) * scale - 0.5
@@ -296,12 +293,21 @@ def resize_posemb(grid_embedding, sizes, index):
                     grid_embedding.astype(jnp.float32))
 
 
+def _row_col(index, sizes):
+  """`(position, sizes)`, float32 [batch, n, 2] each: the (row, column) of the patch at `index` (row by
+  row) of an image of `sizes` patches, and those sizes at least 1 (an empty slot's padding must not
+  divide by 0)."""
+  sizes = jnp.maximum(sizes.astype(jnp.float32), 1.0)
+  index = index.astype(jnp.float32)
+  row = jnp.floor(index / sizes[..., 1])
+  return jnp.stack([row, index - row * sizes[..., 1]], axis=-1), sizes
+
+
 def patch_centres(index, sizes):
   """[batch, n, 2]: the centre (y, x) of the patch at `index` (row by row) of an image of `sizes` [batch,
   n, 2] patches, in fractions of the image's height and width."""
-  sizes = jnp.maximum(sizes.astype(jnp.float32), 1.0)
-  row = jnp.floor(index.astype(jnp.float32) / sizes[..., 1])
-  return (jnp.stack([row, index - row * sizes[..., 1]], axis=-1) + 0.5) / sizes
+  position, sizes = _row_col(index, sizes)
+  return (position + 0.5) / sizes
 
 
 def packed_segments(grid, length: int):
